@@ -1,0 +1,36 @@
+// The op library `torch.ops.lorax_core`: schemas for every op, and the Python module `lorax_core._C`.
+// Kernels register themselves per backend (nf4/nf4_cpu.cpp, nf4/nf4_cuda.cpp); fake kernels live in
+// lorax_core/ops/_fake.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(lorax_core, m) {
+  // NF4 (bitsandbytes layout). Absmax is fp32 [blocks], or uint8 [blocks] when nested_code/nested_absmax
+  // are given (double quantization: absmax_i = nested_code[q_i] * nested_absmax[i // nested_blocksize] + offset).
+  m.def("nf4_quantize(Tensor x, int blocksize) -> (Tensor codes, Tensor absmax)");
+  m.def("nf4_quantize_absmax(Tensor absmax, Tensor code, int blocksize) -> (Tensor qabsmax, Tensor nested_absmax)");
+  m.def(
+      "nf4_dequantize_absmax(Tensor qabsmax, Tensor nested_code, Tensor nested_absmax, float offset, "
+      "int nested_blocksize) -> Tensor");
+  m.def(
+      "nf4_dequantize(Tensor codes, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, float offset, "
+      "int blocksize, int nested_blocksize, SymInt[] shape, ScalarType dtype) -> Tensor");
+  m.def(
+      "nf4_linear(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, float offset, "
+      "int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias) -> Tensor");
+}
+
+namespace {
+bool built_with_cuda() {
+#ifdef LORAX_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lorax-core compiled ops; use them through torch.ops.lorax_core or lorax_core.ops";
+  m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
+}

@@ -1,0 +1,25 @@
+"""Load the compiled extension once; fail with a message that says how to build it."""
+import torch
+
+BUILD_HINT = (
+    "lorax_core._C, the compiled extension, is not built or does not load. Build it from the repository root "
+    "with `pip install --no-build-isolation -e .` (needs Python 3.11+, torch and a C++ compiler; nvcc and a "
+    "CUDA build of torch for the GPU kernels)."
+)
+
+try:
+    from lorax_core import _C
+except ImportError as err:  # the message is the whole point of this module
+    raise ImportError(f"{BUILD_HINT}\nCause: {err}") from err
+
+from lorax_core.ops import _fake  # noqa: E402,F401  (fake kernels for torch.compile / opcheck)
+
+
+def built_with_cuda() -> bool:
+    """True when the CUDA kernels were compiled into the extension."""
+    return bool(_C.built_with_cuda())
+
+
+def has_cuda_kernel(op: str) -> bool:
+    """True when `torch.ops.lorax_core.<op>` has a CUDA kernel registered."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lorax_core::{op}", "CUDA")

@@ -1,0 +1,7 @@
+"""Thin Python wrappers over `torch.ops.lorax_core`; each docstring's Semantics block is the reference math.
+
+`lorax_core.ops.reference` holds the plain-PyTorch reference of every op (the spec the tests check against).
+"""
+from lorax_core.ops.nf4 import nf4_dequantize, nf4_linear
+
+__all__ = ["nf4_dequantize", "nf4_linear"]

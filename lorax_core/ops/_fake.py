@@ -1,0 +1,34 @@
+"""Fake (meta) kernels: output shapes and dtypes of each op, for torch.compile, CUDA graphs and opcheck."""
+import math
+
+import torch
+
+
+@torch.library.register_fake("lorax_core::nf4_quantize")
+def _nf4_quantize(x, blocksize):
+    n = x.numel()
+    codes = x.new_empty(((n + 1) // 2,), dtype=torch.uint8)
+    absmax = x.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32)
+    return codes, absmax
+
+
+@torch.library.register_fake("lorax_core::nf4_quantize_absmax")
+def _nf4_quantize_absmax(absmax, code, blocksize):
+    n = absmax.numel()
+    return absmax.new_empty((n,), dtype=torch.uint8), absmax.new_empty(((n + blocksize - 1) // blocksize,))
+
+
+@torch.library.register_fake("lorax_core::nf4_dequantize_absmax")
+def _nf4_dequantize_absmax(qabsmax, nested_code, nested_absmax, offset, nested_blocksize):
+    return qabsmax.new_empty((qabsmax.numel(),), dtype=torch.float32)
+
+
+@torch.library.register_fake("lorax_core::nf4_dequantize")
+def _nf4_dequantize(codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, shape, dtype):
+    torch._check(codes.numel() * 2 >= math.prod(shape))
+    return codes.new_empty(shape, dtype=dtype)
+
+
+@torch.library.register_fake("lorax_core::nf4_linear")
+def _nf4_linear(x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, out_features, bias):
+    return x.new_empty((*x.shape[:-1], out_features))

@@ -1,0 +1,97 @@
+"""Plain-PyTorch references of the compiled ops: the spec that the CPU and CUDA kernels are tested against.
+
+Written for clarity, not speed. NF4 follows bitsandbytes byte for byte (DESIGN.md, "NF4 format").
+"""
+from __future__ import annotations
+
+import torch
+
+NF4_VALUES = torch.tensor(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0,
+    ],
+    dtype=torch.float32,
+)  # fmt: skip
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic code book (create_dynamic_map()), sorted, float32 [256]."""
+    data: list[float] = []
+    max_exp, non_sign = 7, 7
+    for i in range(max_exp):
+        items = int(2 ** (i + non_sign - max_exp) + 1)
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-(max_exp - 1) + i)) * means).tolist()
+        data += (-(10 ** (-(max_exp - 1) + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def nf4_quantize(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes uint8 [ceil(n/2)] (element 2i in the high nibble), absmax fp32 [ceil(n/blocksize)]."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax, scaled = [], []
+    if full:
+        blocks = flat[:full].reshape(-1, blocksize)
+        am = blocks.abs().amax(dim=1)
+        absmax.append(am)
+        scaled.append((blocks * (1.0 / am.clamp(min=1e-38))[:, None]).reshape(-1))
+    if n > full:  # the tail block divides, and keeps its clamped absmax
+        am = flat[full:].abs().amax().clamp(min=1e-38)
+        absmax.append(am[None])
+        scaled.append(flat[full:] / am)
+    scaled = torch.cat(scaled).clamp(-1, 1)
+    if n % 2:
+        scaled = torch.cat([scaled, scaled.new_zeros(1)])
+    midpoints = (NF4_VALUES[:-1] + NF4_VALUES[1:]) / 2
+    q = torch.bucketize(scaled, midpoints).to(torch.uint8)
+    return (q[0::2] << 4) | q[1::2], torch.cat(absmax)
+
+
+def nf4_quantize_absmax(absmax: torch.Tensor, code: torch.Tensor, blocksize: int):
+    """8-bit blockwise quantization of the (centred) absmax, as bitsandbytes' CPU kernel does it.
+
+    Each value is scaled by 1/absmax2 of its block, rounded onto a grid of 65536 points over [-1, 1]
+    (index trunc(fma((v + 1) / 2, 65535, 0.5))), and takes the code of that grid point: the number of code-book
+    midpoints below it. An all-zero block gets code 0. Returns (q uint8 [n], absmax2 fp32 [blocks]).
+    """
+    n = absmax.numel()
+    pad = (-n) % blocksize
+    blocks = torch.cat([absmax.float(), absmax.new_zeros(pad)]).reshape(-1, blocksize)
+    absmax2 = blocks.abs().amax(dim=1)
+    v = (blocks * (1.0 / absmax2)[:, None]).clamp(-1, 1).reshape(-1)[:n]
+    t = ((v + 1.0) * 0.5).double() * 65535.0 + 0.5  # exact in float64, then one rounding to float32 = fma
+    index = t.float().to(torch.int64) & 0xFFFF
+    grid = (index.float() + index.float()) / 65535.0 - 1.0
+    mids = (code[:-1] + code[1:]) * 0.5
+    q = torch.searchsorted(mids, grid, right=False)  # midpoints strictly below the grid point
+    zero_block = (absmax2 == 0).repeat_interleave(blocksize)[:n]
+    return torch.where(zero_block, 0, q).to(torch.uint8), absmax2
+
+
+def nf4_dequantize_absmax(q: torch.Tensor, code: torch.Tensor, absmax2: torch.Tensor, offset: float, blocksize: int):
+    idx = torch.arange(q.numel(), device=q.device) // blocksize
+    return code[q.long()] * absmax2[idx] + torch.tensor(offset, dtype=torch.float32)
+
+
+def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape, dtype) -> torch.Tensor:
+    """fp32 absmax [blocks]; out = NF4[code] * absmax[i // blocksize] in fp32, cast to dtype."""
+    n = 1
+    for d in shape:
+        n *= d
+    q = torch.stack([codes >> 4, codes & 0xF], dim=1).reshape(-1)[:n].long()
+    block = torch.arange(n, device=codes.device) // blocksize
+    return (NF4_VALUES.to(codes.device)[q] * absmax[block]).to(dtype).reshape(shape)
+
+
+def nf4_linear(x: torch.Tensor, w_dequantized: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W.T (+ bias), in fp32."""
+    y = x.float() @ w_dequantized.float().T
+    return y + bias.float() if bias is not None else y
