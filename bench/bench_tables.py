@@ -1,0 +1,56 @@
+"""Turn the benchmark rows into markdown tables with ratios against the baselines measured in the same run."""
+import os
+
+
+def _index(rows, kind):
+    return {(r["shape"], r.get("m"), r["impl"]): r for r in rows if r["kind"] == kind}
+
+
+def nf4_linear_table(rows, copy_gbps):
+    idx = _index(rows, "nf4_linear")
+    lines = [
+        "| out x in | M | lorax us | GB/s | % copy BW | bf16 us | bnb us | vs bf16 | vs bnb | M / M=1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape, m in sorted({(s, m) for s, m, _ in idx}, key=lambda k: (k[0], k[1])):
+        ours, bf16, bnb = idx.get((shape, m, "lorax")), idx.get((shape, m, "bf16")), idx.get((shape, m, "bnb"))
+        one = idx.get((shape, 1, "lorax"))
+        if ours is None:
+            continue
+        cells = [shape, m, f"{ours['us']:.1f}", f"{ours['gbps']:.0f}",
+                 f"{100 * ours['gbps'] / copy_gbps:.0f}%" if copy_gbps else "-",
+                 f"{bf16['us']:.1f}" if bf16 else "-",
+                 f"{bnb['us']:.1f}{'' if bnb.get('mode') == 'graph' else ' (eager)'}" if bnb else "-",
+                 f"{bf16['us'] / ours['us']:.2f}x" if bf16 else "-",
+                 f"{bnb['us'] / ours['us']:.2f}x" if bnb else "-",
+                 f"{ours['us'] / one['us']:.2f}" if one else "-"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def dequant_table(rows, copy_gbps):
+    idx = _index(rows, "nf4_dequantize")
+    lines = ["| out x in | lorax us | GB/s | % copy BW | bnb us | vs bnb |", "|---|---|---|---|---|---|"]
+    for shape in sorted({s for s, _, _ in idx}):
+        ours, bnb = idx.get((shape, None, "lorax")), idx.get((shape, None, "bnb"))
+        if ours is None:
+            continue
+        cells = [shape, f"{ours['us']:.1f}", f"{ours['gbps']:.0f}",
+                 f"{100 * ours['gbps'] / copy_gbps:.0f}%" if copy_gbps else "-",
+                 f"{bnb['us']:.1f}" if bnb else "-", f"{bnb['us'] / ours['us']:.2f}x" if bnb else "-"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(rows, out, header):
+    copy = [r for r in rows if r["kind"] == "copy"]
+    copy_gbps = copy[0]["gbps"] if copy else None
+    parts = [f"# NF4 benchmarks\n\n{header}\n",
+             f"Copy bandwidth (device-to-device, read + write): {copy_gbps:.0f} GB/s\n" if copy_gbps else "",
+             "## nf4_linear (GB/s = bytes of codes + absmax + activations read)\n", nf4_linear_table(rows, copy_gbps),
+             "\n\n## nf4_dequantize to bf16 (GB/s = codes + absmax read + bf16 written)\n", dequant_table(rows, copy_gbps),
+             "\n"]
+    text = "\n".join(p for p in parts if p)
+    with open(os.path.join(out, "bench_nf4.md"), "w") as f:
+        f.write(text)
+    print("\n" + text)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: build the extension with the machine's own python3 and torch, run the whole
+# test suite (CUDA tests included) and the benchmarks, and write logs and tables under $OUT.
+# Missing wheels (bitsandbytes) travel in .whl/ (see bench/RESULTS.md for how to fetch them).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"; } | tee "$OUT/device.txt"
+
+start=$(date +%s)
+if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+
+status=0
+python3 -m pytest -q --maxfail=30 tests ${TESTS_ARGS:-} 2>&1 | tee "$OUT/tests.log" || status=1
+python3 -m pytest -q bench -m bench ${BENCH_ARGS:-} --benchmark-json="$OUT/bench.json" 2>&1 \
+  | grep -v "^bench/" > "$OUT/bench.log" || status=1
+tail -40 "$OUT/bench.log"
+exit $status

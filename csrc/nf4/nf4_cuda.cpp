@@ -1,0 +1,183 @@
+// NF4 ops on CUDA: tensor checks and allocation here, kernels in nf4_kernels.cu.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "nf4/nf4.h"
+#include "nf4/nf4_cuda.h"
+
+namespace lorax::nf4 {
+namespace {
+
+int log2_exact(int64_t v, const char* what) {
+  TORCH_CHECK(v > 0 && (v & (v - 1)) == 0, "nf4 (CUDA): ", what, " must be a power of two, got ", v);
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return l;
+}
+
+cuda::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::kFloat;
+    case at::kHalf: return cuda::DType::kHalf;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "nf4 (CUDA): unsupported dtype ", t, "; use float32, float16 or bfloat16");
+  }
+}
+
+// A tensor the vectorized kernels may read with 16-byte loads.
+at::Tensor aligned16(const at::Tensor& t) {
+  at::Tensor c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
+// Tensors kept alive for the kernel's view of the absmax.
+struct AbsmaxHold {
+  at::Tensor absmax, code2, absmax2;
+  cuda::AbsmaxArgs args;
+};
+
+AbsmaxHold absmax_args(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
+                       const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize2) {
+  TORCH_CHECK(code2.has_value() == absmax2.has_value(),
+              "nf4: a double-quantized absmax needs both nested_code and nested_absmax");
+  CHECK_SAME_DEVICE(codes, absmax);
+  AbsmaxHold h;
+  h.absmax = absmax.contiguous();
+  h.args.absmax = h.absmax.data_ptr();
+  if (code2) {
+    CHECK_DTYPE(absmax, at::kByte);  // [blocks] 8-bit codes of the absmax
+    CHECK_SAME_DEVICE(codes, *code2);
+    CHECK_SAME_DEVICE(codes, *absmax2);
+    TORCH_CHECK(code2->numel() == 256, "nf4: nested_code must have 256 entries, got ", code2->numel());
+    h.code2 = code2->to(at::kFloat).contiguous();
+    h.absmax2 = absmax2->to(at::kFloat).contiguous();
+    h.args.code2 = h.code2.data_ptr<float>();
+    h.args.absmax2 = h.absmax2.data_ptr<float>();
+    h.args.offset = static_cast<float>(offset);
+    h.args.blocksize2_log2 = log2_exact(blocksize2, "nested_blocksize");
+  } else {
+    CHECK_DTYPE(absmax, at::kFloat);  // [blocks]
+  }
+  return h;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, int64_t blocksize) {
+  check_blocksize(blocksize);
+  CHECK_FLOAT_INPUT(x);
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor xf = x.contiguous().to(at::kFloat).reshape({-1});
+  const int64_t n = xf.numel();
+  TORCH_CHECK(n > 0, "nf4_quantize: cannot quantize an empty tensor");
+  at::Tensor codes = at::empty({(n + 1) / 2}, x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, x.options().dtype(at::kFloat));
+  cuda::quantize(xf.data_ptr<float>(), n, log2_exact(blocksize, "blocksize"), codes.data_ptr<uint8_t>(),
+                 absmax.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  return {codes, absmax};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_absmax_cuda(const at::Tensor& absmax, const at::Tensor& code,
+                                                        int64_t blocksize) {
+  CHECK_DTYPE(absmax, at::kFloat);
+  CHECK_DTYPE(code, at::kFloat);
+  CHECK_SAME_DEVICE(absmax, code);
+  TORCH_CHECK(code.numel() == 256, "nf4_quantize_absmax: code must have 256 entries, got ", code.numel());
+  TORCH_CHECK(blocksize > 0, "nf4_quantize_absmax: blocksize must be positive, got ", blocksize);
+  c10::cuda::CUDAGuard guard(absmax.device());
+  at::Tensor a = absmax.contiguous().reshape({-1});
+  at::Tensor c = code.contiguous();
+  const int64_t n = a.numel();
+  at::Tensor q = at::empty({n}, a.options().dtype(at::kByte));
+  at::Tensor absmax2 = at::empty({(n + blocksize - 1) / blocksize}, a.options());
+  if (n > 0)
+    cuda::quantize_absmax(a.data_ptr<float>(), n, c.data_ptr<float>(), blocksize, q.data_ptr<uint8_t>(),
+                          absmax2.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  return {q, absmax2};
+}
+
+at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax, const at::Tensor& code2, const at::Tensor& absmax2,
+                                  double offset, int64_t blocksize2) {
+  c10::cuda::CUDAGuard guard(qabsmax.device());
+  AbsmaxHold h = absmax_args(qabsmax, qabsmax, code2, absmax2, offset, blocksize2);
+  at::Tensor out = at::empty({qabsmax.numel()}, qabsmax.options().dtype(at::kFloat));
+  if (out.numel() > 0) cuda::dequantize_absmax(h.args, out.numel(), out.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  return out;
+}
+
+at::Tensor dequantize_impl(const at::Tensor& codes, const AbsmaxHold& h, int64_t blocksize, int64_t numel,
+                           at::ScalarType dtype) {
+  check_blocksize(blocksize);
+  CHECK_DTYPE(codes, at::kByte);
+  TORCH_CHECK(codes.numel() == (numel + 1) / 2, "nf4_dequantize: codes hold ", codes.numel() * 2,
+              " values, the shape asks for ", numel);
+  TORCH_CHECK(h.absmax.numel() == (numel + blocksize - 1) / blocksize, "nf4_dequantize: ", h.absmax.numel(),
+              " absmax values for ", numel, " elements in blocks of ", blocksize);
+  at::Tensor c = aligned16(codes);
+  at::Tensor out = at::empty({numel}, codes.options().dtype(dtype));
+  if (numel > 0)
+    cuda::dequantize(c.data_ptr<uint8_t>(), h.args, log2_exact(blocksize, "blocksize"), numel, kernel_dtype(dtype),
+                     out.data_ptr(), at::cuda::getCurrentCUDAStream());
+  return out;
+}
+
+at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
+                           const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize,
+                           int64_t blocksize2, at::IntArrayRef shape, at::ScalarType dtype) {
+  c10::cuda::CUDAGuard guard(codes.device());
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  AbsmaxHold h = absmax_args(codes, absmax, code2, absmax2, offset, blocksize2);
+  return dequantize_impl(codes, h, blocksize, numel, dtype).reshape(shape);
+}
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+                       const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2, double offset,
+                       int64_t blocksize, int64_t blocksize2, int64_t out_features,
+                       const std::optional<at::Tensor>& bias) {
+  CHECK_FLOAT_INPUT(x);  // [..., in]
+  CHECK_SAME_DEVICE(x, codes);
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t K = x.size(-1), N = out_features, M = K > 0 ? x.numel() / K : 0;
+  AbsmaxHold h = absmax_args(codes, absmax, code2, absmax2, offset, blocksize2);
+  const cuda::DType dt = kernel_dtype(x.scalar_type());
+  if (!cuda::gemm_supported(M, N, K, dt)) {  // large M, fp32 or odd shapes: dequantize once, then cuBLAS
+    at::Tensor w = dequantize_impl(codes, h, blocksize, N * K, x.scalar_type()).reshape({N, K});
+    return at::linear(x, w, bias);
+  }
+  check_blocksize(blocksize);
+  TORCH_CHECK(codes.numel() == N * K / 2, "nf4_linear: codes hold ", codes.numel() * 2, " values, [", N, ", ", K,
+              "] needs ", N * K);
+  TORCH_CHECK(h.absmax.numel() == N * K / blocksize, "nf4_linear: ", h.absmax.numel(), " absmax values for [", N,
+              ", ", K, "] in blocks of ", blocksize);
+  at::Tensor xc = aligned16(x);
+  at::Tensor c = aligned16(codes);
+  std::optional<at::Tensor> b;
+  if (bias) {
+    CHECK_SAME_DEVICE(x, *bias);
+    TORCH_CHECK(bias->numel() == N, "nf4_linear: bias has ", bias->numel(), " values, expected ", N);
+    b = bias->to(x.scalar_type()).contiguous();
+  }
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  at::Tensor ws = at::empty({cuda::gemm_workspace_floats(M, N, K, num_sms)}, x.options().dtype(at::kFloat));
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(N);
+  at::Tensor y = at::empty(out_shape, x.options());
+  cuda::gemm(xc.data_ptr(), dt, M, K, c.data_ptr<uint8_t>(), h.args, log2_exact(blocksize, "blocksize"), N,
+             b ? b->data_ptr() : nullptr, ws.data_ptr<float>(), num_sms, y.data_ptr(),
+             at::cuda::getCurrentCUDAStream());
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) {
+  m.impl("nf4_quantize", &quantize_cuda);
+  m.impl("nf4_quantize_absmax", &quantize_absmax_cuda);
+  m.impl("nf4_dequantize_absmax", &dequantize_absmax_cuda);
+  m.impl("nf4_dequantize", &dequantize_cuda);
+  m.impl("nf4_linear", &linear_cuda);
+}
+
+}  // namespace lorax::nf4

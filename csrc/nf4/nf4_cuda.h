@@ -1,0 +1,36 @@
+// NF4 CUDA launchers: raw pointers and sizes only, so the .cu files need no ATen headers.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lorax::nf4::cuda {
+
+enum class DType { kFloat, kHalf, kBFloat16 };
+
+// The absmax of an NF4 weight as the kernels read it (see AbsmaxState in nf4.h).
+struct AbsmaxArgs {
+  const void* absmax = nullptr;    // fp32 [blocks], or uint8 [blocks] when code2 is set
+  const float* code2 = nullptr;    // [256] 8-bit code book of the double quantization, or null
+  const float* absmax2 = nullptr;  // [ceil(blocks / blocksize2)]
+  float offset = 0.0f;
+  int blocksize2_log2 = 8;
+};
+
+void quantize(const float* x, int64_t n, int blocksize_log2, uint8_t* codes, float* absmax, cudaStream_t stream);
+void quantize_absmax(const float* absmax, int64_t n, const float* code, int64_t blocksize, uint8_t* q,
+                     float* absmax2, cudaStream_t stream);
+void dequantize_absmax(const AbsmaxArgs& a, int64_t blocks, float* out, cudaStream_t stream);
+void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, int64_t n, DType dtype, void* out,
+                cudaStream_t stream);
+
+// Fused dequant + tensor-core GEMM for few rows: y[M, N] = x[M, K] @ W[N, K].T (+ bias), W in NF4.
+// Needs fp16/bf16 x, N % 16 == 0, K % 128 == 0, 1 <= M <= kGemmMaxM, x and codes 16-byte aligned.
+constexpr int64_t kGemmMaxM = 64;
+bool gemm_supported(int64_t M, int64_t N, int64_t K, DType dtype);
+int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K, int num_sms);
+void gemm(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a,
+          int blocksize_log2, int64_t N, const void* bias, float* workspace, int num_sms, void* y,
+          cudaStream_t stream);
+
+}  // namespace lorax::nf4::cuda

@@ -1,0 +1,398 @@
+// NF4 CUDA kernels: quantize, dequantize and the fused dequant + tensor-core GEMM for small M.
+// Numerics match the CPU kernels bit for bit (dequantize) by using explicit _rn intrinsics where bitsandbytes
+// rounds twice; the GEMM accumulates in fp32 on tensor cores.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "nf4/nf4_cuda.h"
+#include "nf4/nf4_table.h"
+
+namespace lorax::nf4::cuda {
+namespace {
+
+constexpr float kMinAbsmax = 1e-38f;
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float block_max(float v, float* scratch /* [32] */) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = warp_max(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : 0.0f;
+  v = warp_max(v);
+  __syncthreads();
+  return v;
+}
+
+// The code book and, for double quantization, the 8-bit absmax code book, staged in shared memory.
+struct Tables {
+  float nf4[kNumCodes];
+  float code2[256];
+};
+
+__device__ __forceinline__ void load_tables(Tables& t, const AbsmaxArgs& a) {
+  constexpr float kValues[kNumCodes] = LORAX_NF4_VALUES;
+  for (int i = threadIdx.x; i < kNumCodes; i += blockDim.x) t.nf4[i] = kValues[i];
+  if (a.code2 != nullptr)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) t.code2[i] = a.code2[i];
+  __syncthreads();
+}
+
+// absmax of block b; double quantization undone with two roundings, as bitsandbytes does.
+__device__ __forceinline__ float read_absmax(const AbsmaxArgs& a, const Tables& t, int64_t b) {
+  if (a.code2 == nullptr) return static_cast<const float*>(a.absmax)[b];
+  const uint8_t q = static_cast<const uint8_t*>(a.absmax)[b];
+  return __fadd_rn(__fmul_rn(t.code2[q], a.absmax2[b >> a.blocksize2_log2]), a.offset);
+}
+
+// ---- quantize ------------------------------------------------------------------------------------------------
+// One warp per quantization block.
+__global__ void quantize_kernel(const float* __restrict__ x, int64_t n, int bs_log2, int64_t blocks,
+                                uint8_t* __restrict__ codes, float* __restrict__ absmax) {
+  constexpr float kValues[kNumCodes] = LORAX_NF4_VALUES;
+  const int lane = threadIdx.x % 32;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (b >= blocks) return;
+  const int64_t bs = int64_t{1} << bs_log2, start = b * bs, end = min(start + bs, n);
+  float am = 0.0f;
+  for (int64_t i = start + lane; i < end; i += 32) am = fmaxf(am, fabsf(x[i]));
+  am = warp_max(am);
+  const bool tail = end - start < bs;  // the tail block divides and keeps its clamped absmax
+  const float clamped = fmaxf(am, kMinAbsmax);
+  const float recip = __fdiv_rn(1.0f, clamped);
+  if (lane == 0) absmax[b] = tail ? clamped : am;
+  auto code_of = [&](float v) {
+    v = tail ? __fdiv_rn(v, clamped) : __fmul_rn(v, recip);
+    return nearest_code(fminf(fmaxf(v, -1.0f), 1.0f), kValues);
+  };
+  for (int64_t i = start + 2 * lane; i < end; i += 64) {
+    const int hi = code_of(x[i]);
+    const int lo = i + 1 < end ? code_of(x[i + 1]) : kZeroCode;
+    codes[i / 2] = static_cast<uint8_t>((hi << 4) | lo);
+  }
+}
+
+// One CTA per block of the 8-bit absmax quantization (bitsandbytes' grid search, see nf4_table.h).
+__global__ void quantize_absmax_kernel(const float* __restrict__ a, int64_t n, const float* __restrict__ code,
+                                       int64_t bs, uint8_t* __restrict__ q, float* __restrict__ absmax2) {
+  __shared__ float mids[255];
+  __shared__ float scratch[32];
+  for (int j = threadIdx.x; j < 255; j += blockDim.x) mids[j] = __fmul_rn(__fadd_rn(code[j], code[j + 1]), 0.5f);
+  const int64_t start = blockIdx.x * bs, end = min(start + bs, n);
+  float am = 0.0f;
+  for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) am = fmaxf(am, fabsf(a[i]));
+  am = block_max(am, scratch);  // also orders the writes to mids
+  if (threadIdx.x == 0) absmax2[blockIdx.x] = am;
+  const float recip = __fdiv_rn(1.0f, am);
+  for (int64_t i = start + threadIdx.x; i < end; i += blockDim.x) {
+    const float v = fminf(fmaxf(__fmul_rn(a[i], recip), -1.0f), 1.0f);
+    q[i] = am == 0.0f ? 0 : static_cast<uint8_t>(code_on_grid(v, mids));
+  }
+}
+
+__global__ void dequantize_absmax_kernel(AbsmaxArgs a, int64_t blocks, float* __restrict__ out) {
+  __shared__ Tables t;
+  load_tables(t, a);
+  for (int64_t b = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; b < blocks; b += int64_t{gridDim.x} * blockDim.x)
+    out[b] = read_absmax(a, t, b);
+}
+
+// ---- dequantize ----------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Store 8 consecutive values (16-byte aligned destination).
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const float (&v)[8]) {
+  *reinterpret_cast<uint4*>(dst) =
+      make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+}
+template <>
+__device__ __forceinline__ void store8<float>(float* dst, const float (&v)[8]) {
+  reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+// Each thread turns 4 bytes of codes (8 values) into 16 or 32 bytes of output; a partial last chunk goes
+// element by element.
+template <typename T>
+__global__ void dequantize_kernel(const uint8_t* __restrict__ codes, AbsmaxArgs a, int bs_log2, int64_t n,
+                                  T* __restrict__ out) {
+  __shared__ Tables t;
+  load_tables(t, a);
+  const int64_t chunks = (n + 7) / 8;
+  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < chunks; c += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t e0 = c * 8;
+    const float s = read_absmax(a, t, e0 >> bs_log2);  // 8 divides blocksize: one block per chunk
+    if (e0 + 8 <= n) {
+      const uint32_t word = __ldcs(reinterpret_cast<const unsigned int*>(codes + c * 4));
+      float v[8];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const uint32_t byte = (word >> (8 * k)) & 0xFF;
+        v[2 * k] = __fmul_rn(t.nf4[byte >> 4], s);
+        v[2 * k + 1] = __fmul_rn(t.nf4[byte & 0xF], s);
+      }
+      store8<T>(out + e0, v);
+    } else {
+      for (int64_t e = e0; e < n; ++e) {
+        const uint8_t byte = codes[e / 2];
+        out[e] = from_float<T>(__fmul_rn(t.nf4[(e % 2 == 0) ? (byte >> 4) : (byte & 0xF)], s));
+      }
+    }
+  }
+}
+
+// ---- fused dequant + tensor-core GEMM (small M) ---------------------------------------------------------------
+// A warp computes a 16 (output features) x 8*NT (tokens) tile over slices of 128 k. Lane (g, t) = (lane / 4,
+// lane % 4) loads 16 bytes of codes (32 values, k in [32t, 32t + 32)) from rows g and g + 8 straight from the
+// bitsandbytes layout: 16 rows x 64 bytes, every 32-byte sector fully used. The k order inside an mma is
+// permuted (mma-k 2t, 2t+1 | 2t+8, 2t+9 of subtile j <-> k = 32t + 4j + {0, 1 | 2, 3}) identically for the
+// weight and the activations, so each lane also reads its activations as 64 contiguous bytes.
+constexpr int kWarps = 4;
+constexpr int kTileN = 16;
+constexpr int kTileK = 128;
+
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i % 4 == 0 ? v.x : i % 4 == 1 ? v.y : i % 4 == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ uint32_t byte_of(const uint4& v, int i) { return (word_of(v, i / 4) >> (8 * (i % 4))) & 0xFF; }
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(kWarps * 32) gemm_kernel(const T* __restrict__ x, int M, int K,
+                                                           const uint8_t* __restrict__ codes, AbsmaxArgs a,
+                                                           int bs_log2, int N, int kt_per_split,
+                                                           float* __restrict__ ws) {
+  __shared__ Tables t;
+  __shared__ float red[kWarps][NT][32][4];
+  load_tables(t, a);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
+  const int64_t row0 = int64_t{blockIdx.x} * kTileN + g, row1 = row0 + 8;
+  const int KT = K / kTileK, split = blockIdx.y;
+  const int kt_begin = split * kt_per_split, kt_end = min(KT, kt_begin + kt_per_split);
+  const uint8_t* c0 = codes + row0 * (K / 2) + 16 * tq;
+  const uint8_t* c1 = codes + row1 * (K / 2) + 16 * tq;
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+
+  int kt = kt_begin + warp;
+  uint4 next0 = make_uint4(0, 0, 0, 0), next1 = next0;
+  if (kt < kt_end) {
+    next0 = __ldcs(reinterpret_cast<const uint4*>(c0 + int64_t{kt} * (kTileK / 2)));
+    next1 = __ldcs(reinterpret_cast<const uint4*>(c1 + int64_t{kt} * (kTileK / 2)));
+  }
+  for (; kt < kt_end; kt += kWarps) {
+    const uint4 q0 = next0, q1 = next1;
+    if (kt + kWarps < kt_end) {  // prefetch the next tile's codes while this one computes
+      next0 = __ldcs(reinterpret_cast<const uint4*>(c0 + int64_t{kt + kWarps} * (kTileK / 2)));
+      next1 = __ldcs(reinterpret_cast<const uint4*>(c1 + int64_t{kt + kWarps} * (kTileK / 2)));
+    }
+    const int64_t k0 = int64_t{kt} * kTileK + 32 * tq;
+    const float s0 = read_absmax(a, t, (row0 * K + k0) >> bs_log2);
+    const float s1 = read_absmax(a, t, (row1 * K + k0) >> bs_log2);
+    uint32_t frag[8][4];  // A fragments of the 8 k16 subtiles
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t b00 = byte_of(q0, 2 * j), b01 = byte_of(q0, 2 * j + 1);
+      const uint32_t b10 = byte_of(q1, 2 * j), b11 = byte_of(q1, 2 * j + 1);
+      frag[j][0] = pack2<T>(__fmul_rn(t.nf4[b00 >> 4], s0), __fmul_rn(t.nf4[b00 & 0xF], s0));
+      frag[j][1] = pack2<T>(__fmul_rn(t.nf4[b10 >> 4], s1), __fmul_rn(t.nf4[b10 & 0xF], s1));
+      frag[j][2] = pack2<T>(__fmul_rn(t.nf4[b01 >> 4], s0), __fmul_rn(t.nf4[b01 & 0xF], s0));
+      frag[j][3] = pack2<T>(__fmul_rn(t.nf4[b11 >> 4], s1), __fmul_rn(t.nf4[b11 & 0xF], s1));
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int n = nt * 8 + g;
+      uint4 xv[4] = {};
+      if (n < M) {
+        const uint4* xp = reinterpret_cast<const uint4*>(x + int64_t{n} * K + k0);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xv[i] = __ldg(xp + i);
+      }
+#pragma unroll
+      for (int j = 0; j < 8; ++j)  // words 2j, 2j + 1 of the lane's 16 words: k = 32t + 4j + {0, 1}, {2, 3}
+        mma_16816<T>(acc[nt], frag[j], word_of(xv[j / 2], (2 * j) % 4), word_of(xv[j / 2], (2 * j + 1) % 4));
+    }
+  }
+
+  // Sum the warps' partial tiles; warp 0 writes this split's slice of the workspace [splits, M, N].
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][nt][lane][i] = acc[nt][i];
+  __syncthreads();
+  if (warp != 0) return;
+  float* out = ws + int64_t{split} * M * N;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int w = 0; w < kWarps; ++w)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[i] += red[w][nt][lane][i];
+    const int n = nt * 8 + 2 * tq;  // C fragment: rows g, g + 8; columns 2t, 2t + 1
+    if (n < M) {
+      out[int64_t{n} * N + row0] = s[0];
+      out[int64_t{n} * N + row1] = s[2];
+    }
+    if (n + 1 < M) {
+      out[int64_t{n + 1} * N + row0] = s[1];
+      out[int64_t{n + 1} * N + row1] = s[3];
+    }
+  }
+}
+
+template <typename T>
+__global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits, int64_t MN, int N,
+                                       const T* __restrict__ bias, T* __restrict__ y) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < MN; i += int64_t{gridDim.x} * blockDim.x) {
+    float s = bias != nullptr ? to_float(bias[i % N]) : 0.0f;
+    for (int k = 0; k < splits; ++k) s += ws[k * MN + i];
+    y[i] = from_float<T>(s);
+  }
+}
+
+int grid_for(int64_t items, int threads) {
+  return static_cast<int>(std::min<int64_t>((items + threads - 1) / threads, int64_t{1} << 20));
+}
+
+struct SplitPlan {
+  int splits, kt_per_split;
+};
+
+SplitPlan plan_splits(int64_t N, int64_t K, int num_sms) {
+  const int64_t row_tiles = N / kTileN, k_tiles = K / kTileK;
+  const int64_t target_ctas = int64_t{num_sms} * 8;
+  int64_t splits = std::clamp<int64_t>((target_ctas + row_tiles - 1) / row_tiles, 1,
+                                       std::max<int64_t>(1, k_tiles / kWarps));
+  const int64_t per = (k_tiles + splits - 1) / splits;
+  return {static_cast<int>((k_tiles + per - 1) / per), static_cast<int>(per)};
+}
+
+template <typename T, int NT>
+void launch_gemm(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N,
+                 const T* bias, float* ws, int num_sms, T* y, cudaStream_t stream) {
+  const SplitPlan p = plan_splits(N, K, num_sms);
+  dim3 grid(N / kTileN, p.splits);
+  gemm_kernel<T, NT><<<grid, kWarps * 32, 0, stream>>>(x, M, K, codes, a, bs_log2, N, p.kt_per_split, ws);
+  const int64_t MN = int64_t{M} * N;
+  splitk_epilogue_kernel<T><<<grid_for(MN, 256), 256, 0, stream>>>(ws, p.splits, MN, N, bias, y);
+}
+
+template <typename T>
+void dispatch_gemm(const void* x, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2,
+                   int64_t N, const void* bias, float* ws, int num_sms, void* y, cudaStream_t stream) {
+  auto run = [&](auto nt) {
+    launch_gemm<T, decltype(nt)::value>(static_cast<const T*>(x), M, K, codes, a, bs_log2, N,
+                                        static_cast<const T*>(bias), ws, num_sms, static_cast<T*>(y), stream);
+  };
+  if (M <= 8) run(std::integral_constant<int, 1>{});
+  else if (M <= 16) run(std::integral_constant<int, 2>{});
+  else if (M <= 32) run(std::integral_constant<int, 4>{});
+  else run(std::integral_constant<int, 8>{});
+}
+
+}  // namespace
+
+void quantize(const float* x, int64_t n, int blocksize_log2, uint8_t* codes, float* absmax, cudaStream_t stream) {
+  const int64_t blocks = (n + (int64_t{1} << blocksize_log2) - 1) >> blocksize_log2;
+  constexpr int kThreads = 256, kBlocksPerCta = kThreads / 32;
+  quantize_kernel<<<(blocks + kBlocksPerCta - 1) / kBlocksPerCta, kThreads, 0, stream>>>(x, n, blocksize_log2,
+                                                                                         blocks, codes, absmax);
+}
+
+void quantize_absmax(const float* absmax, int64_t n, const float* code, int64_t blocksize, uint8_t* q,
+                     float* absmax2, cudaStream_t stream) {
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  quantize_absmax_kernel<<<blocks, 256, 0, stream>>>(absmax, n, code, blocksize, q, absmax2);
+}
+
+void dequantize_absmax(const AbsmaxArgs& a, int64_t blocks, float* out, cudaStream_t stream) {
+  dequantize_absmax_kernel<<<grid_for(blocks, 256), 256, 0, stream>>>(a, blocks, out);
+}
+
+void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, int64_t n, DType dtype, void* out,
+                cudaStream_t stream) {
+  const int grid = grid_for((n + 7) / 8, 256);
+  switch (dtype) {
+    case DType::kFloat:
+      dequantize_kernel<float><<<grid, 256, 0, stream>>>(codes, a, blocksize_log2, n, static_cast<float*>(out));
+      break;
+    case DType::kHalf:
+      dequantize_kernel<__half><<<grid, 256, 0, stream>>>(codes, a, blocksize_log2, n, static_cast<__half*>(out));
+      break;
+    case DType::kBFloat16:
+      dequantize_kernel<__nv_bfloat16>
+          <<<grid, 256, 0, stream>>>(codes, a, blocksize_log2, n, static_cast<__nv_bfloat16*>(out));
+      break;
+  }
+}
+
+bool gemm_supported(int64_t M, int64_t N, int64_t K, DType dtype) {
+  return dtype != DType::kFloat && M >= 1 && M <= kGemmMaxM && N % kTileN == 0 && K % kTileK == 0 &&
+         N <= (int64_t{1} << 30) && K <= (int64_t{1} << 30);
+}
+
+int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K, int num_sms) {
+  return int64_t{plan_splits(N, K, num_sms).splits} * M * N;
+}
+
+void gemm(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a,
+          int blocksize_log2, int64_t N, const void* bias, float* workspace, int num_sms, void* y,
+          cudaStream_t stream) {
+  if (dtype == DType::kBFloat16)
+    dispatch_gemm<__nv_bfloat16>(x, M, K, codes, a, blocksize_log2, N, bias, workspace, num_sms, y, stream);
+  else
+    dispatch_gemm<__half>(x, M, K, codes, a, blocksize_log2, N, bias, workspace, num_sms, y, stream);
+}
+
+}  // namespace lorax::nf4::cuda

@@ -1,0 +1,35 @@
+"""Shared test settings: seeds, tolerances, the CUDA skip mark and comparison helpers (defined once, here)."""
+import pytest
+import torch
+
+import lorax_core  # noqa: F401  (loads the compiled ops)
+
+SEED = 0
+HAS_CUDA = torch.cuda.is_available()
+
+# Tolerances of a result against its fp32 reference, per activation dtype.
+TOLERANCES = {
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=2e-2, atol=2e-2),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(SEED)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0):
+    """Compare in fp32 with the tolerance of `dtype` (default: actual's dtype), relative to `scale`."""
+    tol = TOLERANCES[dtype or actual.dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=tol["rtol"], atol=tol["atol"] * scale)

@@ -1,0 +1,46 @@
+"""The package loads its compiled ops, and says how to build them when it cannot."""
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import lorax_core
+from lorax_core import _library
+
+NF4_OPS = ["nf4_quantize", "nf4_quantize_absmax", "nf4_dequantize_absmax", "nf4_dequantize", "nf4_linear"]
+
+
+def test_ops_have_cpu_kernels():
+    for op in NF4_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lorax_core::{op}", "CPU"), op
+
+
+def test_cuda_kernels_registered_when_built_with_cuda():
+    if not _library.built_with_cuda():
+        assert not _library.has_cuda_kernel("nf4_linear")
+        return
+    for op in NF4_OPS:
+        assert _library.has_cuda_kernel(op), op
+
+
+def test_import_without_extension_says_how_to_build():
+    hide_ext = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class Hide(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "lorax_core._C":
+                    raise ImportError("simulated: no compiled extension")
+        sys.meta_path.insert(0, Hide())
+        import lorax_core
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", hide_ext], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "pip install --no-build-isolation -e ." in proc.stderr
+    assert "simulated: no compiled extension" in proc.stderr
+
+
+def test_version():
+    assert lorax_core.__version__
