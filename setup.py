@@ -34,9 +34,8 @@ def wheel_cuda_include_dirs():
 
     dirs = []
     for sp in site.getsitepackages() + [site.getusersitepackages()]:
-        dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "cu*", "include")))
         dirs += sorted(glob.glob(os.path.join(sp, "nvidia", "*", "include")))
-    return [d for d in dirs if os.path.isdir(d)]
+    return list(dict.fromkeys(d for d in dirs if os.path.isdir(d)))
 
 
 def extension():
@@ -61,6 +60,7 @@ def extension():
     nvcc_flags = [
         "-O3",
         "--expt-relaxed-constexpr",
+        "-Xptxas=-warn-spills",
         "-U__CUDA_NO_HALF_OPERATORS__",
         "-U__CUDA_NO_HALF_CONVERSIONS__",
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",

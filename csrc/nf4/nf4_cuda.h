@@ -26,7 +26,7 @@ void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, i
 
 // Fused dequant + tensor-core GEMM for few rows: y[M, N] = x[M, K] @ W[N, K].T (+ bias), W in NF4.
 // Needs fp16/bf16 x, N % 16 == 0, K % 128 == 0, 1 <= M <= kGemmMaxM, x and codes 16-byte aligned.
-constexpr int64_t kGemmMaxM = 64;
+constexpr int64_t kGemmMaxM = 32;  // above this, dequantize + cuBLAS was as fast on an H100
 bool gemm_supported(int64_t M, int64_t N, int64_t K, DType dtype);
 int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K, int num_sms);
 void gemm(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a,

@@ -46,11 +46,24 @@ __device__ __forceinline__ void load_tables(Tables& t, const AbsmaxArgs& a) {
   __syncthreads();
 }
 
-// absmax of block b; double quantization undone with two roundings, as bitsandbytes does.
+// The absmax of block b as loaded (prefetchable), and its decoding once the load has landed.
+struct RawAbsmax {
+  uint32_t bits;  // fp32 bits, or the 8-bit code when double-quantized
+  float scale2;   // nested absmax of its group (double quantization)
+};
+
+__device__ __forceinline__ RawAbsmax load_absmax(const AbsmaxArgs& a, int64_t b) {
+  if (a.code2 == nullptr) return {__float_as_uint(__ldg(static_cast<const float*>(a.absmax) + b)), 0.0f};
+  return {__ldg(static_cast<const uint8_t*>(a.absmax) + b), __ldg(a.absmax2 + (b >> a.blocksize2_log2))};
+}
+
+__device__ __forceinline__ float decode_absmax(const AbsmaxArgs& a, const Tables& t, RawAbsmax r) {
+  if (a.code2 == nullptr) return __uint_as_float(r.bits);
+  return __fadd_rn(__fmul_rn(t.code2[r.bits], r.scale2), a.offset);  // two roundings, as bitsandbytes
+}
+
 __device__ __forceinline__ float read_absmax(const AbsmaxArgs& a, const Tables& t, int64_t b) {
-  if (a.code2 == nullptr) return static_cast<const float*>(a.absmax)[b];
-  const uint8_t q = static_cast<const uint8_t*>(a.absmax)[b];
-  return __fadd_rn(__fmul_rn(t.code2[q], a.absmax2[b >> a.blocksize2_log2]), a.offset);
+  return decode_absmax(a, t, load_absmax(a, b));
 }
 
 // ---- quantize ------------------------------------------------------------------------------------------------
@@ -225,26 +238,38 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_kernel(const T* __restrict__
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
 
-  int kt = kt_begin + warp;
-  uint4 next0 = make_uint4(0, 0, 0, 0), next1 = next0;
-  if (kt < kt_end) {
-    next0 = __ldcs(reinterpret_cast<const uint4*>(c0 + int64_t{kt} * (kTileK / 2)));
-    next1 = __ldcs(reinterpret_cast<const uint4*>(c1 + int64_t{kt} * (kTileK / 2)));
-  }
-  for (; kt < kt_end; kt += kWarps) {
-    const uint4 q0 = next0, q1 = next1;
-    if (kt + kWarps < kt_end) {  // prefetch the next tile's codes while this one computes
-      next0 = __ldcs(reinterpret_cast<const uint4*>(c0 + int64_t{kt + kWarps} * (kTileK / 2)));
-      next1 = __ldcs(reinterpret_cast<const uint4*>(c1 + int64_t{kt + kWarps} * (kTileK / 2)));
-    }
+  // Everything a tile needs from memory, loaded one tile ahead so the loads overlap the previous tile's math.
+  struct Stage {
+    uint4 q0, q1;          // codes of rows g and g + 8
+    RawAbsmax s0, s1;      // their absmax
+    uint4 x0[4];           // activations of the first n-tile
+  };
+  auto load_stage = [&](int kt) {
+    Stage st;
     const int64_t k0 = int64_t{kt} * kTileK + 32 * tq;
-    const float s0 = read_absmax(a, t, (row0 * K + k0) >> bs_log2);
-    const float s1 = read_absmax(a, t, (row1 * K + k0) >> bs_log2);
+    st.q0 = __ldcs(reinterpret_cast<const uint4*>(c0 + int64_t{kt} * (kTileK / 2)));
+    st.q1 = __ldcs(reinterpret_cast<const uint4*>(c1 + int64_t{kt} * (kTileK / 2)));
+    st.s0 = load_absmax(a, (row0 * K + k0) >> bs_log2);
+    st.s1 = load_absmax(a, (row1 * K + k0) >> bs_log2);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      st.x0[i] = g < M ? __ldg(reinterpret_cast<const uint4*>(x + int64_t{g} * K + k0) + i) : make_uint4(0, 0, 0, 0);
+    return st;
+  };
+
+  int kt = kt_begin + warp;
+  Stage next;
+  if (kt < kt_end) next = load_stage(kt);
+  for (; kt < kt_end; kt += kWarps) {
+    const Stage cur = next;
+    if (kt + kWarps < kt_end) next = load_stage(kt + kWarps);
+    const int64_t k0 = int64_t{kt} * kTileK + 32 * tq;
+    const float s0 = decode_absmax(a, t, cur.s0), s1 = decode_absmax(a, t, cur.s1);
     uint32_t frag[8][4];  // A fragments of the 8 k16 subtiles
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const uint32_t b00 = byte_of(q0, 2 * j), b01 = byte_of(q0, 2 * j + 1);
-      const uint32_t b10 = byte_of(q1, 2 * j), b11 = byte_of(q1, 2 * j + 1);
+      const uint32_t b00 = byte_of(cur.q0, 2 * j), b01 = byte_of(cur.q0, 2 * j + 1);
+      const uint32_t b10 = byte_of(cur.q1, 2 * j), b11 = byte_of(cur.q1, 2 * j + 1);
       frag[j][0] = pack2<T>(__fmul_rn(t.nf4[b00 >> 4], s0), __fmul_rn(t.nf4[b00 & 0xF], s0));
       frag[j][1] = pack2<T>(__fmul_rn(t.nf4[b10 >> 4], s1), __fmul_rn(t.nf4[b10 & 0xF], s1));
       frag[j][2] = pack2<T>(__fmul_rn(t.nf4[b01 >> 4], s0), __fmul_rn(t.nf4[b01 & 0xF], s0));
@@ -253,11 +278,11 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_kernel(const T* __restrict__
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int n = nt * 8 + g;
-      uint4 xv[4] = {};
-      if (n < M) {
-        const uint4* xp = reinterpret_cast<const uint4*>(x + int64_t{n} * K + k0);
+      uint4 xv[4] = {cur.x0[0], cur.x0[1], cur.x0[2], cur.x0[3]};
+      if (nt > 0) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) xv[i] = __ldg(xp + i);
+        for (int i = 0; i < 4; ++i)
+          xv[i] = n < M ? __ldg(reinterpret_cast<const uint4*>(x + int64_t{n} * K + k0) + i) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int j = 0; j < 8; ++j)  // words 2j, 2j + 1 of the lane's 16 words: k = 32t + 4j + {0, 1}, {2, 3}
@@ -337,8 +362,7 @@ void dispatch_gemm(const void* x, int64_t M, int64_t K, const uint8_t* codes, co
   };
   if (M <= 8) run(std::integral_constant<int, 1>{});
   else if (M <= 16) run(std::integral_constant<int, 2>{});
-  else if (M <= 32) run(std::integral_constant<int, 4>{});
-  else run(std::integral_constant<int, 8>{});
+  else run(std::integral_constant<int, 4>{});
 }
 
 }  // namespace

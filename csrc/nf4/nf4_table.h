@@ -7,8 +7,10 @@
 
 #if defined(__CUDACC__)
 #define LORAX_HD __host__ __device__
+#define LORAX_UNROLL _Pragma("unroll")
 #else
 #define LORAX_HD
+#define LORAX_UNROLL
 #endif
 
 namespace lorax::nf4 {
@@ -28,7 +30,7 @@ constexpr int kZeroCode = 7;  // the code of 0.0, used to pad an odd element cou
 template <typename Table>
 LORAX_HD inline int nearest_code(float v, const Table& table) {
   int code = 0;
-#pragma unroll
+  LORAX_UNROLL
   for (int i = 0; i < kNumCodes - 1; ++i) {
     float mid = (table[i] + table[i + 1]) / 2.0f;
     code += mid < v ? 1 : 0;
