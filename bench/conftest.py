@@ -70,10 +70,13 @@ def record(**row):
 
 def device_header() -> str:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    commit = os.environ.get("LORAX_COMMIT", "")  # the GPU machine gets the tree without .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+        except OSError:
+            commit = ""
+    commit = commit.strip()
     return f"device: {name}; torch {torch.__version__}; date {date.today()}; commit {commit or 'unknown'}"
 
 
