@@ -219,36 +219,6 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 
 __device__ __forceinline__ uint32_t byte_of(const uint4& v, int i) { return (word_of(v, i / 4) >> (8 * (i % 4))) & 0xFF; }
 
-// Sum the warps' partial 16 x 8*NT tiles; warp 0 writes them to this split's slice of the workspace [M, N].
-template <int NT>
-__device__ __forceinline__ void write_partials(float (&red)[kWarps][NT][32][4], const float (&acc)[NT][4], int M,
-                                               int N, int64_t row0, float* __restrict__ out) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tq = lane % 4;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp][nt][lane][i] = acc[nt][i];
-  __syncthreads();
-  if (warp != 0) return;
-  const int64_t row1 = row0 + 8;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int w = 0; w < kWarps; ++w)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s[i] += red[w][nt][lane][i];
-    const int n = nt * 8 + 2 * tq;  // C fragment: rows g, g + 8; columns 2t, 2t + 1
-    if (n < M) {
-      out[int64_t{n} * N + row0] = s[0];
-      out[int64_t{n} * N + row1] = s[2];
-    }
-    if (n + 1 < M) {
-      out[int64_t{n + 1} * N + row0] = s[1];
-      out[int64_t{n + 1} * N + row1] = s[3];
-    }
-  }
-}
-
 template <typename T, int NT>
 __global__ void __launch_bounds__(kWarps * 32) gemm_kernel(const T* __restrict__ x, int M, int K,
                                                            const uint8_t* __restrict__ codes, AbsmaxArgs a,
@@ -320,112 +290,30 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_kernel(const T* __restrict__
     }
   }
 
-  write_partials<NT>(red, acc, M, N, row0, ws + int64_t{split} * M * N);
-}
-
-
-// Blocksize >= 64: the same tile, with the k order chosen so that each k16 subtile lies inside one 64-wide half
-// of the tile, hence inside one quantization block. The mma then runs on the unscaled NF4 values (a byte -> pair
-// lookup, one shared-memory load per two weights) and the block scale is applied to the accumulators: no
-// per-weight multiply or conversion. Lane (g, t) reads 8 bytes of codes (k in [64h + 16t, +16)) per half h and
-// row; subtile (h, j) pairs mma-k 2t, 2t+1 | 2t+8, 2t+9 with k = 64h + 16t + 4j + {0, 1 | 2, 3}.
-constexpr int kLutCopies = 32;  // one copy of the byte table per lane: lane l reads bank l only
-
-__device__ __forceinline__ uint32_t byte_of(const uint2& v, int i) { return ((i < 4 ? v.x : v.y) >> (8 * (i % 4))) & 0xFF; }
-
-template <typename T, int NT>
-__global__ void __launch_bounds__(kWarps * 32) gemm_scale_after_kernel(const T* __restrict__ x, int M, int K,
-                                                                       const uint8_t* __restrict__ codes,
-                                                                       AbsmaxArgs a, int bs_log2, int N,
-                                                                       int kt_per_split, float* __restrict__ ws) {
-  __shared__ Tables t;
-  __shared__ float red[kWarps][NT][32][4];
-  __shared__ uint32_t lut[256 * kLutCopies];  // lut[byte * 32 + lane] = (NF4[byte >> 4], NF4[byte & 15]) as a T pair
-  load_tables(t, a);
-  for (int i = threadIdx.x; i < 256 * kLutCopies; i += blockDim.x)
-    lut[i] = pack2<T>(t.nf4[(i / kLutCopies) >> 4], t.nf4[(i / kLutCopies) & 0xF]);
+  // Sum the warps' partial tiles; warp 0 writes this split's slice of the workspace [splits, M, N].
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][nt][lane][i] = acc[nt][i];
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, tq = lane % 4;
-  const int64_t row0 = int64_t{blockIdx.x} * kTileN + g;
-  const int KT = K / kTileK, split = blockIdx.y;
-  const int kt_begin = split * kt_per_split, kt_end = min(KT, kt_begin + kt_per_split);
-  const uint8_t* crow[2] = {codes + row0 * (K / 2) + 8 * tq, codes + (row0 + 8) * (K / 2) + 8 * tq};
-  const uint32_t* my_lut = lut + lane;
-
-  float acc[NT][4];
+  if (warp != 0) return;
+  float* out = ws + int64_t{split} * M * N;
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-
-  struct Stage {
-    uint2 q[2][2];         // [row g, g + 8][half]
-    RawAbsmax s[2][2];
-    uint4 x0[4];           // first n-tile's activations: [half][2]
-  };
-  auto load_stage = [&](int kt) {
-    Stage st;
+  for (int nt = 0; nt < NT; ++nt) {
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int w = 0; w < kWarps; ++w)
 #pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        st.q[r][h] = __ldcs(reinterpret_cast<const uint2*>(crow[r] + int64_t{kt} * (kTileK / 2) + 32 * h));
-        st.s[r][h] = load_absmax(a, ((row0 + 8 * r) * K + int64_t{kt} * kTileK + 64 * h) >> bs_log2);
-      }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t k = int64_t{kt} * kTileK + 64 * (i / 2) + 16 * tq + 8 * (i % 2);
-      st.x0[i] = g < M ? __ldg(reinterpret_cast<const uint4*>(x + int64_t{g} * K + k)) : make_uint4(0, 0, 0, 0);
+      for (int i = 0; i < 4; ++i) s[i] += red[w][nt][lane][i];
+    const int n = nt * 8 + 2 * tq;  // C fragment: rows g, g + 8; columns 2t, 2t + 1
+    if (n < M) {
+      out[int64_t{n} * N + row0] = s[0];
+      out[int64_t{n} * N + row1] = s[2];
     }
-    return st;
-  };
-
-  int kt = kt_begin + warp;
-  Stage next;
-  if (kt < kt_end) next = load_stage(kt);
-  for (; kt < kt_end; kt += kWarps) {
-    const Stage cur = next;
-    if (kt + kWarps < kt_end) next = load_stage(kt + kWarps);
-    float sc[2][2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) sc[r][h] = decode_absmax(a, t, cur.s[r][h]);
-    uint32_t frag[8][4];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int h = j / 4, jj = j % 4;
-      frag[j][0] = my_lut[byte_of(cur.q[0][h], 2 * jj) * kLutCopies];
-      frag[j][1] = my_lut[byte_of(cur.q[1][h], 2 * jj) * kLutCopies];
-      frag[j][2] = my_lut[byte_of(cur.q[0][h], 2 * jj + 1) * kLutCopies];
-      frag[j][3] = my_lut[byte_of(cur.q[1][h], 2 * jj + 1) * kLutCopies];
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int n = nt * 8 + g;
-      uint4 xv[4] = {cur.x0[0], cur.x0[1], cur.x0[2], cur.x0[3]};
-      if (nt > 0) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int64_t k = int64_t{kt} * kTileK + 64 * (i / 2) + 16 * tq + 8 * (i % 2);
-          xv[i] = n < M ? __ldg(reinterpret_cast<const uint4*>(x + int64_t{n} * K + k)) : make_uint4(0, 0, 0, 0);
-        }
-      }
-      float part[2][4] = {};
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int h = j / 4, jj = j % 4;  // words 2jj, 2jj + 1 of half h
-        mma_16816<T>(part[h], frag[j], word_of(xv[2 * h + jj / 2], (2 * jj) % 4),
-                     word_of(xv[2 * h + jj / 2], (2 * jj + 1) % 4));
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // C rows g (c0, c1) and g + 8 (c2, c3)
-        acc[nt][0] = fmaf(sc[0][h], part[h][0], acc[nt][0]);
-        acc[nt][1] = fmaf(sc[0][h], part[h][1], acc[nt][1]);
-        acc[nt][2] = fmaf(sc[1][h], part[h][2], acc[nt][2]);
-        acc[nt][3] = fmaf(sc[1][h], part[h][3], acc[nt][3]);
-      }
+    if (n + 1 < M) {
+      out[int64_t{n + 1} * N + row0] = s[1];
+      out[int64_t{n + 1} * N + row1] = s[3];
     }
   }
-  write_partials<NT>(red, acc, M, N, row0, ws + int64_t{split} * M * N);
 }
 
 template <typename T>
@@ -460,10 +348,7 @@ void launch_gemm(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
                  const T* bias, float* ws, int num_sms, T* y, cudaStream_t stream) {
   const SplitPlan p = plan_splits(N, K, num_sms);
   dim3 grid(N / kTileN, p.splits);
-  if (bs_log2 >= 6)
-    gemm_scale_after_kernel<T, NT><<<grid, kWarps * 32, 0, stream>>>(x, M, K, codes, a, bs_log2, N, p.kt_per_split, ws);
-  else
-    gemm_kernel<T, NT><<<grid, kWarps * 32, 0, stream>>>(x, M, K, codes, a, bs_log2, N, p.kt_per_split, ws);
+  gemm_kernel<T, NT><<<grid, kWarps * 32, 0, stream>>>(x, M, K, codes, a, bs_log2, N, p.kt_per_split, ws);
   const int64_t MN = int64_t{M} * N;
   splitk_epilogue_kernel<T><<<grid_for(MN, 256), 256, 0, stream>>>(ws, p.splits, MN, N, bias, y);
 }
