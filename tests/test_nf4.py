@@ -171,6 +171,12 @@ def test_bad_inputs_get_clear_errors():
         nf4_linear(torch.randn(2, 32), w)
     with pytest.raises(RuntimeError, match="blocksize must be a power of two"):
         torch.ops.lorax_core.nf4_quantize(torch.randn(8), 48)
+    with pytest.raises(RuntimeError, match="codes hold 1022 values, the shape asks for 1024"):
+        torch.ops.lorax_core.nf4_dequantize(w.codes[:-1], w.absmax, w.nested_code, w.nested_absmax, w.offset, 64,
+                                            256, [16, 64], torch.float32)
+    with pytest.raises(RuntimeError, match="code must be 256 float32 values"):
+        torch.ops.lorax_core.nf4_quantize_absmax(torch.randn(8), torch.randn(5), 256)
+    nf4_linear(torch.randn(2, 64), w)  # the ops still work after refusing bad input
 
 
 def _opcheck_samples(device):

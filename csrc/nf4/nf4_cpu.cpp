@@ -23,6 +23,12 @@ inline float scale_into_unit(float x, float absmax, float recip, bool tail) {
   return std::min(std::max(v, -1.0f), 1.0f);
 }
 
+inline float absmax_of(const float* p, int64_t begin, int64_t end) {
+  float am = 0.0f;
+  for (int64_t i = begin; i < end; ++i) am = std::max(am, std::fabs(p[i]));
+  return am;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, int64_t blocksize) {
@@ -40,8 +46,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, int64_t blo
   at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * blocksize, end = std::min(start + blocksize, n);
-      float am = 0.0f;
-      for (int64_t i = start; i < end; ++i) am = std::max(am, std::fabs(xp[i]));
+      const float am = absmax_of(xp, start, end);
       const bool tail = b >= full;
       const float clamped = std::max(am, kMinAbsmax);
       ap[b] = tail ? clamped : am;
@@ -59,10 +64,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, int64_t blo
 
 std::tuple<at::Tensor, at::Tensor> quantize_absmax_cpu(const at::Tensor& absmax, const at::Tensor& code,
                                                        int64_t blocksize) {
-  CHECK_DTYPE(absmax, at::kFloat);  // [blocks], already centred (absmax - offset)
-  CHECK_DTYPE(code, at::kFloat);    // [256], sorted ascending
-  TORCH_CHECK(code.numel() == 256, "nf4_quantize_absmax: code must have 256 entries, got ", code.numel());
-  TORCH_CHECK(blocksize > 0, "nf4_quantize_absmax: blocksize must be positive, got ", blocksize);
+  check_quantize_absmax_args(absmax, code, blocksize);  // absmax [blocks] centred (absmax - offset); code [256] sorted
   at::Tensor a = absmax.contiguous().reshape({-1});
   at::Tensor c = code.contiguous();
   const int64_t n = a.numel(), blocks = (n + blocksize - 1) / blocksize;
@@ -77,8 +79,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_absmax_cpu(const at::Tensor& absmax,
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * blocksize, end = std::min(start + blocksize, n);
-      float am = 0.0f;
-      for (int64_t i = start; i < end; ++i) am = std::max(am, std::fabs(ap[i]));
+      const float am = absmax_of(ap, start, end);
       mp[b] = am;
       const float recip = 1.0f / am;
       for (int64_t i = start; i < end; ++i) {  // an all-zero block gets code 0, as in bitsandbytes
@@ -111,13 +112,8 @@ at::Tensor absmax_fp32_cpu(const AbsmaxState& s) {
 
 at::Tensor dequantize_cpu(const at::Tensor& codes, const AbsmaxState& s, int64_t blocksize, int64_t numel,
                           at::ScalarType dtype) {
-  check_blocksize(blocksize);
-  CHECK_DTYPE(codes, at::kByte);  // [ceil(numel/2)]
-  TORCH_CHECK(codes.numel() == (numel + 1) / 2, "nf4_dequantize: codes hold ", codes.numel() * 2,
-              " values, the shape asks for ", numel);
+  check_nf4_sizes("nf4_dequantize", codes, s.absmax.numel(), blocksize, numel);
   at::Tensor absmax = absmax_fp32_cpu(s);
-  TORCH_CHECK(absmax.numel() == (numel + blocksize - 1) / blocksize, "nf4_dequantize: ", absmax.numel(),
-              " absmax values for ", numel, " elements in blocks of ", blocksize);
   at::Tensor c = codes.contiguous();
   at::Tensor out = at::empty({numel}, codes.options().dtype(at::kFloat));
   const uint8_t* cp = c.data_ptr<uint8_t>();

@@ -80,11 +80,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, int64_t bl
 
 std::tuple<at::Tensor, at::Tensor> quantize_absmax_cuda(const at::Tensor& absmax, const at::Tensor& code,
                                                         int64_t blocksize) {
-  CHECK_DTYPE(absmax, at::kFloat);
-  CHECK_DTYPE(code, at::kFloat);
-  CHECK_SAME_DEVICE(absmax, code);
-  TORCH_CHECK(code.numel() == 256, "nf4_quantize_absmax: code must have 256 entries, got ", code.numel());
-  TORCH_CHECK(blocksize > 0, "nf4_quantize_absmax: blocksize must be positive, got ", blocksize);
+  check_quantize_absmax_args(absmax, code, blocksize);
   c10::cuda::CUDAGuard guard(absmax.device());
   at::Tensor a = absmax.contiguous().reshape({-1});
   at::Tensor c = code.contiguous();
@@ -108,12 +104,7 @@ at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax, const at::Tensor& c
 
 at::Tensor dequantize_impl(const at::Tensor& codes, const AbsmaxHold& h, int64_t blocksize, int64_t numel,
                            at::ScalarType dtype) {
-  check_blocksize(blocksize);
-  CHECK_DTYPE(codes, at::kByte);
-  TORCH_CHECK(codes.numel() == (numel + 1) / 2, "nf4_dequantize: codes hold ", codes.numel() * 2,
-              " values, the shape asks for ", numel);
-  TORCH_CHECK(h.absmax.numel() == (numel + blocksize - 1) / blocksize, "nf4_dequantize: ", h.absmax.numel(),
-              " absmax values for ", numel, " elements in blocks of ", blocksize);
+  check_nf4_sizes("nf4_dequantize", codes, h.absmax.numel(), blocksize, numel);
   at::Tensor c = aligned16(codes);
   at::Tensor out = at::empty({numel}, codes.options().dtype(dtype));
   if (numel > 0)
@@ -146,11 +137,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
     at::Tensor w = dequantize_impl(codes, h, blocksize, N * K, x.scalar_type()).reshape({N, K});
     return at::linear(x, w, bias);
   }
-  check_blocksize(blocksize);
-  TORCH_CHECK(codes.numel() == N * K / 2, "nf4_linear: codes hold ", codes.numel() * 2, " values, [", N, ", ", K,
-              "] needs ", N * K);
-  TORCH_CHECK(h.absmax.numel() == N * K / blocksize, "nf4_linear: ", h.absmax.numel(), " absmax values for [", N,
-              ", ", K, "] in blocks of ", blocksize);
+  check_nf4_sizes("nf4_linear", codes, h.absmax.numel(), blocksize, N * K);
   at::Tensor xc = aligned16(x);
   at::Tensor c = aligned16(codes);
   std::optional<at::Tensor> b;
