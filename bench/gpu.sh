@@ -11,9 +11,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
-# The lent machine's default c++ (/opt/gcc) builds an extension whose C++ exceptions (every TORCH_CHECK) crash
-# the process with its torch; the system compiler's do not (seen 2026-11-23).
-if [ -z "${CXX:-}" ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
+# The lent machine presets CXX=/opt/gcc/bin/g++, whose builds of the extension crash on any C++ exception (every
+# TORCH_CHECK) with its torch; the system compiler's builds do not (seen 2026-11-23). LORAX_CXX overrides.
+if [ -x /usr/bin/g++ ]; then export CXX=${LORAX_CXX:-/usr/bin/g++}; fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"; } | tee "$OUT/device.txt"
 
