@@ -42,15 +42,34 @@ def dequant_table(rows, copy_gbps):
     return "\n".join(lines)
 
 
+def lora_table(rows, kind, impls):
+    idx = {(r["shape"], r["impl"]): r for r in rows if r["kind"] == kind}
+    head = " | ".join(f"{i} us" for i in impls)
+    ratios = " | ".join(f"vs {i}" for i in impls[1:])
+    lines = [f"| case | {head} | paged GB/s | {ratios} |", "|---" * (2 + 2 * len(impls) - 1) + "|"]
+    for shape in sorted({s for s, _ in idx}):
+        ours = idx.get((shape, impls[0]))
+        if ours is None:
+            continue
+        times = [idx.get((shape, i)) for i in impls]
+        cells = [shape, *(f"{t['us']:.1f}" if t else "-" for t in times), f"{ours['gbps']:.0f}",
+                 *(f"{t['us'] / ours['us']:.2f}x" if t else "-" for t in times[1:])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_tables(rows, out, header):
     copy = [r for r in rows if r["kind"] == "copy"]
     copy_gbps = copy[0]["gbps"] if copy else None
-    parts = [f"# NF4 benchmarks\n\n{header}\n",
+    parts = [f"# Kernel benchmarks\n\n{header}\n",
              f"Copy bandwidth (device-to-device, read + write): {copy_gbps:.0f} GB/s\n" if copy_gbps else "",
              "## nf4_linear (GB/s = bytes of codes + absmax + activations read)\n", nf4_linear_table(rows, copy_gbps),
              "\n\n## nf4_dequantize to bf16 (GB/s = codes + absmax read + bf16 written)\n", dequant_table(rows, copy_gbps),
+             "\n\n## LoRA decode (BGMV), 64 adapters in the pool (GB/s = distinct adapters' A + B bytes)\n",
+             lora_table(rows, "lora_decode", ["paged", "contiguous", "loop", "gather_bmm"]),
+             "\n\n## LoRA prefill (SGMV), 4 segments\n", lora_table(rows, "lora_prefill", ["paged", "contiguous", "loop"]),
              "\n"]
     text = "\n".join(p for p in parts if p)
-    with open(os.path.join(out, "bench_nf4.md"), "w") as f:
+    with open(os.path.join(out, "bench_kernels.md"), "w") as f:
         f.write(text)
     print("\n" + text)

@@ -18,6 +18,22 @@ TORCH_LIBRARY(lorax_core, m) {
   m.def(
       "nf4_linear(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, float offset, "
       "int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias) -> Tensor");
+
+  // Multi-adapter LoRA through the paged adapter pool (csrc/lora/lora.h has the layout). Shrink: v [T, max_rank]
+  // fp32 = x @ A[a(t)].T; expand (in place): y += scales[a(t)] * v @ B[a(t)].T. SGMV takes segments of tokens
+  // sharing an adapter, BGMV one adapter index per token (-1: none).
+  m.def(
+      "sgmv_shrink(Tensor x, Tensor arena, Tensor page_table, Tensor ranks, Tensor seg_starts, Tensor seg_adapters, "
+      "int layer, int module, int page_size) -> Tensor");
+  m.def(
+      "bgmv_shrink(Tensor x, Tensor arena, Tensor page_table, Tensor ranks, Tensor adapter_indices, int layer, "
+      "int module, int page_size) -> Tensor");
+  m.def(
+      "sgmv_expand(Tensor(a!) y, Tensor v, Tensor arena, Tensor page_table, Tensor ranks, Tensor scales, "
+      "Tensor seg_starts, Tensor seg_adapters, int layer, int module, int page_size) -> ()");
+  m.def(
+      "bgmv_expand(Tensor(a!) y, Tensor v, Tensor arena, Tensor page_table, Tensor ranks, Tensor scales, "
+      "Tensor adapter_indices, int layer, int module, int page_size) -> ()");
 }
 
 namespace {

@@ -4,7 +4,7 @@ Importing the package loads the compiled ops (`torch.ops.lorax_core`); without t
 to build them.
 """
 from lorax_core import _library  # noqa: F401  (loads lorax_core._C and registers fake kernels)
-from lorax_core import ops, quant
+from lorax_core import adapters, ops, quant
 
-__all__ = ["ops", "quant"]
+__all__ = ["adapters", "ops", "quant"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 
 `lorax_core.ops.reference` holds the plain-PyTorch reference of every op (the spec the tests check against).
 """
+from lorax_core.ops.lora import bgmv, sgmv
 from lorax_core.ops.nf4 import nf4_dequantize, nf4_linear
 
-__all__ = ["nf4_dequantize", "nf4_linear"]
+__all__ = ["bgmv", "nf4_dequantize", "nf4_linear", "sgmv"]

@@ -95,3 +95,16 @@ def nf4_linear(x: torch.Tensor, w_dequantized: torch.Tensor, bias: torch.Tensor 
     """y = x @ W.T (+ bias), in fp32."""
     y = x.float() @ w_dequantized.float().T
     return y + bias.float() if bias is not None else y
+
+
+def lora_delta(y: torch.Tensor, x: torch.Tensor, slots: list[int], weights: dict[int, tuple], scales: dict[int, float]):
+    """y + per-token LoRA delta, in fp32: y[t] += scale[a] * (x[t] @ A.T) @ B.T for a = slots[t] (-1: none).
+
+    weights[a] = (A [r, in], B [out, r]) dense, as PEFT stores them (lora_A.weight, lora_B.weight).
+    """
+    out = y.float().clone()
+    for t, a in enumerate(slots):
+        if a >= 0:
+            a_w, b_w = weights[a]
+            out[t] += scales[a] * (x[t].float() @ a_w.float().T) @ b_w.float().T
+    return out

@@ -1,0 +1,102 @@
+// Multi-adapter LoRA ops (SGMV / BGMV) over the paged adapter pool: shared host-side declarations.
+//
+// Pool layout (lorax_core/adapters/pool.py):
+//   arena       [pages, page_size]  one dtype for all adapters
+//   page_table  int32 [slots, layers, modules, 2, max_rank, chunks]: the page of chunk c of row j of an
+//               adapter's A (ab = 0, rows of length in) or B^T (ab = 1, rows of length out); chunk c holds
+//               elements [c * page_size, (c + 1) * page_size) of the row.
+//   ranks       int32 [slots, layers, modules] (0: the adapter does not touch that module), scales fp32 [slots]
+// Tokens are processed in groups that share one adapter: group g covers token_order[starts[g] : starts[g + 1]]
+// (or tokens starts[g] .. starts[g + 1] - 1 when token_order is empty) and uses adapter group_adapters[g]
+// (-1: no adapter, the rows are skipped). SGMV's segments are such groups; BGMV builds them by sorting tokens by
+// adapter, so each distinct adapter's weights are read once per call.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace lorax::lora {
+
+struct PoolView {
+  at::Tensor arena, page_table, ranks;
+  int64_t layer, module, page_size;
+};
+
+struct Groups {
+  at::Tensor starts, adapters, order;  // order may be undefined (identity)
+};
+
+void check_pool(const PoolView& p, int64_t in_dim, int64_t ab, const char* op);
+// Activations [tokens, dim] with the arena's dtype and device; for expand also v fp32 [tokens, max_rank] and
+// scales fp32 [slots].
+void check_activations(const at::Tensor& act, const PoolView& p, const char* op);
+void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Tensor& scales, const PoolView& p,
+                         const char* op);
+Groups groups_from_segments(const at::Tensor& seg_starts, const at::Tensor& seg_adapters);
+Groups groups_from_indices(const at::Tensor& adapter_indices, int64_t slots);
+
+void shrink_cpu(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v);
+void expand_cpu(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales, const Groups& g);
+
+}  // namespace lorax::lora
+
+// ---- the ops, written once for every backend: `Shrink` / `Expand` are the backend's kernels ----------------
+#include <ATen/ATen.h>
+
+namespace lorax::lora {
+
+using ShrinkKernel = void (*)(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v);
+using ExpandKernel = void (*)(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales,
+                              const Groups& g);
+
+template <ShrinkKernel Shrink>
+at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& arena, const at::Tensor& page_table,
+                       const at::Tensor& ranks, const at::Tensor& seg_starts, const at::Tensor& seg_adapters,
+                       int64_t layer, int64_t module, int64_t page_size) {
+  PoolView p{arena, page_table, ranks, layer, module, page_size};
+  check_activations(x, p, "sgmv_shrink");
+  check_pool(p, x.size(1), 0, "sgmv_shrink");
+  at::Tensor v = at::zeros({x.size(0), page_table.size(4)}, x.options().dtype(at::kFloat));  // [T, max_rank]
+  Shrink(x.contiguous(), p, groups_from_segments(seg_starts, seg_adapters), v);
+  return v;
+}
+
+template <ShrinkKernel Shrink>
+at::Tensor bgmv_shrink(const at::Tensor& x, const at::Tensor& arena, const at::Tensor& page_table,
+                       const at::Tensor& ranks, const at::Tensor& adapter_indices, int64_t layer, int64_t module,
+                       int64_t page_size) {
+  PoolView p{arena, page_table, ranks, layer, module, page_size};
+  check_activations(x, p, "bgmv_shrink");
+  check_pool(p, x.size(1), 0, "bgmv_shrink");
+  TORCH_CHECK(adapter_indices.numel() == x.size(0), "bgmv_shrink: ", adapter_indices.numel(),
+              " adapter indices for ", x.size(0), " tokens");
+  at::Tensor v = at::zeros({x.size(0), page_table.size(4)}, x.options().dtype(at::kFloat));
+  Shrink(x.contiguous(), p, groups_from_indices(adapter_indices, page_table.size(0)), v);
+  return v;
+}
+
+template <ExpandKernel Expand>
+void sgmv_expand(at::Tensor& y, const at::Tensor& v, const at::Tensor& arena, const at::Tensor& page_table,
+                 const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& seg_starts,
+                 const at::Tensor& seg_adapters, int64_t layer, int64_t module, int64_t page_size) {
+  PoolView p{arena, page_table, ranks, layer, module, page_size};
+  check_expand_inputs(y, v, scales, p, "sgmv_expand");
+  Expand(y, v.contiguous(), p, scales.contiguous(), groups_from_segments(seg_starts, seg_adapters));
+}
+
+template <ExpandKernel Expand>
+void bgmv_expand(at::Tensor& y, const at::Tensor& v, const at::Tensor& arena, const at::Tensor& page_table,
+                 const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& adapter_indices,
+                 int64_t layer, int64_t module, int64_t page_size) {
+  PoolView p{arena, page_table, ranks, layer, module, page_size};
+  check_expand_inputs(y, v, scales, p, "bgmv_expand");
+  TORCH_CHECK(adapter_indices.numel() == y.size(0), "bgmv_expand: ", adapter_indices.numel(),
+              " adapter indices for ", y.size(0), " tokens");
+  Expand(y, v.contiguous(), p, scales.contiguous(), groups_from_indices(adapter_indices, page_table.size(0)));
+}
+
+#define LORAX_REGISTER_LORA_OPS(m, shrink, expand)                         \
+  m.impl("sgmv_shrink", &lorax::lora::sgmv_shrink<shrink>);               \
+  m.impl("bgmv_shrink", &lorax::lora::bgmv_shrink<shrink>);               \
+  m.impl("sgmv_expand", &lorax::lora::sgmv_expand<expand>);               \
+  m.impl("bgmv_expand", &lorax::lora::bgmv_expand<expand>)
+
+}  // namespace lorax::lora

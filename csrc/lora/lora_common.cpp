@@ -1,0 +1,73 @@
+// Checks and token grouping shared by the CPU and CUDA LoRA ops (ATen ops only: no device synchronization).
+#include <ATen/ATen.h>
+
+#include "common/checks.h"
+#include "lora/lora.h"
+
+namespace lorax::lora {
+
+void check_pool(const PoolView& p, int64_t dim, int64_t ab, const char* op) {
+  CHECK_DIM(2, p.arena);       // [pages, page_size]
+  CHECK_DIM(6, p.page_table);  // [slots, layers, modules, 2, max_rank, chunks]
+  CHECK_DTYPE(p.page_table, at::kInt);
+  CHECK_DTYPE(p.ranks, at::kInt);
+  TORCH_CHECK(p.ranks.dim() == 3 && p.ranks.size(0) == p.page_table.size(0) && p.ranks.size(1) == p.page_table.size(1) &&
+                  p.ranks.size(2) == p.page_table.size(2),
+              op, ": ranks must be int32 [slots, layers, modules] matching the page table, got ", p.ranks.sizes());
+  CHECK_CONTIGUOUS(p.ranks);
+  CHECK_CONTIGUOUS(p.arena);
+  CHECK_CONTIGUOUS(p.page_table);
+  TORCH_CHECK(p.page_size == p.arena.size(1) && p.page_size > 0 && (p.page_size & (p.page_size - 1)) == 0, op,
+              ": page_size must be the arena's row length, a power of two; got ", p.page_size);
+  TORCH_CHECK(p.layer >= 0 && p.layer < p.page_table.size(1), op, ": layer ", p.layer, " outside the pool's ",
+              p.page_table.size(1), " layers");
+  TORCH_CHECK(p.module >= 0 && p.module < p.page_table.size(2), op, ": module ", p.module, " outside the pool's ",
+              p.page_table.size(2), " modules");
+  TORCH_CHECK(dim <= p.page_table.size(5) * p.page_size, op, ": unsupported shape: ", ab == 0 ? "in" : "out",
+              " features ", dim, " exceed the pool's widest row (", p.page_table.size(5), " pages of ", p.page_size,
+              " = ", p.page_table.size(5) * p.page_size, "); build the pool with max_dim >= ", dim);
+  CHECK_SAME_DEVICE(p.arena, p.page_table);
+  CHECK_SAME_DEVICE(p.arena, p.ranks);
+}
+
+void check_activations(const at::Tensor& act, const PoolView& p, const char* op) {
+  TORCH_CHECK(act.dim() == 2, op, ": activations must be [tokens, features], got ", act.sizes());
+  TORCH_CHECK(act.scalar_type() == p.arena.scalar_type(), op, ": activations are ", act.scalar_type(),
+              ", the adapter pool holds ", p.arena.scalar_type());
+  TORCH_CHECK(act.device() == p.arena.device(), op, ": activations on ", act.device(), ", the pool on ",
+              p.arena.device());
+}
+
+void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Tensor& scales, const PoolView& p,
+                         const char* op) {
+  check_activations(y, p, op);
+  check_pool(p, y.size(1), 1, op);
+  TORCH_CHECK(y.is_contiguous(), op, ": y must be contiguous (it is updated in place)");
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == y.size(0) && v.size(1) == p.page_table.size(4) &&
+                  v.scalar_type() == at::kFloat,
+              op, ": v must be float32 [", y.size(0), ", ", p.page_table.size(4), "] (tokens, the pool's max rank), got ",
+              v.scalar_type(), " ", v.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == p.page_table.size(0), op,
+              ": scales must be float32 [slots] with ", p.page_table.size(0), " entries");
+  CHECK_SAME_DEVICE(y, v);
+  CHECK_SAME_DEVICE(y, scales);
+}
+
+Groups groups_from_segments(const at::Tensor& seg_starts, const at::Tensor& seg_adapters) {
+  TORCH_CHECK(seg_starts.dim() == 1 && seg_adapters.dim() == 1 && seg_starts.numel() == seg_adapters.numel() + 1,
+              "sgmv: seg_starts [S + 1] and seg_adapters [S] expected, got ", seg_starts.sizes(), " and ",
+              seg_adapters.sizes());
+  return {seg_starts.to(at::kInt).contiguous(), seg_adapters.to(at::kInt).contiguous(), at::Tensor()};
+}
+
+Groups groups_from_indices(const at::Tensor& adapter_indices, int64_t slots) {
+  // key 0 = no adapter; tokens sorted stably by key; group k + 1 = adapter k.
+  at::Tensor key = adapter_indices.reshape({-1}).to(at::kLong) + 1;
+  at::Tensor order = std::get<1>(at::sort(key, /*stable=*/true, /*dim=*/0, /*descending=*/false));
+  at::Tensor counts = at::zeros({slots + 1}, key.options()).index_add_(0, key, at::ones_like(key));
+  at::Tensor starts = at::cat({at::zeros({1}, key.options()), at::cumsum(counts, 0)});
+  at::Tensor adapters = at::arange(-1, slots, key.options());
+  return {starts.to(at::kInt), adapters.to(at::kInt), order.to(at::kInt)};
+}
+
+}  // namespace lorax::lora

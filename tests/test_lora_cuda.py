@@ -1,0 +1,69 @@
+"""SGMV / BGMV CUDA kernels and the CUDA pool against the CPU ops (skipped without a GPU)."""
+import pytest
+import torch
+
+from conftest import assert_close
+from lora_helpers import POPULARITY, make_pool, random_adapter, token_slots
+from lorax_core.ops import bgmv, sgmv
+
+pytestmark = pytest.mark.cuda
+
+# Llama / Mistral / Qwen projection shapes (in, out) in one pool.
+MODULES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "gate_proj": (4096, 14336),
+           "down_proj": (14336, 4096), "llama_down": (11008, 4096), "o_70b": (8192, 8192)}
+RANKS = [[8], [16], [64], [1, 128], [4, 32]]
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16, torch.float16], ids=str)
+def pools(request):
+    dtype = request.param
+    gen = torch.Generator().manual_seed(0)
+    cpu = make_pool(MODULES, num_layers=1, budget_pages=20000, page_size=1024, dtype=dtype)
+    gpu = make_pool(MODULES, num_layers=1, budget_pages=20000, page_size=1024, dtype=dtype, device="cuda")
+    for i, ranks in enumerate(RANKS):
+        weights = random_adapter(MODULES, ranks, num_layers=1, gen=gen)
+        assert cpu.load(f"a{i}", weights, 0.5 + i) == gpu.load(f"a{i}", weights, 0.5 + i)
+        gpu.wait(f"a{i}")
+    return cpu, gpu, dtype
+
+
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("module", ["q_proj", "k_proj", "gate_proj", "down_proj", "llama_down", "o_70b"])
+def test_bgmv_cuda_equals_cpu(pools, popularity, module):
+    cpu, gpu, dtype = pools
+    n_in, n_out = MODULES[module]
+    slots = torch.tensor(token_slots(33, list(range(len(RANKS))), popularity, base_every=5), dtype=torch.int32)
+    x, y = torch.randn(33, n_in).to(dtype), torch.randn(33, n_out).to(dtype)
+    y_gpu = bgmv(y.cuda(), x.cuda(), gpu, 0, module, slots.cuda())
+    y_cpu = bgmv(y.clone(), x, cpu, 0, module, slots)
+    assert_close(y_gpu.cpu(), y_cpu, scale=4)
+
+
+@pytest.mark.parametrize("lengths", [[512], [300, 0, 212], [1, 2, 3, 700], [64] * 8])
+def test_sgmv_cuda_equals_cpu(pools, lengths):
+    cpu, gpu, dtype = pools
+    seg = torch.tensor([i % len(RANKS) - (i == 2) * 10 for i in range(len(lengths))], dtype=torch.int32).clamp(-1)
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    x, y = torch.randn(sum(lengths), 4096).to(dtype), torch.randn(sum(lengths), 1024).to(dtype)
+    y_gpu = sgmv(y.cuda(), x.cuda(), gpu, 0, "k_proj", starts.cuda(), seg.cuda())
+    y_cpu = sgmv(y.clone(), x, cpu, 0, "k_proj", starts, seg)
+    assert_close(y_gpu.cpu(), y_cpu, scale=4)
+
+
+def test_cuda_pool_reads_back_and_evicts(pools):
+    cpu, gpu, dtype = pools
+    a, b = gpu.dense("a3", 0, "gate_proj")
+    ca, cb = cpu.dense("a3", 0, "gate_proj")
+    assert torch.equal(a.cpu(), ca) and torch.equal(b.cpu(), cb)
+
+
+def test_opcheck_cuda(pools):
+    cpu, gpu, dtype = pools
+    x, y = torch.randn(6, 4096, device="cuda").to(dtype), torch.randn(6, 1024, device="cuda").to(dtype)
+    slots = torch.tensor([0, -1, 3, 3, 1, 4], dtype=torch.int32, device="cuda")
+    common = (gpu.arena, gpu.page_table, gpu.ranks)
+    m = gpu.module_index("k_proj")
+    v = torch.ops.lorax_core.bgmv_shrink(x, *common, slots, 0, m, gpu.page_size)
+    torch.library.opcheck(torch.ops.lorax_core.bgmv_shrink.default, (x, *common, slots, 0, m, gpu.page_size))
+    torch.library.opcheck(torch.ops.lorax_core.bgmv_expand.default,
+                          (y, v, *common, gpu.scales, slots, 0, m, gpu.page_size))
