@@ -4,20 +4,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#define LORAX_DTYPE_FROM_ATEN
+#include "common/dtype.h"
+
 #include "lora/lora.h"
 #include "lora/lora_cuda.h"
 
 namespace lorax::lora {
 namespace {
-
-cuda::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::DType::kFloat;
-    case at::kHalf: return cuda::DType::kHalf;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, "lora (CUDA): unsupported dtype ", t, "; use float32, float16 or bfloat16");
-  }
-}
 
 cuda::Pool pool_args(const PoolView& p) {
   const auto s = p.page_table.sizes();
@@ -34,15 +28,16 @@ cuda::TokenGroups group_args(const Groups& g) {
 
 void shrink_kernel(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v) {
   c10::cuda::CUDAGuard guard(x.device());
-  cuda::shrink(x.data_ptr(), kernel_dtype(x.scalar_type()), x.size(0), x.size(1), pool_args(p), group_args(g),
-               v.data_ptr<float>(), v.size(1), at::cuda::getCurrentCUDAStream());
+  cuda::shrink(x.data_ptr(), lorax::kernel_dtype(x.scalar_type(), "lora"), x.size(0), x.size(1), pool_args(p),
+               group_args(g), v.data_ptr<float>(), v.size(1), at::cuda::getCurrentCUDAStream());
 }
 
 void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales,
                    const Groups& g) {
   c10::cuda::CUDAGuard guard(y.device());
-  cuda::expand(y.data_ptr(), kernel_dtype(y.scalar_type()), y.size(0), y.size(1), v.data_ptr<float>(), v.size(1),
-               pool_args(p), scales.data_ptr<float>(), group_args(g), at::cuda::getCurrentCUDAStream());
+  cuda::expand(y.data_ptr(), lorax::kernel_dtype(y.scalar_type(), "lora"), y.size(0), y.size(1),
+               v.data_ptr<float>(), v.size(1), pool_args(p), scales.data_ptr<float>(), group_args(g),
+               at::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace

@@ -4,9 +4,11 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace lorax::lora::cuda {
 
-enum class DType { kFloat, kHalf, kBFloat16 };
+using lorax::DType;
 
 struct Pool {
   const void* arena;

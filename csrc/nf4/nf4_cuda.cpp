@@ -4,6 +4,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#define LORAX_DTYPE_FROM_ATEN
+#include "common/dtype.h"
+
 #include "common/checks.h"
 #include "nf4/nf4.h"
 #include "nf4/nf4_cuda.h"
@@ -16,15 +19,6 @@ int log2_exact(int64_t v, const char* what) {
   int l = 0;
   while ((int64_t{1} << l) < v) ++l;
   return l;
-}
-
-cuda::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return cuda::DType::kFloat;
-    case at::kHalf: return cuda::DType::kHalf;
-    case at::kBFloat16: return cuda::DType::kBFloat16;
-    default: TORCH_CHECK(false, "nf4 (CUDA): unsupported dtype ", t, "; use float32, float16 or bfloat16");
-  }
 }
 
 // A tensor the vectorized kernels may read with 16-byte loads.
@@ -108,8 +102,8 @@ at::Tensor dequantize_impl(const at::Tensor& codes, const AbsmaxHold& h, int64_t
   at::Tensor c = aligned16(codes);
   at::Tensor out = at::empty({numel}, codes.options().dtype(dtype));
   if (numel > 0)
-    cuda::dequantize(c.data_ptr<uint8_t>(), h.args, log2_exact(blocksize, "blocksize"), numel, kernel_dtype(dtype),
-                     out.data_ptr(), at::cuda::getCurrentCUDAStream());
+    cuda::dequantize(c.data_ptr<uint8_t>(), h.args, log2_exact(blocksize, "blocksize"), numel,
+                     lorax::kernel_dtype(dtype, "nf4"), out.data_ptr(), at::cuda::getCurrentCUDAStream());
   return out;
 }
 
@@ -132,7 +126,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1), N = out_features, M = K > 0 ? x.numel() / K : 0;
   AbsmaxHold h = absmax_args(codes, absmax, code2, absmax2, offset, blocksize2);
-  const cuda::DType dt = kernel_dtype(x.scalar_type());
+  const cuda::DType dt = lorax::kernel_dtype(x.scalar_type(), "nf4");
   if (!cuda::gemm_supported(M, N, K, dt)) {  // large M, fp32 or odd shapes: dequantize once, then cuBLAS
     at::Tensor w = dequantize_impl(codes, h, blocksize, N * K, x.scalar_type()).reshape({N, K});
     return at::linear(x, w, bias);

@@ -4,9 +4,11 @@
 
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace lorax::nf4::cuda {
 
-enum class DType { kFloat, kHalf, kBFloat16 };
+using lorax::DType;
 
 // The absmax of an NF4 weight as the kernels read it (see AbsmaxState in nf4.h).
 struct AbsmaxArgs {
