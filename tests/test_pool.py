@@ -86,3 +86,18 @@ def test_bad_adapters_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="not a layer/module of this model"):
         pool.load("bad", {(0, "o_proj"): (torch.randn(4, 32), torch.randn(32, 4))}, 1.0)
     assert pool.free_pages == pool.num_pages
+
+
+def test_failed_load_leaves_nothing_behind(monkeypatch):
+    pool = make_pool(MODULES)
+
+    def broken_copy(*args):
+        raise RuntimeError("simulated copy failure")
+
+    monkeypatch.setattr(pool, "_store", broken_copy)
+    with pytest.raises(RuntimeError, match="simulated copy failure"):
+        pool.load("broken", random_adapter(MODULES, [4]), 1.0)
+    assert pool.free_pages == pool.num_pages and not pool.resident
+    monkeypatch.undo()
+    pool.load("ok", random_adapter(MODULES, [4]), 1.0)
+    assert pool.resident == ["ok"]

@@ -124,8 +124,13 @@ class AdapterPool:
                                 f"raise the pool budget above {need * self.config.page_bytes} bytes")
         self._make_room(name, need)
         entry = _Resident(slot=self._free_slots.popleft(), pages=[self._free_pages.popleft() for _ in range(need)])
+        try:
+            self._write(entry, weights, scale)
+        except BaseException:  # nothing half-loaded stays behind
+            self._free_pages.extend(entry.pages)
+            self._free_slots.append(entry.slot)
+            raise
         self._resident[name] = entry
-        self._write(entry, weights, scale)
         return entry.slot
 
     def evict(self, name: str) -> None:
@@ -223,6 +228,8 @@ class AdapterPool:
             self._store(entry.slot, page_ids, staging, table, ranks, scale)
             return
         pinned = [t.pin_memory() for t in (page_ids, staging, table, ranks)]
+        # Reused pages may still be read by kernels queued before their adapter was evicted.
+        self._copy_stream.wait_stream(torch.cuda.current_stream(c.device))
         with torch.cuda.stream(self._copy_stream):
             self._store(entry.slot, *pinned, scale)
             entry.event = torch.cuda.Event()
