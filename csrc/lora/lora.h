@@ -11,7 +11,7 @@
 // (-1: no adapter, the rows are skipped). SGMV's segments are such groups; BGMV builds them by sorting tokens by
 // adapter, so each distinct adapter's weights are read once per call.
 #pragma once
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 
 namespace lorax::lora {
 
@@ -39,8 +39,6 @@ void expand_cpu(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at:
 }  // namespace lorax::lora
 
 // ---- the ops, written once for every backend: `Shrink` / `Expand` are the backend's kernels ----------------
-#include <ATen/ATen.h>
-
 namespace lorax::lora {
 
 using ShrinkKernel = void (*)(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v);

@@ -23,9 +23,9 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, pool: AdapterPool, layer: int, module
     Shapes: x [T, in], y [T, out] (same dtype as the pool), seg_starts [S + 1], seg_slots [S]. Returns y.
     """
     m = pool.module_index(module)
-    args = (*_pool_args(pool), seg_starts, seg_slots, layer, m, pool.page_size)
-    v = torch.ops.lorax_core.sgmv_shrink(x, *args)
-    torch.ops.lorax_core.sgmv_expand(y, v, pool.arena, pool.page_table, pool.ranks, pool.scales, *args[3:])
+    v = torch.ops.lorax_core.sgmv_shrink(x, *_pool_args(pool), seg_starts, seg_slots, layer, m, pool.page_size)
+    torch.ops.lorax_core.sgmv_expand(y, v, *_pool_args(pool), pool.scales, seg_starts, seg_slots, layer, m,
+                                     pool.page_size)
     return y
 
 
