@@ -1,5 +1,4 @@
 """SGMV / BGMV over the paged pool (CPU) against the dense fp32 reference, many layouts and popularity patterns."""
-import random
 
 import pytest
 import torch
