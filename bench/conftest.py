@@ -87,6 +87,7 @@ def pytest_sessionfinish(session, exitstatus):
     os.makedirs(out, exist_ok=True)
     from bench_tables import write_tables  # noqa: PLC0415
 
-    write_tables(RESULTS, out, device_header())
+    header = device_header()
+    write_tables(RESULTS, out, header)
     with open(os.path.join(out, "bench_raw.json"), "w") as f:
-        json.dump({"header": device_header(), "rows": RESULTS}, f, indent=1)
+        json.dump({"header": header, "rows": RESULTS}, f, indent=1)

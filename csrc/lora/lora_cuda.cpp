@@ -7,6 +7,7 @@
 #define LORAX_DTYPE_FROM_ATEN
 #include "common/dtype.h"
 
+#include "common/checks.h"
 #include "lora/lora.h"
 #include "lora/lora_cuda.h"
 
@@ -15,10 +16,8 @@ namespace {
 
 cuda::Pool pool_args(const PoolView& p) {
   const auto s = p.page_table.sizes();
-  int page_log2 = 0;
-  while ((int64_t{1} << page_log2) < p.page_size) ++page_log2;
   return {p.arena.data_ptr(), p.page_table.data_ptr<int32_t>(), p.ranks.data_ptr<int32_t>(), s[1], s[2], s[4], s[5],
-          p.layer, p.module, page_log2};
+          p.layer, p.module, log2_exact(p.page_size, "lora (CUDA): page_size")};
 }
 
 cuda::TokenGroups group_args(const Groups& g) {

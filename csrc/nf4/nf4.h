@@ -18,6 +18,20 @@ struct AbsmaxState {
   bool nested() const { return code2.has_value(); }
 };
 
+// The absmax state of an op call, checked: nested_code and nested_absmax come together, on the absmax's device,
+// and the 8-bit code book has its 256 entries.
+inline AbsmaxState make_absmax_state(const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
+                                     const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize2) {
+  TORCH_CHECK(code2.has_value() == absmax2.has_value(),
+              "nf4: a double-quantized absmax needs both nested_code and nested_absmax");
+  if (code2) {
+    TORCH_CHECK(code2->numel() == 256, "nf4: nested_code must have 256 entries, got ", code2->numel());
+    TORCH_CHECK(code2->device() == absmax.device() && absmax2->device() == absmax.device(),
+                "nf4: absmax, nested_code and nested_absmax must be on one device");
+  }
+  return AbsmaxState{absmax, code2, absmax2, offset, blocksize2};
+}
+
 inline void check_blocksize(int64_t blocksize) {
   TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
               "nf4: blocksize must be a power of two in 32..4096 (as bitsandbytes), got ", blocksize);

@@ -1,6 +1,7 @@
 // NF4 ops on the CPU: byte-for-byte the bitsandbytes format (see DESIGN.md "NF4 format").
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -131,19 +132,11 @@ at::Tensor dequantize_cpu(const at::Tensor& codes, const AbsmaxState& s, int64_t
 
 namespace {
 
-AbsmaxState make_state(const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
-                       const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize2) {
-  TORCH_CHECK(code2.has_value() == absmax2.has_value(),
-              "nf4: a double-quantized absmax needs both nested_code and nested_absmax");
-  return AbsmaxState{absmax, code2, absmax2, offset, blocksize2};
-}
-
 at::Tensor op_dequantize(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
                          const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize,
                          int64_t blocksize2, at::IntArrayRef shape, at::ScalarType dtype) {
-  int64_t numel = 1;
-  for (int64_t d : shape) numel *= d;
-  return dequantize_cpu(codes, make_state(absmax, code2, absmax2, offset, blocksize2), blocksize, numel, dtype)
+  return dequantize_cpu(codes, make_absmax_state(absmax, code2, absmax2, offset, blocksize2), blocksize,
+                        c10::multiply_integers(shape), dtype)
       .reshape(shape);
 }
 
@@ -153,7 +146,7 @@ at::Tensor op_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
                      const std::optional<at::Tensor>& bias) {
   CHECK_FLOAT_INPUT(x);  // [..., in]
   const int64_t in_features = x.size(-1);
-  at::Tensor w = dequantize_cpu(codes, make_state(absmax, code2, absmax2, offset, blocksize2), blocksize,
+  at::Tensor w = dequantize_cpu(codes, make_absmax_state(absmax, code2, absmax2, offset, blocksize2), blocksize,
                                 out_features * in_features, x.scalar_type())
                      .reshape({out_features, in_features});
   return at::linear(x, w, bias);
@@ -161,7 +154,7 @@ at::Tensor op_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
 
 at::Tensor op_dequantize_absmax(const at::Tensor& qabsmax, const at::Tensor& code2, const at::Tensor& absmax2,
                                 double offset, int64_t blocksize2) {
-  return absmax_fp32_cpu(AbsmaxState{qabsmax, code2, absmax2, offset, blocksize2});
+  return absmax_fp32_cpu(make_absmax_state(qabsmax, code2, absmax2, offset, blocksize2));
 }
 
 }  // namespace

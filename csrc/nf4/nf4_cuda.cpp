@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #define LORAX_DTYPE_FROM_ATEN
@@ -13,13 +14,6 @@
 
 namespace lorax::nf4 {
 namespace {
-
-int log2_exact(int64_t v, const char* what) {
-  TORCH_CHECK(v > 0 && (v & (v - 1)) == 0, "nf4 (CUDA): ", what, " must be a power of two, got ", v);
-  int l = 0;
-  while ((int64_t{1} << l) < v) ++l;
-  return l;
-}
 
 // A tensor the vectorized kernels may read with 16-byte loads.
 at::Tensor aligned16(const at::Tensor& t) {
@@ -33,27 +27,21 @@ struct AbsmaxHold {
   cuda::AbsmaxArgs args;
 };
 
-AbsmaxHold absmax_args(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
-                       const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize2) {
-  TORCH_CHECK(code2.has_value() == absmax2.has_value(),
-              "nf4: a double-quantized absmax needs both nested_code and nested_absmax");
-  CHECK_SAME_DEVICE(codes, absmax);
+AbsmaxHold absmax_args(const at::Tensor& codes, const AbsmaxState& s) {
+  CHECK_SAME_DEVICE(codes, s.absmax);
   AbsmaxHold h;
-  h.absmax = absmax.contiguous();
+  h.absmax = s.absmax.contiguous();
   h.args.absmax = h.absmax.data_ptr();
-  if (code2) {
-    CHECK_DTYPE(absmax, at::kByte);  // [blocks] 8-bit codes of the absmax
-    CHECK_SAME_DEVICE(codes, *code2);
-    CHECK_SAME_DEVICE(codes, *absmax2);
-    TORCH_CHECK(code2->numel() == 256, "nf4: nested_code must have 256 entries, got ", code2->numel());
-    h.code2 = code2->to(at::kFloat).contiguous();
-    h.absmax2 = absmax2->to(at::kFloat).contiguous();
+  if (s.nested()) {
+    CHECK_DTYPE(s.absmax, at::kByte);  // [blocks] 8-bit codes of the absmax
+    h.code2 = s.code2->to(at::kFloat).contiguous();
+    h.absmax2 = s.absmax2->to(at::kFloat).contiguous();
     h.args.code2 = h.code2.data_ptr<float>();
     h.args.absmax2 = h.absmax2.data_ptr<float>();
-    h.args.offset = static_cast<float>(offset);
-    h.args.blocksize2_log2 = log2_exact(blocksize2, "nested_blocksize");
+    h.args.offset = static_cast<float>(s.offset);
+    h.args.blocksize2_log2 = log2_exact(s.blocksize2, "nf4 (CUDA): nested_blocksize");
   } else {
-    CHECK_DTYPE(absmax, at::kFloat);  // [blocks]
+    CHECK_DTYPE(s.absmax, at::kFloat);  // [blocks]
   }
   return h;
 }
@@ -67,8 +55,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, int64_t bl
   TORCH_CHECK(n > 0, "nf4_quantize: cannot quantize an empty tensor");
   at::Tensor codes = at::empty({(n + 1) / 2}, x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, x.options().dtype(at::kFloat));
-  cuda::quantize(xf.data_ptr<float>(), n, log2_exact(blocksize, "blocksize"), codes.data_ptr<uint8_t>(),
-                 absmax.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  cuda::quantize(xf.data_ptr<float>(), n, log2_exact(blocksize, "nf4 (CUDA): blocksize"),
+                 codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   return {codes, absmax};
 }
 
@@ -90,9 +78,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_absmax_cuda(const at::Tensor& absmax
 at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax, const at::Tensor& code2, const at::Tensor& absmax2,
                                   double offset, int64_t blocksize2) {
   c10::cuda::CUDAGuard guard(qabsmax.device());
-  AbsmaxHold h = absmax_args(qabsmax, qabsmax, code2, absmax2, offset, blocksize2);
+  AbsmaxHold h = absmax_args(qabsmax, make_absmax_state(qabsmax, code2, absmax2, offset, blocksize2));
   at::Tensor out = at::empty({qabsmax.numel()}, qabsmax.options().dtype(at::kFloat));
-  if (out.numel() > 0) cuda::dequantize_absmax(h.args, out.numel(), out.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  if (out.numel() > 0)
+    cuda::dequantize_absmax(h.args, out.numel(), out.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
   return out;
 }
 
@@ -102,7 +91,7 @@ at::Tensor dequantize_impl(const at::Tensor& codes, const AbsmaxHold& h, int64_t
   at::Tensor c = aligned16(codes);
   at::Tensor out = at::empty({numel}, codes.options().dtype(dtype));
   if (numel > 0)
-    cuda::dequantize(c.data_ptr<uint8_t>(), h.args, log2_exact(blocksize, "blocksize"), numel,
+    cuda::dequantize(c.data_ptr<uint8_t>(), h.args, log2_exact(blocksize, "nf4 (CUDA): blocksize"), numel,
                      lorax::kernel_dtype(dtype, "nf4"), out.data_ptr(), at::cuda::getCurrentCUDAStream());
   return out;
 }
@@ -111,10 +100,8 @@ at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& absmax, co
                            const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize,
                            int64_t blocksize2, at::IntArrayRef shape, at::ScalarType dtype) {
   c10::cuda::CUDAGuard guard(codes.device());
-  int64_t numel = 1;
-  for (int64_t d : shape) numel *= d;
-  AbsmaxHold h = absmax_args(codes, absmax, code2, absmax2, offset, blocksize2);
-  return dequantize_impl(codes, h, blocksize, numel, dtype).reshape(shape);
+  AbsmaxHold h = absmax_args(codes, make_absmax_state(absmax, code2, absmax2, offset, blocksize2));
+  return dequantize_impl(codes, h, blocksize, c10::multiply_integers(shape), dtype).reshape(shape);
 }
 
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
@@ -125,7 +112,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   CHECK_SAME_DEVICE(x, codes);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1), N = out_features, M = K > 0 ? x.numel() / K : 0;
-  AbsmaxHold h = absmax_args(codes, absmax, code2, absmax2, offset, blocksize2);
+  AbsmaxHold h = absmax_args(codes, make_absmax_state(absmax, code2, absmax2, offset, blocksize2));
   const cuda::DType dt = lorax::kernel_dtype(x.scalar_type(), "nf4");
   if (!cuda::gemm_supported(M, N, K, dt)) {  // large M, fp32 or odd shapes: dequantize once, then cuBLAS
     at::Tensor w = dequantize_impl(codes, h, blocksize, N * K, x.scalar_type()).reshape({N, K});
@@ -145,8 +132,8 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(N);
   at::Tensor y = at::empty(out_shape, x.options());
-  cuda::gemm(xc.data_ptr(), dt, M, K, c.data_ptr<uint8_t>(), h.args, log2_exact(blocksize, "blocksize"), N,
-             b ? b->data_ptr() : nullptr, ws.data_ptr<float>(), num_sms, y.data_ptr(),
+  cuda::gemm(xc.data_ptr(), dt, M, K, c.data_ptr<uint8_t>(), h.args, log2_exact(blocksize, "nf4 (CUDA): blocksize"),
+             N, b ? b->data_ptr() : nullptr, ws.data_ptr<float>(), num_sms, y.data_ptr(),
              at::cuda::getCurrentCUDAStream());
   return y;
 }
