@@ -34,6 +34,13 @@ TORCH_LIBRARY(lorax_core, m) {
   m.def(
       "bgmv_expand(Tensor(a!) y, Tensor v, Tensor arena, Tensor page_table, Tensor ranks, Tensor scales, "
       "Tensor adapter_indices, int layer, int module, int page_size) -> ()");
+
+  // Paged KV cache (csrc/attention/attention.h has the layout): store the new tokens' keys and values in their
+  // slots, and decode attention of one query token per sequence over its blocks (GQA, optional sliding window).
+  m.def("kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
+  m.def(
+      "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
+      "float scale, int sliding_window) -> Tensor");
 }
 
 namespace {

@@ -2,7 +2,8 @@
 
 `lorax_core.ops.reference` holds the plain-PyTorch reference of every op (the spec the tests check against).
 """
+from lorax_core.ops.attention import kv_cache_write, paged_attention_decode
 from lorax_core.ops.lora import bgmv, sgmv
 from lorax_core.ops.nf4 import nf4_dequantize, nf4_linear
 
-__all__ = ["bgmv", "nf4_dequantize", "nf4_linear", "sgmv"]
+__all__ = ["bgmv", "kv_cache_write", "nf4_dequantize", "nf4_linear", "paged_attention_decode", "sgmv"]

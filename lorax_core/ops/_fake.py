@@ -52,3 +52,13 @@ def _sgmv_expand(y, v, arena, page_table, ranks, scales, seg_starts, seg_adapter
 @torch.library.register_fake("lorax_core::bgmv_expand")
 def _bgmv_expand(y, v, arena, page_table, ranks, scales, adapter_indices, layer, module, page_size):
     return None
+
+
+@torch.library.register_fake("lorax_core::kv_cache_write")
+def _kv_cache_write(k_cache, v_cache, k, v, slot_mapping):
+    return None
+
+
+@torch.library.register_fake("lorax_core::paged_attention_decode")
+def _paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window):
+    return torch.empty_like(q)

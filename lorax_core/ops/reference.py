@@ -108,3 +108,31 @@ def lora_delta(y: torch.Tensor, x: torch.Tensor, slots: list[int], weights: dict
             a_w, b_w = weights[a]
             out[t] += scales[a] * (x[t].float() @ a_w.float().T) @ b_w.float().T
     return out
+
+
+def kv_cache_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store k[t], v[t] ([T, kv_heads, head_dim]) at slot slot_mapping[t] of the caches; slots < 0 are skipped."""
+    flat_k, flat_v = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:
+            flat_k[slot], flat_v[slot] = k[t], v[t]
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, sliding_window: int = 0) -> torch.Tensor:
+    """Attention of one query token per sequence over its cached positions, in fp32 (returns q's dtype)."""
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    for b, length in enumerate(context_lens.tolist()):
+        positions = torch.arange(length)
+        if sliding_window:
+            positions = positions[-sliding_window:]
+        slots = block_tables[b].long().cpu()[positions // block_size] * block_size + positions % block_size
+        keys = k_cache.flatten(0, 1)[slots.to(k_cache.device)].float()  # [len, kv_heads, D]
+        values = v_cache.flatten(0, 1)[slots.to(k_cache.device)].float()
+        group = q.shape[1] // kv_heads
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)  # [len, heads, D]
+        probs = torch.softmax(torch.einsum("hd,lhd->hl", q[b].float() * scale, keys), dim=-1)
+        out[b] = torch.einsum("hl,lhd->hd", probs, values).to(q.dtype)
+    return out

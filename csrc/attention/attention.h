@@ -1,0 +1,25 @@
+// Paged KV cache ops: write new keys/values into their slots, and decode attention over a sequence's blocks.
+//
+// Layout (lorax_core/engine/kv_cache.py):
+//   k_cache, v_cache  [blocks, block_size, kv_heads, head_dim], the model's dtype
+//   slot_mapping      int64 [T]: slot = block * block_size + offset of token t (< 0: not stored, e.g. padding)
+//   block_tables      int32 [B, max_blocks]: the cache blocks of sequence b, in order
+//   context_lens      int32 [B]: tokens of sequence b in the cache, the current one included
+// Decode attention: one query token per sequence, grouped-query heads (query head h reads kv head
+// h / (heads / kv_heads)), softmax over positions [max(0, len - window), len) (window 0: all), fp32 math.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace lorax::attention {
+
+struct CacheShape {
+  int64_t blocks, block_size, kv_heads, head_dim;
+};
+
+// Checks shared by the backends; they return the cache shape.
+CacheShape check_kv_cache_write(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& slot_mapping);
+CacheShape check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t window);
+
+}  // namespace lorax::attention

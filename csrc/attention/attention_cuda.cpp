@@ -1,0 +1,48 @@
+// Paged KV cache ops on CUDA: checks and tensors to raw pointers; kernels in attention_kernels.cu.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#define LORAX_DTYPE_FROM_ATEN
+#include "common/dtype.h"
+
+#include "attention/attention.h"
+#include "attention/attention_cuda.h"
+
+namespace lorax::attention {
+namespace {
+
+void kv_cache_write_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& slot_mapping) {
+  const CacheShape c = check_kv_cache_write(k_cache, v_cache, k, v, slot_mapping);
+  c10::cuda::CUDAGuard guard(k_cache.device());
+  const at::Tensor kc = k.contiguous(), vc = v.contiguous(), slots = slot_mapping.contiguous();
+  cuda::kv_cache_write(k_cache.data_ptr(), v_cache.data_ptr(), kc.data_ptr(), vc.data_ptr(), slots.data_ptr<int64_t>(),
+                       k.size(0), c.kv_heads * c.head_dim, kernel_dtype(k.scalar_type(), "kv_cache_write"),
+                       at::cuda::getCurrentCUDAStream());
+}
+
+at::Tensor paged_attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                       int64_t window) {
+  const CacheShape c = check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, window);
+  c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
+  at::Tensor out = at::empty_like(qc);
+  const cuda::Cache cache{k_cache.data_ptr(), v_cache.data_ptr(), c.blocks, c.block_size, c.kv_heads, c.head_dim};
+  cuda::paged_attention_decode(qc.data_ptr(), out.data_ptr(), cache, tables.data_ptr<int32_t>(), tables.size(1),
+                               lens.data_ptr<int32_t>(), q.size(0), q.size(1), static_cast<float>(scale), window,
+                               kernel_dtype(q.scalar_type(), "paged_attention_decode"),
+                               at::cuda::getCurrentCUDAStream());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) {
+  m.impl("kv_cache_write", &kv_cache_write_cuda);
+  m.impl("paged_attention_decode", &paged_attention_decode_cuda);
+}
+
+}  // namespace lorax::attention

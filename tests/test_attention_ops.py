@@ -1,0 +1,118 @@
+"""Paged KV cache ops (kv_cache_write, paged_attention_decode): CPU op == reference, CUDA op == CPU op."""
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import FLOAT_DTYPES, assert_close
+from lorax_core.ops import kv_cache_write, paged_attention_decode, reference
+
+
+def random_cache(lengths, block_size, kv_heads, head_dim, dtype, device="cpu", seed=0):
+    """Caches filled with random values and a block table of shuffled (non-contiguous) blocks per sequence."""
+    rng = random.Random(seed)
+    per_seq = [(n + block_size - 1) // block_size for n in lengths]
+    blocks = sum(per_seq) + 3
+    ids = list(range(blocks))
+    rng.shuffle(ids)
+    tables = torch.zeros(len(lengths), max(per_seq), dtype=torch.int32)
+    for b, n in enumerate(per_seq):
+        tables[b, :n] = torch.tensor([ids.pop() for _ in range(n)], dtype=torch.int32)
+    k = torch.randn(blocks, block_size, kv_heads, head_dim).to(dtype)
+    v = torch.randn(blocks, block_size, kv_heads, head_dim).to(dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    return k.to(device), v.to(device), tables.to(device), lens.to(device)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=5), block_size=st.sampled_from([1, 4, 16]),
+       kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4]), head_dim=st.sampled_from([8, 16, 64]),
+       window=st.sampled_from([0, 1, 5, 32]))
+def test_decode_attention_equals_reference(lengths, block_size, kv_heads, group, head_dim, window):
+    k, v, tables, lens = random_cache(lengths, block_size, kv_heads, head_dim, torch.float32)
+    q = torch.randn(len(lengths), kv_heads * group, head_dim)
+    scale = head_dim**-0.5
+    out = paged_attention_decode(q, k, v, tables, lens, scale, window)
+    assert_close(out, reference.paged_attention_decode(q, k, v, tables, lens, scale, window))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_decode_attention_dtypes(dtype):
+    k, v, tables, lens = random_cache([5, 40, 17], 16, 2, 128, dtype)
+    q = torch.randn(3, 8, 128).to(dtype)
+    out = paged_attention_decode(q, k, v, tables, lens, 128**-0.5)
+    assert out.dtype == dtype
+    assert_close(out, reference.paged_attention_decode(q, k, v, tables, lens, 128**-0.5))
+
+
+def test_decode_attention_equals_sdpa():
+    """Against torch's attention on the same keys laid out contiguously (GQA expanded by hand)."""
+    k, v, tables, lens = random_cache([23], 4, 2, 16, torch.float32)
+    q = torch.randn(1, 6, 16)
+    slots = (tables[0].long().repeat_interleave(4) * 4 + torch.arange(4).repeat(tables.shape[1]))[:23]
+    keys = k.flatten(0, 1)[slots].repeat_interleave(3, 1).transpose(0, 1)  # [heads, len, D]
+    values = v.flatten(0, 1)[slots].repeat_interleave(3, 1).transpose(0, 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(q[0].unsqueeze(1), keys, values).squeeze(1)
+    assert_close(paged_attention_decode(q, k, v, tables, lens, 16**-0.5)[0], expected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(0, 40), skip_every=st.sampled_from([0, 3]), dtype=st.sampled_from(FLOAT_DTYPES))
+def test_kv_cache_write_equals_reference(tokens, skip_every, dtype):
+    k_cache, v_cache = torch.randn(8, 8, 2, 16).to(dtype), torch.randn(8, 8, 2, 16).to(dtype)
+    k, v = torch.randn(tokens, 2, 16).to(dtype), torch.randn(tokens, 2, 16).to(dtype)
+    slots = torch.randperm(64)[:tokens]
+    if skip_every:
+        slots[::skip_every] = -1
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    reference.kv_cache_write(expected_k, expected_v, k, v, slots)
+    kv_cache_write(k_cache, v_cache, k, v, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def test_bad_inputs_name_the_problem():
+    k, v, tables, lens = random_cache([5], 4, 2, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="heads a multiple of 2"):
+        paged_attention_decode(torch.randn(1, 3, 16), k, v, tables, lens, 1.0)
+    with pytest.raises(RuntimeError, match="context length 99"):
+        paged_attention_decode(torch.randn(1, 2, 16), k, v, tables, torch.tensor([99], dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kv_cache_write(k, v, torch.randn(1, 2, 16), torch.randn(1, 2, 16), torch.tensor([10_000]))
+    with pytest.raises(RuntimeError, match="head_dim 512"):
+        big = torch.randn(2, 4, 1, 512)
+        paged_attention_decode(torch.randn(1, 1, 512), big, big, tables, lens, 1.0)
+
+
+def test_opcheck():
+    k, v, tables, lens = random_cache([5, 9], 4, 2, 16, torch.float32)
+    q = torch.randn(2, 4, 16)
+    torch.library.opcheck(torch.ops.lorax_core.paged_attention_decode.default, (q, k, v, tables, lens, 0.25, 0))
+    torch.library.opcheck(torch.ops.lorax_core.kv_cache_write.default,
+                          (k, v, torch.randn(3, 2, 16), torch.randn(3, 2, 16), torch.tensor([0, -1, 7])))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim,group,window", [(128, 4, 0), (64, 1, 0), (16, 3, 5), (256, 2, 100), (80, 8, 0)])
+def test_decode_attention_cuda_equals_cpu(dtype, head_dim, group, window):
+    lengths = [1, 17, 300, 4096, 33]
+    k, v, tables, lens = random_cache(lengths, 16, 2, head_dim, dtype)
+    q = torch.randn(len(lengths), 2 * group, head_dim).to(dtype)
+    expected = paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window)
+    out = paged_attention_decode(q.cuda(), k.cuda(), v.cuda(), tables.cuda(), lens.cuda(), head_dim**-0.5, window)
+    assert_close(out.cpu(), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_kv_cache_write_cuda_equals_cpu(dtype):
+    k_cache, v_cache = torch.randn(64, 16, 8, 128).to(dtype), torch.randn(64, 16, 8, 128).to(dtype)
+    k, v = torch.randn(100, 8, 128).to(dtype), torch.randn(100, 8, 128).to(dtype)
+    slots = torch.randperm(64 * 16)[:100]
+    slots[::7] = -1
+    gpu = [t.cuda() for t in (k_cache, v_cache)]
+    kv_cache_write(*gpu, k.cuda(), v.cuda(), slots.cuda())
+    kv_cache_write(k_cache, v_cache, k, v, slots)
+    assert torch.equal(gpu[0].cpu(), k_cache) and torch.equal(gpu[1].cpu(), v_cache)
