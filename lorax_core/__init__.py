@@ -5,6 +5,8 @@ to build them.
 """
 from lorax_core import _library  # noqa: F401  (loads lorax_core._C and registers fake kernels)
 from lorax_core import adapters, ops, quant
+from lorax_core.engine import LLM, EngineConfig, RequestError, RequestOutput, SamplingParams, StreamDelta
 
-__all__ = ["adapters", "ops", "quant"]
+__all__ = ["LLM", "EngineConfig", "RequestError", "RequestOutput", "SamplingParams", "StreamDelta", "adapters", "ops",
+           "quant"]
 __version__ = "0.1.0"

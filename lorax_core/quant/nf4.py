@@ -107,6 +107,26 @@ class NF4Weight:
                        nested_blocksize=int(meta["nested_blocksize"]), **common)
         return cls(absmax=state_dict[f"{key}.absmax"].float(), **common)
 
+    @classmethod
+    def cat(cls, weights: list[NF4Weight]) -> NF4Weight:
+        """Stack 2-D weights `[out_i, in]` along the output dimension (fused q/k/v or gate/up projections).
+
+        The codes and every block's absmax value are kept exactly, so the result computes what the parts do;
+        the absmax is stored in fp32 (double quantization undone: its offset and scales are per part).
+        """
+        if len(weights) == 1:
+            return weights[0]
+        first = weights[0]
+        for w in weights:
+            if len(w.shape) != 2 or w.shape[1] != first.shape[1] or (w.blocksize, w.dtype) != (first.blocksize, first.dtype):
+                raise ValueError("NF4Weight.cat needs 2-D weights with the same in_features, blocksize and dtype")
+            if w.codes.numel() * 2 % w.blocksize:
+                raise ValueError(f"NF4Weight.cat: a part of shape {tuple(w.shape)} does not end on a block boundary "
+                                 f"(blocksize {w.blocksize}); keep that projection unfused")
+        codes = torch.cat([w.codes for w in weights])
+        absmax = torch.cat([w.absmax_fp32() for w in weights])
+        return cls(codes, absmax, (sum(w.shape[0] for w in weights), first.shape[1]), first.dtype, first.blocksize)
+
     # export ------------------------------------------------------------------------------------------------
     def to_bnb(self):
         """`(packed uint8 [numel/2, 1], bitsandbytes QuantState)`, as `quantize_4bit` returns them."""

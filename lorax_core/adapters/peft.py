@@ -1,0 +1,119 @@
+"""Read and validate a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) against
+the base model it will be served with. Every refusal is a ValueError that names the adapter and the fix."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight")
+# adapter_config.json fields whose non-default values change the math in ways the kernels do not implement
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora)",
+    "modules_to_save": "modules_to_save (fully trained extra modules)",
+    "layer_replication": "layer_replication",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D weights)",
+    "lora_bias": "lora_bias",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
+    "target_parameters": "target_parameters (LoRA on raw parameters)",
+    "trainable_token_indices": "trainable_token_indices (trained embedding rows)",
+}
+
+
+@dataclasses.dataclass
+class AdapterWeights:
+    """A validated adapter in host memory: weights[(layer, module)] = (A [r, in], B [out, r]) with any
+    per-module scale difference (rank_pattern / alpha_pattern) folded into B, and the adapter's scale."""
+
+    name: str
+    path: Path
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    scale: float
+    rank: int
+    target_modules: tuple[str, ...]
+
+
+def read_peft_adapter(name: str, path: str | Path, modules: dict[str, tuple[int, int]], num_layers: int,
+                      max_rank: int) -> AdapterWeights:
+    """Load a PEFT LoRA adapter for a base model whose projections are `modules` (PEFT name -> (in, out))."""
+    path = Path(path)
+
+    def refuse(problem: str, fix: str):
+        raise ValueError(f"adapter {name!r} ({path}): {problem}; {fix}")
+
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not config_file.is_file():
+        refuse("adapter_config.json not found", "point load_adapter at a PEFT adapter directory (save_pretrained output)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        refuse(f"adapter_config.json is not valid JSON ({err})", "re-save the adapter with PEFT")
+    if config.get("peft_type") != "LORA":
+        refuse(f"peft_type is {config.get('peft_type')!r}, only LORA adapters are served", "train a LoRA adapter")
+    for key, feature in _UNSUPPORTED.items():
+        if config.get(key) not in (None, False, [], {}, ""):
+            refuse(f"uses {feature}, which lorax-core does not serve", "retrain the adapter without it")
+    if config.get("bias", "none") != "none":
+        refuse(f"trains biases (bias={config['bias']!r}), which lorax-core does not serve", "retrain with bias='none'")
+    if not weights_file.is_file():
+        hint = " (found adapter_model.bin: re-save with safe_serialization=True)" if (path / "adapter_model.bin").exists() else ""
+        refuse(f"adapter_model.safetensors not found{hint}", "save the adapter with PEFT's save_pretrained")
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises several types for truncated / corrupt files
+        refuse(f"adapter_model.safetensors cannot be read ({type(err).__name__}: {err})",
+               "the file is corrupt or truncated; copy or re-save it")
+
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            refuse(f"tensor {key!r} is not a LoRA A/B weight of a decoder projection (embedding, lm_head or "
+                   "DoRA weights are not served)", "retrain targeting only q/k/v/o/gate/up/down projections")
+        layer, module, ab = int(match[1]), match[2], match[3]
+        if module not in modules:
+            refuse(f"targets {module!r}, not a projection of this model ({', '.join(modules)})",
+                   "retrain with target_modules among those")
+        if layer >= num_layers:
+            refuse(f"has weights for layer {layer}, the base model has {num_layers} layers",
+                   "use the base model the adapter was trained on")
+        pairs.setdefault((layer, module), {})[ab] = tensor
+    if not pairs:
+        refuse("has no LoRA weights", "save the adapter after training")
+
+    r, alpha, rslora = int(config.get("r", 8)), float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))
+    scale = alpha / (math.sqrt(r) if rslora else r)
+    weights = {}
+    for (layer, module), ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            refuse(f"layer {layer} {module} has lora_{''.join(ab)} but not both A and B", "re-save the adapter")
+        a, b = ab["A"], ab["B"]
+        n_in, n_out = modules[module]
+        rank = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != n_in or b.shape != (n_out, rank):
+            refuse(f"layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, this base model needs "
+                   f"A [r, {n_in}] and B [{n_out}, r]", "the adapter was trained for another base model; use that one")
+        if not 1 <= rank <= max_rank:
+            refuse(f"rank {rank} is above the engine's max_lora_rank {max_rank}", "raise max_lora_rank")
+        full = f"model.layers.{layer}.{'self_attn' if module[0] in 'qkvo' else 'mlp'}.{module}"
+        m_alpha = float(_pattern(config.get("alpha_pattern"), full, alpha))
+        m_scale = m_alpha / (math.sqrt(rank) if rslora else rank)
+        b = b.float() * (m_scale / scale) if m_scale != scale else b
+        weights[(layer, module)] = (a, b)
+    target = tuple(sorted({m for _, m in weights}))
+    return AdapterWeights(name, path, weights, scale, max(a.shape[0] for a, _ in weights.values()), target)
+
+
+def _pattern(patterns: dict | None, module_name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default

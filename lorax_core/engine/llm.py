@@ -1,0 +1,257 @@
+"""The engine API: `LLM(model, ...)`, `load_adapter`, `generate`, `stream` (DESIGN.md section 3)."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence as Seq
+from pathlib import Path
+
+import torch
+
+from lorax_core.adapters import AdapterPool, AdapterWeights, PoolConfig, read_peft_adapter
+from lorax_core.engine.adapter_slots import AdapterSlots
+from lorax_core.engine.block_manager import BlockManager
+from lorax_core.engine.config import EngineConfig
+from lorax_core.engine.model_runner import ModelRunner
+from lorax_core.engine.outputs import RequestError, RequestOutput, StreamDelta
+from lorax_core.engine.sampler import sample
+from lorax_core.engine.sampling import SamplingParams
+from lorax_core.engine.scheduler import Scheduler
+from lorax_core.engine.sequence import Sequence
+from lorax_core.model.loader import load_model, resolve_model_dir
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Prompt = str | list[int]
+
+
+class LLM:
+    """One base model with many LoRA adapters; every batch may mix them.
+
+    model: a Hugging Face model directory or hub id; dtype: "auto" (bfloat16 on CUDA, float32 on CPU) or a
+    float dtype; quantize: None or "nf4"; device: "cuda" or "cpu" (default: cuda when available);
+    engine_options: fields of EngineConfig.
+    """
+
+    def __init__(self, model: str | Path, dtype: str | torch.dtype = "auto", quantize: str | None = None,
+                 device: str | torch.device | None = None, **engine_options):
+        self.config = config = EngineConfig(**engine_options)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _resolve_dtype(dtype, self.device)
+        model_dir = resolve_model_dir(model)
+        max_positions = _max_positions(model_dir, config.max_model_len)
+        self.model = load_model(model_dir, self.dtype, self.device, quantize, max_positions)
+        mc = self.model.config
+        self.tokenizer = _load_tokenizer(model_dir)
+        self.eos_token_ids = _eos_ids(mc.eos_token_ids, model_dir, self.tokenizer)
+
+        modules = mc.lora_modules()
+        pool_bytes = config.adapter_pool_bytes or (2**30 if self.device.type == "cuda" else 2**27)
+        page = config.adapter_page_size or min(1024, 1 << (mc.hidden_size - 1).bit_length())
+        self.pool = AdapterPool(PoolConfig(mc.num_layers, modules, pool_bytes, self.dtype, self.device, page,
+                                           config.max_active_adapters, config.max_lora_rank))
+        self.adapters: dict[str, AdapterWeights] = {}
+
+        block_bytes = mc.kv_bytes_per_token(self.dtype) * config.kv_block_size
+        num_blocks = self._kv_cache_bytes() // block_bytes
+        self.max_model_len = min(max_positions, num_blocks * config.kv_block_size)
+        if num_blocks < 1 or self.max_model_len < 2:
+            raise ValueError(f"the KV cache has room for {num_blocks} blocks of {config.kv_block_size} tokens; raise "
+                             "kv_cache_bytes or gpu_memory_utilization")
+        self.runner = ModelRunner(self.model, self.pool, num_blocks, config.kv_block_size)
+        self.blocks = BlockManager(num_blocks, config.kv_block_size)
+        self.slots = AdapterSlots(self.pool, self.adapters)
+        self.scheduler = Scheduler(config.max_num_seqs, max(config.max_num_batched_tokens, self.max_model_len),
+                                   self.blocks, self.slots)
+        torch.manual_seed(config.seed)  # unseeded requests draw from the global generator
+
+    # --- adapters --------------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Register a PEFT LoRA adapter (validated now against this base model); requests name it in `adapters`."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        mc = self.model.config
+        adapter = read_peft_adapter(name, resolve_model_dir(path, f"adapter {name!r}"), mc.lora_modules(),
+                                    mc.num_layers, self.config.max_lora_rank)
+        if name in self.pool.resident:
+            self.pool.evict(name)  # raises if running requests use it
+        self.adapters[name] = adapter
+
+    # --- requests --------------------------------------------------------------------------------------------
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, adapter: str | None = None) -> Sequence:
+        """Queue one request (a ValueError says why it is refused; nothing else is affected)."""
+        params = params or SamplingParams()
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"unknown adapter {adapter!r}; load it first with load_adapter({adapter!r}, path) "
+                             f"(loaded: {sorted(self.adapters) or 'none'})")
+        ids = self._tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} tokens "
+                             "(max_model_len) and at least one must be generated: shorten the prompt")
+        seq = Sequence(ids, params, adapter)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Cancel a request; it finishes with finish_reason "abort"."""
+        if not seq.finished:
+            self.scheduler.finish(seq, "abort")
+
+    def step(self) -> list[Sequence]:
+        """One engine step (a prefill or a decode of the scheduled batch); returns the sequences it advanced."""
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return []
+        self.slots.wait(seqs)
+        tokens = sample(self.runner.run(seqs, is_prefill), seqs)
+        for seq, token in zip(seqs, tokens):
+            seq.append(token)
+            self._update(seq, token)
+        return seqs
+
+    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 adapters: str | None | Seq[str | None] = None) -> list[RequestOutput]:
+        """Complete every prompt (text or token ids), each with its adapter (None: the base model).
+
+        Raises RequestError (a ValueError) after the others complete if some requests were refused; its
+        `.outputs` holds all of them."""
+        prompts = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
+        n = len(prompts)
+        params_list = list(params) if isinstance(params, Seq) else [params] * n
+        adapter_list = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters] * n
+        if len(params_list) != n or len(adapter_list) != n:
+            raise ValueError(f"{n} prompts need {n} sampling params and {n} adapters (or one for all), got "
+                             f"{len(params_list)} and {len(adapter_list)}")
+        seqs, errors = [], {}
+        for i, (prompt, p, a) in enumerate(zip(prompts, params_list, adapter_list)):
+            try:
+                seqs.append(self.add_request(prompt, p, a))
+            except ValueError as err:
+                errors[i] = str(err)
+                seqs.append(None)
+        while any(s is not None and not s.finished for s in seqs):
+            self.step()
+        outputs = [self._output(s) if s is not None else
+                   RequestOutput(-1, [], [], "", "error", adapter_list[i], error=errors[i]) for i, s in enumerate(seqs)]
+        if errors:
+            lines = "; ".join(f"request {i}: {e}" for i, e in errors.items())
+            raise RequestError(f"{len(errors)} of {n} requests refused ({lines}); the others completed, see "
+                               ".outputs", outputs)
+        return outputs
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, adapter: str | None = None
+               ) -> Iterator[StreamDelta]:
+        """Yield the request's new text and tokens as they are generated (other queued requests advance too)."""
+        seq = self.add_request(prompt, params, adapter)
+        sent_tokens = sent_text = 0
+        try:
+            while True:
+                if seq in self.step() or seq.finished:
+                    text = self._visible_text(seq)
+                    ids = seq.completion_ids
+                    if len(ids) > sent_tokens or seq.finished:
+                        logprobs = seq.logprobs[sent_tokens:] if seq.params.logprobs is not None else None
+                        yield StreamDelta(seq.id, text[sent_text:], ids[sent_tokens:], seq.finish_reason, logprobs)
+                        sent_tokens, sent_text = len(ids), len(text)
+                if seq.finished:
+                    return
+        finally:
+            self.abort(seq)  # a consumer that stops early cancels the request
+
+    # --- internals -------------------------------------------------------------------------------------------
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer in the model directory; pass token ids instead")
+            ids = self.tokenizer(prompt)["input_ids"] if prompt else []
+        elif _is_token_list(prompt):
+            ids = list(prompt)
+            vocab = self.model.config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        else:
+            raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        return ids
+
+    def _update(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.completion_ids, skip_special_tokens=True)
+        cut = min((i for i in (seq.text.find(s) for s in p.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            seq.text = seq.text[:cut]
+            self.scheduler.finish(seq, "stop")
+        elif token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            self.scheduler.finish(seq, "stop")
+        elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _visible_text(self, seq: Sequence) -> str:
+        """Text safe to stream: a possible stop-string prefix and a partial UTF-8 character are held back."""
+        text = seq.text
+        if seq.finished:
+            return text
+        hold = max((len(s) - 1 for s in seq.params.stop), default=0)
+        text = text[: len(text) - hold] if hold else text
+        return text.rstrip("\ufffd")
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        logprobs = seq.logprobs if seq.params.logprobs is not None else None
+        return RequestOutput(seq.id, seq.token_ids[: seq.prompt_len], seq.completion_ids, seq.text, seq.finish_reason,
+                             seq.adapter, logprobs, seq.error)
+
+    def _kv_cache_bytes(self) -> int:
+        c = self.config
+        if c.kv_cache_bytes:
+            return c.kv_cache_bytes
+        if self.device.type != "cuda":
+            return 2**29
+        free, total = torch.cuda.mem_get_info(self.device)
+        mc = self.model.config
+        width = 3 * mc.intermediate_size + 4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size
+        activations = max(c.max_num_batched_tokens, 2048) * width * 4 + 2**28  # prefill peak, with margin
+        return max(0, int(total * c.gpu_memory_utilization) - (total - free) - activations)
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {', '.join(_DTYPES)}, got {dtype!r}")
+        return _DTYPES[dtype]
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return dtype
+
+
+def _is_token_list(x) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
+
+
+def _max_positions(model_dir: Path, max_model_len: int | None) -> int:
+    from transformers import AutoConfig
+
+    limit = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    return min(limit, max_model_len) if max_model_len else limit
+
+
+def _load_tokenizer(model_dir: Path):
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _eos_ids(config_eos: tuple[int, ...], model_dir: Path, tokenizer) -> set[int]:
+    ids = set(config_eos)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        import json
+
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set([eos] if isinstance(eos, int) else eos or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

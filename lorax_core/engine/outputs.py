@@ -1,0 +1,38 @@
+"""What generate() returns and stream() yields."""
+from __future__ import annotations
+
+import dataclasses
+
+from lorax_core.engine.sequence import TokenLogprob
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # the completion (stop / eos token included when it ended the sequence)
+    text: str  # the completion detokenized, cut before a stop string ("" without a tokenizer)
+    finish_reason: str | None  # "stop" | "length" | "error" | "abort"
+    adapter: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None  # why the request was refused or failed (finish_reason "error")
+
+
+@dataclasses.dataclass
+class StreamDelta:
+    """New output of one request since the previous delta; finish_reason is set on the last one."""
+
+    request_id: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class RequestError(ValueError):
+    """Some requests of a generate() call were refused; `outputs` holds every request's output (the refused
+    ones with finish_reason "error"), so the others are not lost."""
+
+    def __init__(self, message: str, outputs: list[RequestOutput]):
+        super().__init__(message)
+        self.outputs = outputs

@@ -1,0 +1,67 @@
+"""A Sequence carries one request from admission to its last token."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+
+import torch
+
+from lorax_core.engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: dict[int, float]  # the `logprobs` most likely token ids -> logprob (of the model's distribution)
+
+
+class Sequence:
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None):
+        self.id = next(Sequence._ids)
+        self.token_ids = list(prompt_ids)
+        self.prompt_len = len(prompt_ids)
+        self.params = params
+        self.adapter = adapter
+        self.adapter_slot = -1  # the pool slot while running with an adapter
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.finish_reason: str | None = None  # "stop" | "length" | "error" | "abort"
+        self.error: str | None = None
+        self.text = ""  # detokenized completion (cut at a stop string)
+        self.logprobs: list[TokenLogprob] = []
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        self.status, self.finish_reason, self.error = Status.FINISHED, reason, error

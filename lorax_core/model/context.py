@@ -1,0 +1,38 @@
+"""What the model reads during one forward step; built by the model runner, never by the model."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lorax_core.adapters.pool import AdapterPool
+from lorax_core.ops import bgmv, sgmv
+
+
+@dataclasses.dataclass
+class LoraBatch:
+    """Which adapter each row uses: segments of tokens (SGMV, prefill) or one slot per token (BGMV, decode)."""
+
+    pool: AdapterPool
+    slots: torch.Tensor | None = None  # int32 [T], -1 = base model (decode)
+    seg_starts: torch.Tensor | None = None  # int32 [S + 1] (prefill)
+    seg_slots: torch.Tensor | None = None  # int32 [S], -1 = base model
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
+        """y += each row's LoRA delta for (layer, module), in place."""
+        if self.slots is not None:
+            bgmv(y, x, self.pool, layer, module, self.slots)
+        else:
+            sgmv(y, x, self.pool, layer, module, self.seg_starts, self.seg_slots)
+
+
+@dataclasses.dataclass
+class ForwardContext:
+    is_prefill: bool
+    positions: torch.Tensor  # int64 [T]
+    slot_mapping: torch.Tensor  # int64 [T]: KV cache slot of each token
+    cu_seqlens: list[int] | None = None  # prefill: sequence b is tokens [cu[b], cu[b + 1])
+    block_tables: torch.Tensor | None = None  # decode: int32 [B, max_blocks]
+    context_lens: torch.Tensor | None = None  # decode: int32 [B]
+    lora: LoraBatch | None = None  # None: no row of this step uses an adapter
+    logits_indices: torch.Tensor | None = None  # int64 [B]: the rows whose logits are needed

@@ -1,0 +1,85 @@
+"""The math of a Llama-family layer: RMSNorm, rotary embeddings, and projections with per-row LoRA."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorax_core.model.context import ForwardContext
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # as transformers: normalize in fp32, scale in x's dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos / sin tables for every position up to max_positions, from the config's RoPE parameters."""
+
+    def __init__(self, hf_config, head_dim: int, max_positions: int, device, dtype: torch.dtype):
+        super().__init__()
+        inv_freq, scaling = rope_frequencies(hf_config, head_dim)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [positions, head_dim]
+        # transformers rounds the tables to the activation dtype before use; so do we
+        self.register_buffer("cos", (emb.cos() * scaling).to(device, dtype), persistent=False)
+        self.register_buffer("sin", (emb.sin() * scaling).to(device, dtype), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        """q [T, heads, D], k [T, kv_heads, D], positions [T] -> rotated q, k."""
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim / 2] and the attention scaling of the config's rope_type (transformers'
+    own RoPE init functions for the scaled types, so linear / llama3 / yarn / longrope match it exactly)."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if not params:  # transformers 4.x spells them rope_theta + rope_scaling
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_type", params.get("type", "default"))
+        params["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        dims = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        return 1.0 / (params["rope_theta"] ** dims), 1.0
+    if rope_type == "dynamic":
+        raise ValueError("rope_type 'dynamic' (NTK scaling that changes with the sequence length) is not supported; "
+                         "use a model without rope_scaling, or 'linear', 'llama3', 'yarn' or 'longrope'")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope_type {rope_type!r} is not supported (known: default, {', '.join(ROPE_INIT_FUNCTIONS)})")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+class Projection(nn.Module):
+    """One base linear (dense or NF4) whose output is the concatenation of `parts` (e.g. q, k, v), plus each
+    row's LoRA delta per part: `outs[i] = x @ W_i.T (+ b_i) + scale[a] * (x @ A_i[a].T) @ B_i[a].T`."""
+
+    def __init__(self, base: nn.Module, parts: dict[str, int], layer: int):
+        super().__init__()
+        self.base = base
+        self.parts = parts  # PEFT module name -> output features, in output order
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> list[torch.Tensor]:
+        y = self.base(x)
+        outs = list(y.split(list(self.parts.values()), dim=-1)) if len(self.parts) > 1 else [y]
+        if ctx.lora is not None:
+            outs = [o.contiguous() for o in outs]  # the LoRA ops update whole rows in place
+            for name, out in zip(self.parts, outs):
+                ctx.lora.apply(out, x, self.layer, name)
+        return outs

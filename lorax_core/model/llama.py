@@ -1,0 +1,58 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2): embeddings, layers of attention + SwiGLU MLP, norm, lm_head.
+
+The model only does math: which rows use which adapter, where their keys go and which logits are needed all
+come from the per-step ForwardContext.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorax_core.model.context import ForwardContext
+from lorax_core.model.attention import Attention
+from lorax_core.model.config import ModelConfig
+from lorax_core.model.layers import Projection, RMSNorm
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, gate_up: nn.Module, down: nn.Module):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up = Projection(gate_up, {"gate_proj": size, "up_proj": size}, layer)
+        self.down = Projection(down, {"down_proj": config.hidden_size}, layer)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        gate, up = self.gate_up(x, ctx)
+        return self.down(F.silu(gate) * up, ctx)[0]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm):
+        super().__init__()
+        self.attn, self.mlp, self.input_norm, self.post_norm = attn, mlp, input_norm, post_norm
+
+    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = h + self.attn(self.input_norm(h), ctx)
+        return h + self.mlp(self.post_norm(h), ctx)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
+                 lm_head: torch.Tensor):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding.from_pretrained(embed, freeze=True)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = nn.Parameter(lm_head, requires_grad=False)  # [vocab, hidden]; may share the embedding
+
+    def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """input_ids [T] -> final hidden states [T, hidden]."""
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()

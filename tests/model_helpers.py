@@ -1,0 +1,103 @@
+"""Tiny random Llama / Mistral / Qwen2 checkpoints with a tokenizer, and PEFT adapters for them (built here,
+saved with save_pretrained, so the engine loads them exactly as it would load a downloaded model)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = ("the a one two three four five six seven eight nine ten red green blue cat dog bird tree house car "
+         "sun moon star is was and or not yes no up down left right big small hot cold fast slow").split()
+TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=False)
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# name -> LoraConfig keywords: ranks 4, 8, 16; one rsLoRA; one on some modules only; one with a rank pattern
+ADAPTERS = {
+    "r4_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "r8_all": dict(r=8, lora_alpha=16, target_modules=ALL_MODULES),
+    "r16_rslora": dict(r=16, lora_alpha=32, target_modules=ALL_MODULES, use_rslora=True),
+    "r8_pattern": dict(r=8, lora_alpha=8, target_modules=["k_proj", "o_proj", "down_proj"],
+                       rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 32}),
+}
+
+
+def hf_config(kind: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind]
+    extra = {"mistral": dict(sliding_window=8)}.get(kind, {})
+    return cls(**{**TINY, **extra, **overrides}, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def make_tokenizer():
+    """A small BPE tokenizer trained on the word list (ids 0..3 are <pad>, <s>, </s>, <unk>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(WORDS)] * 20 + WORDS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+def save_model(path: Path, kind: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(kind, **overrides)).eval()
+    model.save_pretrained(path)
+    if tokenizer:
+        make_tokenizer().save_pretrained(path)
+    return path
+
+
+def save_adapter(base_dir: Path, path: Path, seed: int = 0, **lora) -> Path:
+    """A PEFT LoRA adapter with random (nonzero) A and B on the base in base_dir."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(init_lora_weights=False, lora_dropout=0.0, **lora))
+    with torch.no_grad():  # PEFT's random B is small; make each adapter's effect clearly visible
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    model.save_pretrained(path)
+    return path
+
+
+def hf_peft_model(base_dir: Path, adapters: dict[str, Path], **load_kwargs):
+    """transformers + PEFT with every adapter loaded (the oracle); select one with set_adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs).eval()
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()
+
+
+@torch.no_grad()
+def hf_logits(model, token_ids: list[int], adapter: str | None) -> torch.Tensor:
+    """Logits [len, vocab] of the PEFT model with one adapter (None: the base)."""
+    ids = torch.tensor([token_ids])
+    if adapter is None:
+        with model.disable_adapter():
+            return model(ids).logits[0].float()
+    model.set_adapter(adapter)
+    return model(ids).logits[0].float()
+
+
+def hf_greedy(model, token_ids: list[int], adapter: str | None, steps: int) -> list[int]:
+    ids = list(token_ids)
+    for _ in range(steps):
+        ids.append(int(hf_logits(model, ids, adapter)[-1].argmax()))
+    return ids[len(token_ids):]

@@ -1,0 +1,66 @@
+"""The oracle: the engine's logits and greedy tokens equal transformers + PEFT, row by row, for batches that
+mix adapters and base rows (fp32 on the CPU: tight tolerance)."""
+import random
+
+import pytest
+import torch
+
+from model_helpers import ADAPTERS, hf_greedy, hf_logits, hf_peft_model, save_adapter, save_model
+from lorax_core import LLM, SamplingParams
+
+FP32_TOL = dict(rtol=1e-4, atol=1e-4)
+ROWS = ["r4_qv", None, "r8_all", "r16_rslora", "r8_all", "r8_pattern", None, "r4_qv"]
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def setup(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    base = save_model(root / "base", request.param)
+    adapters = {name: save_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
+    llm = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_active_adapters=4)
+    for name, path in adapters.items():
+        llm.load_adapter(name, path)
+    return llm, hf_peft_model(base, adapters)
+
+
+def random_prompts(n, rng, lo=3, hi=30):
+    return [[rng.randrange(3, 300) for _ in range(rng.randrange(lo, hi))] for _ in range(n)]
+
+
+def test_logits_match_peft_row_by_row(setup):
+    """Prefill and three decode steps of one mixed batch (sliding window 8 < prompt length for Mistral)."""
+    llm, hf = setup
+    prompts = random_prompts(len(ROWS), random.Random(0))
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    seqs = [llm.add_request(p, greedy, a) for p, a in zip(prompts, ROWS)]
+    for step in range(4):
+        batch, is_prefill = llm.scheduler.schedule()
+        assert is_prefill == (step == 0) and batch == seqs
+        logits = llm.runner.run(batch, is_prefill)
+        for seq, row in zip(seqs, logits):
+            expected = hf_logits(hf, seq.token_ids, seq.adapter)[-1]
+            torch.testing.assert_close(row, expected, **FP32_TOL, msg=lambda m: f"{seq.adapter}, step {step}: {m}")
+        for seq, row in zip(seqs, logits):
+            seq.append(int(row.argmax()))
+    for seq in seqs:
+        llm.abort(seq)
+    assert llm.blocks.free_blocks == llm.blocks.num_blocks
+
+
+def test_adapters_change_the_output(setup):
+    llm, hf = setup
+    ids = random_prompts(1, random.Random(1))[0]
+    base = hf_logits(hf, ids, None)[-1]
+    for name in ADAPTERS:
+        assert (hf_logits(hf, ids, name)[-1] - base).abs().max() > 1e-2, name
+
+
+def test_greedy_generation_matches_peft(setup):
+    llm, hf = setup
+    prompts = random_prompts(len(ROWS), random.Random(2))
+    outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), adapters=ROWS)
+    for prompt, adapter, out in zip(prompts, ROWS, outs):
+        assert out.token_ids == hf_greedy(hf, prompt, adapter, 6), adapter
+        assert out.finish_reason == "length" and out.adapter == adapter
+    assert llm.blocks.free_blocks == llm.blocks.num_blocks
+    assert all(llm.pool._resident[n].pins == 0 for n in llm.pool.resident)
