@@ -64,3 +64,24 @@ def test_greedy_generation_matches_peft(setup):
         assert out.finish_reason == "length" and out.adapter == adapter
     assert llm.blocks.free_blocks == llm.blocks.num_blocks
     assert all(llm.pool._resident[n].pins == 0 for n in llm.pool.resident)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+], ids=lambda r: r["rope_type"])
+def test_rope_scaling_matches_transformers(tmp_path, rope):
+    from transformers import AutoModelForCausalLM
+
+    base = save_model(tmp_path, "llama", tokenizer=False, rope_scaling=rope, max_position_embeddings=512)
+    hf = AutoModelForCausalLM.from_pretrained(base).eval()
+    llm = LLM(base, dtype="float32", device="cpu")
+    prompt = random_prompts(1, random.Random(5), lo=100, hi=101)[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=0))[0]
+    with torch.no_grad():
+        expected = torch.log_softmax(hf(torch.tensor([prompt + out.token_ids])).logits[0].float(), -1)
+    for i, (token, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert int(expected[len(prompt) - 1 + i].argmax()) == token
+        assert lp.logprob == pytest.approx(float(expected[len(prompt) - 1 + i, token]), abs=1e-4)

@@ -16,7 +16,7 @@ from lorax_core.engine.sampler import sample
 from lorax_core.engine.sampling import SamplingParams
 from lorax_core.engine.scheduler import Scheduler
 from lorax_core.engine.sequence import Sequence
-from lorax_core.model.loader import load_model, resolve_model_dir
+from lorax_core.model.loader import load_model, read_config, resolve_model_dir
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Prompt = str | list[int]
@@ -36,9 +36,9 @@ class LLM:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(dtype, self.device)
         model_dir = resolve_model_dir(model)
-        max_positions = _max_positions(model_dir, config.max_model_len)
-        self.model = load_model(model_dir, self.dtype, self.device, quantize, max_positions)
-        mc = self.model.config
+        mc = read_config(model_dir)
+        max_positions = min(mc.max_position_embeddings, config.max_model_len or mc.max_position_embeddings)
+        self.model = load_model(model_dir, mc, self.dtype, self.device, quantize, max_positions)
         self.tokenizer = _load_tokenizer(model_dir)
         self.eos_token_ids = _eos_ids(mc.eos_token_ids, model_dir, self.tokenizer)
 
@@ -161,7 +161,7 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer in the model directory; pass token ids instead")
             ids = self.tokenizer(prompt)["input_ids"] if prompt else []
-        elif _is_token_list(prompt):
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             ids = list(prompt)
             vocab = self.model.config.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
@@ -227,13 +227,6 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 def _is_token_list(x) -> bool:
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
-
-
-def _max_positions(model_dir: Path, max_model_len: int | None) -> int:
-    from transformers import AutoConfig
-
-    limit = AutoConfig.from_pretrained(model_dir).max_position_embeddings
-    return min(limit, max_model_len) if max_model_len else limit
 
 
 def _load_tokenizer(model_dir: Path):

@@ -98,9 +98,7 @@ class _Builder:
             parts = [NF4Weight.from_state_dict(self.ckpt.with_prefix(f"{p}."), "").to(self.device) for p in prefixes]
         else:
             parts = [NF4Weight.quantize(self.tensor(f"{p}.weight")) for p in prefixes]
-        weight = NF4Weight.cat(parts)
-        weight.dtype = self.dtype  # dequantize to the activation dtype
-        return NF4Linear(weight, b)
+        return NF4Linear(NF4Weight.cat(parts), b)
 
     def layer(self, i: int, rotary: RotaryEmbedding) -> DecoderLayer:
         c, p = self.config, f"model.layers.{i}"
@@ -112,17 +110,21 @@ class _Builder:
         return DecoderLayer(attn, mlp, *norms)
 
 
-def load_model(model_dir: Path, dtype: torch.dtype, device: torch.device, quantize: str | None,
-               max_positions: int) -> CausalLM:
-    """The model in `model_dir` (see `resolve_model_dir`), on `device`, computing in `dtype`."""
+def read_config(model_dir: Path) -> ModelConfig:
+    """The model's shape from its config.json (refusing unsupported architectures and quantizations)."""
     from transformers import AutoConfig
 
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} has no config.json; it is not a Hugging Face model directory")
-    config = ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
     _check_quantization_config(model_dir)
+    return ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
+
+
+def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, quantize: str | None,
+               max_positions: int) -> CausalLM:
+    """The model in `model_dir` (see `resolve_model_dir`), on `device`, computing in `dtype`."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
     build = _Builder(Checkpoint(model_dir), config, dtype, device, quantize)
     rotary = RotaryEmbedding(config.hf_config, config.head_dim, max_positions, device, dtype)
     layers = [build.layer(i, rotary) for i in range(config.num_layers)]

@@ -1,0 +1,80 @@
+"""NF4 bases: the engine quantizing at load time vs transformers + bitsandbytes (nf4, double quant) + PEFT, and
+loading a checkpoint transformers saved in 4-bit.
+
+Tolerance: both sides use the same NF4 bytes (bitsandbytes-exact quantization), so the remaining difference is
+fp32 summation order in the dequantized matmuls: logits agree to NF4_TOL; greedy tokens match on nearly all
+sequences (a near-tie in a random tiny model may flip one, so we allow 1 in 8).
+"""
+import random
+
+import pytest
+import torch
+
+from model_helpers import ADAPTERS, hf_greedy, hf_logits, hf_peft_model, save_adapter, save_model
+from lorax_core import LLM, SamplingParams
+from lorax_core.quant import NF4Linear
+
+NF4_TOL = dict(rtol=1e-3, atol=1e-3)
+ROWS = ["r8_all", None, "r16_rslora", "r4_qv", "r8_all", None, "r8_pattern", "r16_rslora"]
+
+
+def bnb_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nf4")
+    base = save_model(root / "base", "llama", hidden_size=128, intermediate_size=256)
+    adapters = {name: save_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
+    hf = hf_peft_model(base, adapters, quantization_config=bnb_config(), dtype=torch.float32, device_map="cpu")
+    llm = LLM(base, dtype="float32", device="cpu", quantize="nf4", kv_block_size=4)
+    for name, path in adapters.items():
+        llm.load_adapter(name, path)
+    return llm, hf, root, adapters
+
+
+def test_projections_are_nf4(setup):
+    llm, *_ = setup
+    attn = llm.model.layers[0].attn
+    assert isinstance(attn.qkv.base, NF4Linear) and isinstance(llm.model.layers[1].mlp.down.base, NF4Linear)
+
+
+def test_nf4_logits_match_bitsandbytes_peft(setup):
+    llm, hf, *_ = setup
+    prompts = [[random.Random(i).randrange(3, 300) for _ in range(5 + 3 * i)] for i in range(len(ROWS))]
+    seqs = [llm.add_request(p, SamplingParams(max_tokens=2, temperature=0), a) for p, a in zip(prompts, ROWS)]
+    batch, _ = llm.scheduler.schedule()
+    for seq, row in zip(batch, llm.runner.run(batch, True)):
+        torch.testing.assert_close(row, hf_logits(hf, seq.token_ids, seq.adapter)[-1], **NF4_TOL)
+    for seq in seqs:
+        llm.abort(seq)
+
+
+def test_nf4_greedy_matches_on_nearly_all(setup):
+    llm, hf, *_ = setup
+    prompts = [[random.Random(100 + i).randrange(3, 300) for _ in range(6)] for i in range(len(ROWS))]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), adapters=ROWS)
+    same = sum(o.token_ids == hf_greedy(hf, p, a, 5) for o, p, a in zip(outs, prompts, ROWS))
+    assert same >= len(ROWS) - 1
+
+
+def test_loads_a_bitsandbytes_4bit_checkpoint(setup, tmp_path):
+    """transformers' save_pretrained of a 4-bit model: the engine reads its NF4 bytes and computes the same
+    logits as quantizing the original weights at load time (the bytes are identical)."""
+    llm, hf, root, adapters = setup
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(root / "base", quantization_config=bnb_config(), dtype=torch.float32,
+                                         device_map="cpu").save_pretrained(tmp_path)
+    saved = LLM(tmp_path, dtype="float32", device="cpu", kv_block_size=4)
+    saved.load_adapter("r8_all", adapters["r8_all"])
+    prompt = list(range(5, 30))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3)
+    a, b = (m.generate([prompt], params, adapters=["r8_all"])[0] for m in (saved, llm))
+    assert a.token_ids == b.token_ids
+    torch.testing.assert_close(torch.tensor([t.logprob for t in a.logprobs]),
+                               torch.tensor([t.logprob for t in b.logprobs]), rtol=1e-5, atol=1e-5)
