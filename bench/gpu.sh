@@ -28,4 +28,7 @@ python3 -m pytest -q --maxfail=30 tests ${TESTS_ARGS:-} 2>&1 | tee "$OUT/tests.l
 python3 -m pytest -q bench -m bench ${BENCH_ARGS:-} --benchmark-json="$OUT/bench.json" 2>&1 \
   | grep -v "^bench/" > "$OUT/bench.log" || status=1
 tail -40 "$OUT/bench.log"
+if [ -z "${SKIP_ENGINE_BENCH:-}" ]; then
+  python3 bench/bench_engine.py 2>&1 | tail -30 | tee "$OUT/engine.log" || status=1
+fi
 exit $status

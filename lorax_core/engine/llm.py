@@ -55,7 +55,9 @@ class LLM:
         if num_blocks < 1 or self.max_model_len < 2:
             raise ValueError(f"the KV cache has room for {num_blocks} blocks of {config.kv_block_size} tokens; raise "
                              "kv_cache_bytes or gpu_memory_utilization")
-        self.runner = ModelRunner(self.model, self.pool, num_blocks, config.kv_block_size)
+        graph_batch = config.max_num_seqs if config.cuda_graphs else 0
+        self.runner = ModelRunner(self.model, self.pool, num_blocks, config.kv_block_size, graph_batch,
+                                  self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.kv_block_size)
         self.slots = AdapterSlots(self.pool, self.adapters)
         self.scheduler = Scheduler(config.max_num_seqs, max(config.max_num_batched_tokens, self.max_model_len),

@@ -10,12 +10,14 @@ import torch
 
 from lorax_core.adapters import AdapterPool
 from lorax_core.model.context import ForwardContext, LoraBatch
+from lorax_core.engine.cuda_graphs import DecodeGraphs
 from lorax_core.engine.sequence import Sequence
 from lorax_core.model.llama import CausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: AdapterPool, num_blocks: int, block_size: int):
+    def __init__(self, model: CausalLM, pool: AdapterPool, num_blocks: int, block_size: int,
+                 graph_batch: int = 0, max_model_len: int = 0):
         self.model, self.pool, self.block_size = model, pool, block_size
         c = model.config
         p = next(model.parameters())
@@ -24,6 +26,9 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(model.layers):
             layer.attn.k_cache, layer.attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+        self.graphs = None  # decode CUDA graphs for batches up to graph_batch (0: eager decode)
+        if graph_batch and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(model, pool, graph_batch, -(-max_model_len // block_size))
 
     # --- batch tensors ---------------------------------------------------------------------------------------
     def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ForwardContext]:
@@ -75,7 +80,10 @@ class ModelRunner:
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].adapter_slot)
         ordered = [seqs[i] for i in order]
         input_ids, ctx = (self.prepare_prefill if is_prefill else self.prepare_decode)(ordered)
-        hidden = self.model(input_ids, ctx)
+        if not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs), ctx.block_tables.shape[1]):
+            hidden = self.graphs.run(input_ids, ctx)
+        else:
+            hidden = self.model(input_ids, ctx)
         if ctx.logits_indices is not None:
             hidden = hidden[ctx.logits_indices]
         logits = self.model.compute_logits(hidden)

@@ -1,0 +1,149 @@
+"""End-to-end engine benchmark on a Mistral-7B-shaped model with random weights (bf16 and NF4), against
+transformers + PEFT (+ bitsandbytes 4-bit) generating with the same adapters in the same run.
+
+Reports decode milliseconds per step at batch 1, 8, 32, 64 (rank-16 adapters on every projection, chosen at
+random per request), decode tokens/s, and prefill tokens/s. Writes engine.md and engine.json under $OUT.
+Run on a GPU machine: `python3 bench/bench_engine.py` (bench/gpu.sh does). Wall-clock timings over many steps,
+after a warm-up, with torch.cuda.synchronize around each timed region.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import device_header  # noqa: E402
+
+BATCHES, PROMPT, DECODE_STEPS, NUM_ADAPTERS, RANK = (1, 8, 32, 64), 128, 32, 8, 16
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def mistral_config():
+    from transformers import MistralConfig
+
+    return MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, sliding_window=None)
+
+
+def build(work: Path):
+    """Random bf16 base + NUM_ADAPTERS random rank-16 adapters, saved; returns the in-memory PEFT model too."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(mistral_config(), dtype=torch.bfloat16).eval()
+    model.save_pretrained(work / "base")
+    lora = LoraConfig(r=RANK, lora_alpha=32, target_modules=MODULES, init_lora_weights=False)
+    names = [f"a{i}" for i in range(NUM_ADAPTERS)]
+    peft = get_peft_model(model, lora, adapter_name=names[0])
+    for name in names[1:]:
+        peft.add_adapter(name, lora)
+    peft.save_pretrained(work / "adapters")  # one subdirectory per adapter not named "default"
+    paths = {n: work / "adapters" / n for n in names}
+    return peft.eval(), paths
+
+
+def timed(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def engine_rows(base: Path, adapters: dict, quantize: str | None) -> list[dict]:
+    from lorax_core import LLM, SamplingParams
+
+    llm = LLM(base, dtype="bfloat16", quantize=quantize, device="cuda", max_num_seqs=max(BATCHES))
+    for name, path in adapters.items():
+        llm.load_adapter(name, path)
+    rng, names, rows = random.Random(0), list(adapters), []
+    params = SamplingParams(max_tokens=DECODE_STEPS + 8, temperature=0, ignore_eos=True)
+    for batch in BATCHES:
+        seqs = [llm.add_request([rng.randrange(3, 32000) for _ in range(PROMPT)], params, rng.choice(names))
+                for _ in range(batch)]
+        llm.step()  # prefill
+        for _ in range(3):
+            llm.step()  # warm-up decode steps
+        seconds = timed(lambda: [llm.step() for _ in range(DECODE_STEPS)]) / DECODE_STEPS
+        for seq in seqs:
+            llm.abort(seq)
+        rows.append(dict(impl="lorax", quant=quantize or "bf16", batch=batch, ms=seconds * 1e3,
+                         tokens_per_s=batch / seconds))
+    seqs = [llm.add_request([rng.randrange(3, 32000) for _ in range(512)], params, rng.choice(names)) for _ in range(8)]
+    prefill = timed(llm.step)
+    for seq in seqs:
+        llm.abort(seq)
+    rows.append(dict(impl="lorax", quant=quantize or "bf16", batch="prefill 8x512", ms=prefill * 1e3,
+                     tokens_per_s=8 * 512 / prefill))
+    del llm
+    torch.cuda.empty_cache()
+    return rows
+
+
+def hf_rows(model, names: list[str], quant: str) -> list[dict]:
+    rng, rows = random.Random(0), []
+    for batch in BATCHES[:3]:
+        ids = torch.randint(3, 32000, (batch, PROMPT), device="cuda")
+        which = [rng.choice(names) for _ in range(batch)]
+
+        def generate(n):
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=which,
+                           max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+        generate(2)
+        seconds = (timed(lambda: generate(DECODE_STEPS + 1)) - timed(lambda: generate(1))) / DECODE_STEPS
+        rows.append(dict(impl="hf+peft", quant=quant, batch=batch, ms=seconds * 1e3, tokens_per_s=batch / seconds))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    hf = {(r["quant"], r["batch"]): r for r in rows if r["impl"] == "hf+peft"}
+    lines = ["| engine | weights | batch | ms / step | tokens/s | vs HF+PEFT |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        base = hf.get((r["quant"], r["batch"])) if r["impl"] == "lorax" else None
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.1f}x" if base else "-"
+        lines.append(f"| {r['impl']} | {r['quant']} | {r['batch']} | {r['ms']:.2f} | {r['tokens_per_s']:.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    out = Path(os.environ.get("OUT") or Path(__file__).parent / "out")
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="lorax-bench-"))
+    peft, adapters = build(work)
+    rows = hf_rows(peft, list(adapters), "bf16")
+    del peft
+    torch.cuda.empty_cache()
+    rows += engine_rows(work / "base", adapters, None)
+    rows += engine_rows(work / "base", adapters, "nf4")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(work / "base", quantization_config=bnb, device_map="cuda")
+    names = list(adapters)
+    hf = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        hf.load_adapter(adapters[name], adapter_name=name)
+    rows += hf_rows(hf.eval(), names, "nf4")
+    header = device_header()
+    text = f"{header}\n\nMistral-7B shapes, random weights, {NUM_ADAPTERS} rank-{RANK} adapters on all projections, " \
+           f"random per request, prompts of {PROMPT} tokens, {DECODE_STEPS} timed decode steps\n\n{table(rows)}\n"
+    (out / "engine.md").write_text(text)
+    (out / "engine.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
