@@ -249,3 +249,22 @@ def test_sharded_checkpoint_and_tokenizerless_model(tmp_path):
     assert one.generate([[4, 5, 6]], GREEDY)[0].token_ids == sharded.generate([[4, 5, 6]], GREEDY)[0].token_ids
     with pytest.raises(RequestError, match="text prompts need a tokenizer"):
         one.generate(["hello"], GREEDY)
+
+
+def test_more_adapters_than_pool_slots(paths, llm):
+    """Four adapters through a pool with two slots: requests wait for a slot, then all match the big engine."""
+    base, adapters = paths
+    small = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_active_adapters=2)
+    for name, path in adapters.items():
+        small.load_adapter(name, path)
+    rows = list(adapters) * 2
+    ps = prompts(len(rows), 9)
+    assert [o.token_ids for o in small.generate(ps, GREEDY, rows)] == [o.token_ids for o in llm.generate(ps, GREEDY, rows)]
+    assert len(small.pool.resident) <= 2
+
+
+def test_adapter_larger_than_the_pool_is_refused(paths):
+    base, adapters = paths
+    tiny = LLM(base, dtype="float32", device="cpu", adapter_pool_bytes=64 * 4 * 8)
+    with pytest.raises(ValueError, match="raise adapter_pool_bytes"):
+        tiny.load_adapter("r8_all", adapters["r8_all"])

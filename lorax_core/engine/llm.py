@@ -72,6 +72,10 @@ class LLM:
         mc = self.model.config
         adapter = read_peft_adapter(name, resolve_model_dir(path, f"adapter {name!r}"), mc.lora_modules(),
                                     mc.num_layers, self.config.max_lora_rank)
+        need = self.pool.pages_needed(adapter.weights)
+        if need > self.pool.num_pages:
+            raise ValueError(f"adapter {name!r} needs {need} pages of the adapter pool, which has {self.pool.num_pages}"
+                             f"; raise adapter_pool_bytes above {need * self.pool.config.page_bytes}")
         if name in self.pool.resident:
             self.pool.evict(name)  # raises if running requests use it
         self.adapters[name] = adapter

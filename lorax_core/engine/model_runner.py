@@ -65,7 +65,7 @@ class ModelRunner:
             else:
                 slots.append(seq.adapter_slot)
                 starts.append(cu[i + 1])
-        return LoraBatch(self.pool, seg_starts=self._int(starts), seg_slots=self._int(slots))
+        return LoraBatch(self.pool, self._int(starts), self._int(slots))
 
     def _long(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)

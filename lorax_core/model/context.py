@@ -6,24 +6,22 @@ import dataclasses
 import torch
 
 from lorax_core.adapters.pool import AdapterPool
-from lorax_core.ops import bgmv, sgmv
+from lorax_core.ops import sgmv
 
 
 @dataclasses.dataclass
 class LoraBatch:
-    """Which adapter each row uses: segments of tokens (SGMV, prefill) or one slot per token (BGMV, decode)."""
+    """Which adapter each row uses, as segments of consecutive rows sharing one (the model runner orders rows by
+    adapter once per step). Prefill and decode both run SGMV over these segments: with rows already grouped,
+    BGMV's per-call grouping of tokens by adapter would be repeated work in each of the 7 x layers LoRA calls."""
 
     pool: AdapterPool
-    slots: torch.Tensor | None = None  # int32 [T], -1 = base model (decode)
-    seg_starts: torch.Tensor | None = None  # int32 [S + 1] (prefill)
-    seg_slots: torch.Tensor | None = None  # int32 [S], -1 = base model
+    seg_starts: torch.Tensor  # int32 [S + 1]: segment s is rows [seg_starts[s], seg_starts[s + 1])
+    seg_slots: torch.Tensor  # int32 [S]: its pool slot, -1 = base model
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
         """y += each row's LoRA delta for (layer, module), in place."""
-        if self.slots is not None:
-            bgmv(y, x, self.pool, layer, module, self.slots)
-        else:
-            sgmv(y, x, self.pool, layer, module, self.seg_starts, self.seg_slots)
+        sgmv(y, x, self.pool, layer, module, self.seg_starts, self.seg_slots)
 
 
 @dataclasses.dataclass
