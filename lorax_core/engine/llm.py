@@ -133,7 +133,9 @@ class LLM:
                 errors[i] = str(err)
                 seqs.append(None)
         while any(s is not None and not s.finished for s in seqs):
-            self.step()
+            if not self.step() and not self.scheduler.running:
+                raise RuntimeError(f"engine stalled: {len(self.scheduler.waiting)} waiting requests cannot be "
+                                   "scheduled with nothing running (KV blocks or adapter slots); this is a bug")
         outputs = [self._output(s) if s is not None else
                    RequestOutput(-1, [], [], "", "error", adapter_list[i], error=errors[i]) for i, s in enumerate(seqs)]
         if errors:
