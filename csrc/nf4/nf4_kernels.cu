@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "common/convert.cuh"
 #include "nf4/nf4_cuda.h"
 #include "nf4/nf4_table.h"
 
@@ -119,18 +120,6 @@ __global__ void dequantize_absmax_kernel(AbsmaxArgs a, int64_t blocks, float* __
 }
 
 // ---- dequantize ----------------------------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
-
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <>
