@@ -268,3 +268,12 @@ def test_adapter_larger_than_the_pool_is_refused(paths):
     tiny = LLM(base, dtype="float32", device="cpu", adapter_pool_bytes=64 * 4 * 8)
     with pytest.raises(ValueError, match="raise adapter_pool_bytes"):
         tiny.load_adapter("r8_all", adapters["r8_all"])
+
+
+def test_unsupported_quantization_refused(tmp_path):
+    base = save_model(tmp_path, "llama", tokenizer=False)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantization gptq is not supported"):
+        LLM(base, device="cpu")

@@ -1,6 +1,7 @@
 """The engine API: `LLM(model, ...)`, `load_adapter`, `generate`, `stream` (DESIGN.md section 3)."""
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence as Seq
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lorax_core.engine.sampler import sample
 from lorax_core.engine.sampling import SamplingParams
 from lorax_core.engine.scheduler import Scheduler
 from lorax_core.engine.sequence import Sequence
+from lorax_core.model.config import as_token_ids
 from lorax_core.model.loader import load_model, read_config, resolve_model_dir
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -249,10 +251,7 @@ def _eos_ids(config_eos: tuple[int, ...], model_dir: Path, tokenizer) -> set[int
     ids = set(config_eos)
     gen = model_dir / "generation_config.json"
     if gen.is_file():
-        import json
-
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids |= set([eos] if isinstance(eos, int) else eos or [])
+        ids.update(as_token_ids(json.loads(gen.read_text()).get("eos_token_id")))
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids

@@ -43,7 +43,6 @@ class ModelConfig:
         if getattr(hf, "mlp_bias", False):
             raise ValueError("mlp_bias=True is not supported")
         heads = hf.num_attention_heads
-        eos = hf.eos_token_id
         return cls(
             model_type=hf.model_type, vocab_size=hf.vocab_size, hidden_size=hf.hidden_size,
             intermediate_size=hf.intermediate_size, num_layers=hf.num_hidden_layers, num_heads=heads,
@@ -52,7 +51,7 @@ class ModelConfig:
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(hf, "attention_bias", hf.model_type == "qwen2")),
-            sliding_windows=_sliding_windows(hf), eos_token_ids=tuple([eos] if isinstance(eos, int) else eos or ()),
+            sliding_windows=_sliding_windows(hf), eos_token_ids=as_token_ids(hf.eos_token_id),
             hf_config=hf,
         )
 
@@ -72,6 +71,11 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return 2 * self.num_layers * self.kv_size * torch.empty(0, dtype=dtype).element_size()
+
+
+def as_token_ids(value) -> tuple[int, ...]:
+    """An `eos_token_id`-style field (None, one id or a list of ids) as a tuple of ids."""
+    return (value,) if isinstance(value, int) else tuple(value or ())
 
 
 def _sliding_windows(hf) -> tuple[int, ...]:

@@ -5,7 +5,6 @@ Hugging Face parameter names are mapped to ours in one place, `_build_layer`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -116,8 +115,9 @@ def read_config(model_dir: Path) -> ModelConfig:
 
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{model_dir} has no config.json; it is not a Hugging Face model directory")
-    _check_quantization_config(model_dir)
-    return ModelConfig.from_hf(AutoConfig.from_pretrained(model_dir))
+    hf = AutoConfig.from_pretrained(model_dir)
+    _check_quantization_config(model_dir, getattr(hf, "quantization_config", None))
+    return ModelConfig.from_hf(hf)
 
 
 def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device: torch.device, quantize: str | None,
@@ -134,8 +134,8 @@ def load_model(model_dir: Path, config: ModelConfig, dtype: torch.dtype, device:
     return CausalLM(config, embed, layers, RMSNorm(build.tensor("model.norm.weight"), config.rms_norm_eps), lm_head)
 
 
-def _check_quantization_config(model_dir: Path) -> None:
-    quant = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
+def _check_quantization_config(model_dir: Path, quant) -> None:
+    quant = quant.to_dict() if hasattr(quant, "to_dict") else quant
     if quant and not (quant.get("load_in_4bit") and quant.get("bnb_4bit_quant_type", "nf4") == "nf4"):
         raise ValueError(f"{model_dir}: quantization {quant.get('quant_method', quant)} is not supported; lorax-core "
                          "loads full-precision checkpoints or bitsandbytes NF4 4-bit ones")
