@@ -17,7 +17,8 @@ def setup(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     base = save_model(root / "base", request.param)
     adapters = {name: save_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
-    llm = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_active_adapters=4)
+    llm = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_active_adapters=4,
+              adapter_loader_threads=0)  # adapters load on first use, so the first step has them all
     for name, path in adapters.items():
         llm.load_adapter(name, path)
     return llm, hf_peft_model(base, adapters)

@@ -27,6 +27,21 @@ _UNSUPPORTED = {
 
 
 @dataclasses.dataclass
+class AdapterSpec:
+    """A validated adapter on disk, from its adapter_config.json and safetensors header (no tensor read yet)."""
+
+    name: str
+    path: Path
+    scale: float  # alpha / r, or alpha / sqrt(r) with rsLoRA
+    rank: int  # the largest rank of any module
+    target_modules: tuple[str, ...]
+    ranks: dict[tuple[int, str], int]  # (layer, module) -> rank
+    keys: dict[tuple[int, str], tuple[str, str]]  # (layer, module) -> (lora_A key, lora_B key)
+    b_factors: dict[tuple[int, str], float]  # per-module scale / adapter scale (rank / alpha patterns), folded into B
+    file_bytes: int
+
+
+@dataclasses.dataclass
 class AdapterWeights:
     """A validated adapter in host memory: weights[(layer, module)] = (A [r, in], B [out, r]) with any
     per-module scale difference (rank_pattern / alpha_pattern) folded into B, and the adapter's scale."""
@@ -39,9 +54,10 @@ class AdapterWeights:
     target_modules: tuple[str, ...]
 
 
-def read_peft_adapter(name: str, path: str | Path, modules: dict[str, tuple[int, int]], num_layers: int,
-                      max_rank: int) -> AdapterWeights:
-    """Load a PEFT LoRA adapter for a base model whose projections are `modules` (PEFT name -> (in, out))."""
+def inspect_peft_adapter(name: str, path: str | Path, modules: dict[str, tuple[int, int]], num_layers: int,
+                         max_rank: int) -> AdapterSpec:
+    """Validate a PEFT LoRA adapter directory for a base model whose projections are `modules` (PEFT name ->
+    (in, out)), reading only its config and the safetensors header."""
     path = Path(path)
 
     def refuse(problem: str, fix: str):
@@ -66,13 +82,13 @@ def read_peft_adapter(name: str, path: str | Path, modules: dict[str, tuple[int,
         refuse(f"adapter_model.safetensors not found{hint}", "save the adapter with PEFT's save_pretrained")
     try:
         with safe_open(str(weights_file), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # safetensors raises several types for truncated / corrupt files
         refuse(f"adapter_model.safetensors cannot be read ({type(err).__name__}: {err})",
                "the file is corrupt or truncated; copy or re-save it")
 
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    pairs: dict[tuple[int, str], dict[str, str]] = {}
+    for key in shapes:
         match = _KEY.fullmatch(key)
         if match is None:
             refuse(f"tensor {key!r} is not a LoRA A/B weight of a decoder projection (embedding, lm_head or "
@@ -84,31 +100,55 @@ def read_peft_adapter(name: str, path: str | Path, modules: dict[str, tuple[int,
         if layer >= num_layers:
             refuse(f"has weights for layer {layer}, the base model has {num_layers} layers",
                    "use the base model the adapter was trained on")
-        pairs.setdefault((layer, module), {})[ab] = tensor
+        pairs.setdefault((layer, module), {})[ab] = key
     if not pairs:
         refuse("has no LoRA weights", "save the adapter after training")
 
     r, alpha, rslora = int(config.get("r", 8)), float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))
     scale = alpha / (math.sqrt(r) if rslora else r)
-    weights = {}
+    ranks, keys, factors = {}, {}, {}
     for (layer, module), ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             refuse(f"layer {layer} {module} has lora_{''.join(ab)} but not both A and B", "re-save the adapter")
-        a, b = ab["A"], ab["B"]
+        a, b = shapes[ab["A"]], shapes[ab["B"]]
         n_in, n_out = modules[module]
-        rank = a.shape[0]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != n_in or b.shape != (n_out, rank):
-            refuse(f"layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, this base model needs "
-                   f"A [r, {n_in}] and B [{n_out}, r]", "the adapter was trained for another base model; use that one")
+        rank = a[0] if len(a) == 2 else -1
+        if len(a) != 2 or len(b) != 2 or a[1] != n_in or b != (n_out, rank):
+            refuse(f"layer {layer} {module} has A {a} and B {b}, this base model needs A [r, {n_in}] and B "
+                   f"[{n_out}, r]", "the adapter was trained for another base model; use that one")
         if not 1 <= rank <= max_rank:
             refuse(f"rank {rank} is above the engine's max_lora_rank {max_rank}", "raise max_lora_rank")
         full = f"model.layers.{layer}.{'self_attn' if module[0] in 'qkvo' else 'mlp'}.{module}"
         m_alpha = float(_pattern(config.get("alpha_pattern"), full, alpha))
-        m_scale = m_alpha / (math.sqrt(rank) if rslora else rank)
-        b = b.float() * (m_scale / scale) if m_scale != scale else b
-        weights[(layer, module)] = (a, b)
-    target = tuple(sorted({m for _, m in weights}))
-    return AdapterWeights(name, path, weights, scale, max(a.shape[0] for a, _ in weights.values()), target)
+        ranks[(layer, module)], keys[(layer, module)] = rank, (ab["A"], ab["B"])
+        factors[(layer, module)] = m_alpha / (math.sqrt(rank) if rslora else rank) / scale
+    target = tuple(sorted({m for _, m in ranks}))
+    return AdapterSpec(name, path, scale, max(ranks.values()), target, ranks, keys, factors,
+                       weights_file.stat().st_size)
+
+
+def load_peft_adapter(spec: AdapterSpec) -> AdapterWeights:
+    """Read a validated adapter's tensors (ValueError naming the adapter if the file broke or changed since)."""
+    try:
+        with safe_open(str(spec.path / "adapter_model.safetensors"), framework="pt") as f:
+            weights = {}
+            for key, (a_key, b_key) in spec.keys.items():
+                a, b = f.get_tensor(a_key), f.get_tensor(b_key)
+                if a.shape[0] != spec.ranks[key] or b.shape[1] != spec.ranks[key]:
+                    raise ValueError(f"{a_key} changed shape since the adapter was registered")
+                factor = spec.b_factors[key]
+                weights[key] = (a, b.float() * factor if factor != 1 else b)
+    except Exception as err:  # a missing key, a changed shape, a truncated or replaced file
+        raise ValueError(f"adapter {spec.name!r} ({spec.path}): adapter_model.safetensors cannot be loaded "
+                         f"({type(err).__name__}: {err}); it changed or broke after load_adapter: restore the file "
+                         "and register it again with load_adapter") from None
+    return AdapterWeights(spec.name, spec.path, weights, spec.scale, spec.rank, spec.target_modules)
+
+
+def read_peft_adapter(name: str, path: str | Path, modules: dict[str, tuple[int, int]], num_layers: int,
+                      max_rank: int) -> AdapterWeights:
+    """Validate and read a PEFT LoRA adapter (`inspect_peft_adapter` + `load_peft_adapter`)."""
+    return load_peft_adapter(inspect_peft_adapter(name, path, modules, num_layers, max_rank))
 
 
 def _pattern(patterns: dict | None, module_name: str, default):

@@ -3,8 +3,9 @@
 Each rank row of an adapter's A ([r, in]) and of its B^T ([r, out]) is stored in ceil(len / page_size) pages,
 any free ones; `page_table[slot, layer, module, 0|1, row, chunk]` says which. Adapters of ranks 1..max_rank
 share the arena, each using only the pages its rank needs; loading or evicting one never moves another.
-Bookkeeping (free pages, slots, pins, LRU order) is plain Python; copies into the arena run on a side CUDA
-stream from pinned memory with one event per adapter (synchronous on the CPU).
+Bookkeeping (free pages, slots, pins, LRU order) is plain Python. `stage` lays an adapter out as pages in
+(pinned) host memory, off the engine thread if wanted; `load_staged` copies it into the arena on a side CUDA
+stream with one event per adapter (synchronous on the CPU).
 
 Page table cost: slots x layers x modules x 2 x max_rank x ceil(max_dim / page_size) int32 entries.
 """
@@ -53,12 +54,33 @@ class PoolConfig:
 
 
 @dataclasses.dataclass
+class StagedAdapter:
+    """An adapter laid out as pool pages in host memory, ready for one copy into the arena."""
+
+    rows: torch.Tensor  # [pages, page_size], the rows of every A and B^T cut into pages
+    table: torch.Tensor  # int32 [layers, modules, 2, max_rank, chunks]: page numbers relative to rows
+    ranks: torch.Tensor  # int32 [layers, modules]
+    scale: float
+
+    @property
+    def num_pages(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rows, self.table, self.ranks))
+
+    def pinned(self) -> StagedAdapter:
+        return StagedAdapter(self.rows.pin_memory(), self.table.pin_memory(), self.ranks.pin_memory(), self.scale)
+
+
+@dataclasses.dataclass
 class _Resident:
     slot: int
     pages: list[int]
     pins: int = 0
-    event: torch.cuda.Event | None = None  # recorded after its copy (pinned staging memory is freed safely by
-    # torch's host allocator, which records the copy stream)
+    event: torch.cuda.Event | None = None  # recorded after its copy (pinned staged memory dropped by the host
+    # cache meanwhile is not reused early: torch's host allocator records the copy stream)
 
 
 class AdapterPool:
@@ -79,6 +101,7 @@ class AdapterPool:
         self._free_slots = collections.deque(range(c.max_slots))
         self._resident: collections.OrderedDict[str, _Resident] = collections.OrderedDict()  # LRU first
         self._copy_stream = torch.cuda.Stream(c.device) if c.device.type == "cuda" else None
+        self.evictions: collections.Counter[str] = collections.Counter()  # LRU evictions to make room, per adapter
 
     # --- queries ---------------------------------------------------------------------------------------------
     @property
@@ -104,28 +127,65 @@ class AdapterPool:
         return self._entry(name).slot
 
     def pages_needed(self, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> int:
-        p = self.page_size
-        return sum(a.shape[0] * (math.ceil(a.shape[1] / p) + math.ceil(b.shape[0] / p)) for a, b in weights.values())
+        return self.pages_for_ranks({key: a.shape[0] for key, (a, _) in weights.items()})
+
+    def pages_for_ranks(self, ranks: dict[tuple[int, str], int]) -> int:
+        """Pages an adapter with ranks[(layer, module)] takes (A rows + B^T rows, each cut into pages)."""
+        p, dims = self.page_size, self.config.modules
+        return sum(r * (math.ceil(dims[m][0] / p) + math.ceil(dims[m][1] / p)) for (_, m), r in ranks.items())
 
     # --- load / evict ----------------------------------------------------------------------------------------
-    def load(self, name: str, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], scale: float) -> int:
-        """Copy an adapter into the pool and return its slot; evicts unpinned adapters (LRU) to make room.
+    def stage(self, name: str, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+              scale: float) -> StagedAdapter:
+        """Lay an adapter out as pool pages in host memory (pinned when the pool is on a GPU).
 
+        Host-side work only, safe to run on a loader thread: `load_staged` then needs just one async copy.
         weights[(layer, module)] = (A [r, in], B [out, r]), PEFT's lora_A / lora_B weights; scale = alpha / r
         (or alpha / sqrt(r) with rsLoRA).
+        """
+        self._check_weights(name, weights)
+        c, p = self.config, self.page_size
+        m_count = len(self.module_names)
+        table = torch.zeros(c.num_layers, m_count, 2, c.max_rank, c.chunks, dtype=torch.int32)  # page numbers
+        ranks = torch.zeros(c.num_layers, m_count, dtype=torch.int32)  # relative to the adapter's first page
+        rows, next_page = [], 0
+        for (layer, module), (a, b) in weights.items():
+            m, r = self.module_index(module), a.shape[0]
+            ranks[layer, m] = r
+            for ab, mat in ((0, a), (1, b.T)):  # rows of A and of B^T
+                chunks = math.ceil(mat.shape[1] / p)
+                padded = torch.zeros(r, chunks * p, dtype=c.dtype)
+                padded[:, : mat.shape[1]] = mat.detach().to("cpu", c.dtype)
+                rows.append(padded.reshape(r * chunks, p))
+                table[layer, m, ab, :r, :chunks] = torch.arange(next_page, next_page + r * chunks).reshape(r, chunks)
+                next_page += r * chunks
+        staged = StagedAdapter(torch.cat(rows), table, ranks, float(scale))
+        return staged.pinned() if c.device.type == "cuda" else staged
+
+    def load(self, name: str, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]], scale: float) -> int:
+        """Copy an adapter into the pool and return its slot (`stage` + `load_staged`)."""
+        if name in self._resident:
+            self._resident.move_to_end(name)
+            return self._resident[name].slot
+        return self.load_staged(name, self.stage(name, weights, scale))
+
+    def load_staged(self, name: str, staged: StagedAdapter) -> int:
+        """Copy a staged adapter into free pages and return its slot; evicts unpinned adapters (LRU) to make room.
+
+        On a GPU the copy runs on the pool's side stream: `ready(name)` says when it is done and `wait(name)`
+        makes the compute stream wait for it (and only it).
         """
         if name in self._resident:
             self._resident.move_to_end(name)
             return self._resident[name].slot
-        self._check_weights(name, weights)
-        need = self.pages_needed(weights)
+        need = staged.num_pages
         if need > self.num_pages:
             raise PoolFullError(f"adapter {name!r} needs {need} pages, the whole pool has {self.num_pages}; "
                                 f"raise the pool budget above {need * self.config.page_bytes} bytes")
         self._make_room(name, need)
         entry = _Resident(slot=self._free_slots.popleft(), pages=[self._free_pages.popleft() for _ in range(need)])
         try:
-            self._write(entry, weights, scale)
+            self._write(entry, staged)
         except BaseException:  # nothing half-loaded stays behind
             self._free_pages.extend(entry.pages)
             self._free_slots.append(entry.slot)
@@ -155,6 +215,17 @@ class AdapterPool:
         if entry.pins == 0:
             raise RuntimeError(f"adapter {name!r} is not pinned")
         entry.pins -= 1
+
+    def ready(self, name: str) -> bool:
+        """Whether this adapter's copy into the pool has finished (always True on the CPU)."""
+        entry = self._entry(name)
+        return entry.event is None or entry.event.query()
+
+    def synchronize(self, name: str) -> None:
+        """Block the host until this adapter's copy is done."""
+        entry = self._entry(name)
+        if entry.event is not None:
+            entry.event.synchronize()
 
     def wait(self, name: str) -> None:
         """Make the current stream wait for this adapter's copy (and only this one's)."""
@@ -204,40 +275,27 @@ class AdapterPool:
                     f"{len(self._free_slots)} slots are free, and all {len(self._resident)} resident adapters are "
                     "pinned by running requests; retry when they finish, or raise the pool budget / max_slots")
             self.evict(victim)
+            self.evictions[victim] += 1
 
-    def _write(self, entry: _Resident, weights, scale: float) -> None:
-        c, p = self.config, self.page_size
-        m_count = len(self.module_names)
-        table = torch.zeros(c.num_layers, m_count, 2, c.max_rank, c.chunks, dtype=torch.int32)
-        ranks = torch.zeros(c.num_layers, m_count, dtype=torch.int32)
-        rows, next_page = [], 0
-        for (layer, module), (a, b) in weights.items():
-            m, r = self.module_index(module), a.shape[0]
-            ranks[layer, m] = r
-            for ab, mat in ((0, a), (1, b.T)):  # rows of A and of B^T
-                chunks = math.ceil(mat.shape[1] / p)
-                padded = torch.zeros(r, chunks * p, dtype=c.dtype)
-                padded[:, : mat.shape[1]] = mat.detach().to("cpu", c.dtype)
-                rows.append(padded.reshape(r * chunks, p))
-                ids = torch.tensor(entry.pages[next_page: next_page + r * chunks], dtype=torch.int32)
-                table[layer, m, ab, :r, :chunks] = ids.reshape(r, chunks)
-                next_page += r * chunks
-        staging = torch.cat(rows)
-        page_ids = torch.tensor(entry.pages, dtype=torch.long)
+    def _write(self, entry: _Resident, staged: StagedAdapter) -> None:
+        dev = self.config.device
+        page_ids = torch.tensor(entry.pages, dtype=torch.int32)
+        table = page_ids[staged.table.long()]  # relative page numbers -> this adapter's pages
+        page_ids = page_ids.long()
         if self._copy_stream is None:
-            self._store(entry.slot, page_ids, staging, table, ranks, scale)
+            self._store(entry.slot, page_ids, staged.rows, table, staged.ranks, staged.scale)
             return
-        pinned = [t.pin_memory() for t in (page_ids, staging, table, ranks)]
+        page_ids, table = page_ids.pin_memory(), table.pin_memory()
         # Reused pages may still be read by kernels queued before their adapter was evicted.
-        self._copy_stream.wait_stream(torch.cuda.current_stream(c.device))
+        self._copy_stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(self._copy_stream):
-            self._store(entry.slot, *pinned, scale)
+            self._store(entry.slot, page_ids, staged.rows, table, staged.ranks, staged.scale)
             entry.event = torch.cuda.Event()
             entry.event.record()
 
-    def _store(self, slot, page_ids, staging, table, ranks, scale):
+    def _store(self, slot, page_ids, rows, table, ranks, scale):
         dev = self.config.device
-        self.arena.index_copy_(0, page_ids.to(dev, non_blocking=True), staging.to(dev, non_blocking=True))
+        self.arena.index_copy_(0, page_ids.to(dev, non_blocking=True), rows.to(dev, non_blocking=True))
         self.page_table[slot].copy_(table, non_blocking=True)
         self.ranks[slot].copy_(ranks, non_blocking=True)
         self.scales[slot] = scale

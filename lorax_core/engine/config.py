@@ -14,6 +14,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85  # share of GPU memory for weights + adapters + KV cache
     adapter_pool_bytes: int | None = None  # default: 1 GiB on the GPU, 128 MiB on the CPU
     max_active_adapters: int = 32  # adapters resident in the device pool at once
+    adapter_time_slice_s: float = 2.0  # an active adapter may be rotated out after this long if others wait
+    host_adapter_cache_bytes: int | None = None  # host-memory tier; default 2 GiB (pinned) with a GPU, else 512 MiB
+    adapter_loader_threads: int = 2  # threads reading adapters from disk (0: on the engine thread)
     max_lora_rank: int = 64
     adapter_page_size: int | None = None  # elements per pool page; default min(1024, hidden size)
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU only)
@@ -25,11 +28,16 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_model_len", "kv_cache_bytes", "adapter_pool_bytes", "adapter_page_size"):
+        for name in ("max_model_len", "kv_cache_bytes", "adapter_pool_bytes", "adapter_page_size",
+                     "host_adapter_cache_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if self.adapter_page_size and self.adapter_page_size & (self.adapter_page_size - 1):
             raise ValueError(f"adapter_page_size must be a power of two, got {self.adapter_page_size}")
+        if not isinstance(self.adapter_loader_threads, int) or self.adapter_loader_threads < 0:
+            raise ValueError(f"adapter_loader_threads must be an integer >= 0, got {self.adapter_loader_threads!r}")
+        if not self.adapter_time_slice_s >= 0:
+            raise ValueError(f"adapter_time_slice_s must be >= 0 seconds, got {self.adapter_time_slice_s!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

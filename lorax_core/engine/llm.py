@@ -7,12 +7,11 @@ from pathlib import Path
 
 import torch
 
-from lorax_core.adapters import AdapterPool, AdapterWeights, PoolConfig, read_peft_adapter
-from lorax_core.engine.adapter_slots import AdapterSlots
+from lorax_core.adapters import AdapterInfo, AdapterPool, AdapterRegistry, PoolConfig
 from lorax_core.engine.block_manager import BlockManager
 from lorax_core.engine.config import EngineConfig
 from lorax_core.engine.model_runner import ModelRunner
-from lorax_core.engine.outputs import RequestError, RequestOutput, StreamDelta
+from lorax_core.engine.outputs import RequestError, RequestMetrics, RequestOutput, StreamDelta
 from lorax_core.engine.sampler import sample
 from lorax_core.engine.sampling import SamplingParams
 from lorax_core.engine.scheduler import Scheduler
@@ -49,7 +48,9 @@ class LLM:
         page = config.adapter_page_size or min(1024, 1 << (mc.hidden_size - 1).bit_length())
         self.pool = AdapterPool(PoolConfig(mc.num_layers, modules, pool_bytes, self.dtype, self.device, page,
                                            config.max_active_adapters, config.max_lora_rank))
-        self.adapters: dict[str, AdapterWeights] = {}
+        host_bytes = config.host_adapter_cache_bytes or (2**31 if self.device.type == "cuda" else 2**29)
+        self.registry = AdapterRegistry(self.pool, modules, mc.num_layers, config.max_lora_rank, host_bytes,
+                                        config.adapter_loader_threads)
 
         block_bytes = mc.kv_bytes_per_token(self.dtype) * config.kv_block_size
         num_blocks = self._kv_cache_bytes() // block_bytes
@@ -61,56 +62,77 @@ class LLM:
         self.runner = ModelRunner(self.model, self.pool, num_blocks, config.kv_block_size, graph_batch,
                                   self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.kv_block_size)
-        self.slots = AdapterSlots(self.pool, self.adapters)
         self.scheduler = Scheduler(config.max_num_seqs, max(config.max_num_batched_tokens, self.max_model_len),
-                                   self.blocks, self.slots)
+                                   config.max_active_adapters, config.adapter_time_slice_s, self.blocks, self.registry)
         torch.manual_seed(config.seed)  # unseeded requests draw from the global generator
 
     # --- adapters --------------------------------------------------------------------------------------------
-    def load_adapter(self, name: str, path: str | Path) -> None:
-        """Register a PEFT LoRA adapter (validated now against this base model); requests name it in `adapters`."""
+    def load_adapter(self, name: str, source: str | Path) -> AdapterInfo:
+        """Register a PEFT LoRA adapter from a directory or hub id, validated now (config and safetensors header)
+        against this base model; requests name it in `adapters`. Its weights are read when a request needs
+        them (in the background), and kept in host memory and the device pool while there is room."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
-        mc = self.model.config
-        adapter = read_peft_adapter(name, resolve_model_dir(path, f"adapter {name!r}"), mc.lora_modules(),
-                                    mc.num_layers, self.config.max_lora_rank)
-        need = self.pool.pages_needed(adapter.weights)
-        if need > self.pool.num_pages:
-            raise ValueError(f"adapter {name!r} needs {need} pages of the adapter pool, which has {self.pool.num_pages}"
-                             f"; raise adapter_pool_bytes above {need * self.pool.config.page_bytes}")
-        if name in self.pool.resident:
-            self.pool.evict(name)  # raises if running requests use it
-        self.adapters[name] = adapter
+        self._refuse_if_in_use(name, "replace")
+        return self.registry.register(name, str(source), resolve_model_dir(source, f"adapter {name!r}"))
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget an adapter (device pool, host memory and registry); refused while requests use it."""
+        self.registry.stats(name)  # ValueError if unknown
+        self._refuse_if_in_use(name, "unload")
+        self.registry.unregister(name)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        """Every registered adapter: where it is (disk / loading / host / device), its rank and its counters."""
+        return [self.registry.info(name) for name in self.registry.names]
+
+    def _refuse_if_in_use(self, name: str, verb: str) -> None:
+        if self.scheduler.demand[name]:
+            raise ValueError(f"adapter {name!r} has {self.scheduler.demand[name]} unfinished request(s); wait for "
+                             f"them or abort them before you {verb} it")
 
     # --- requests --------------------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, adapter: str | None = None) -> Sequence:
         """Queue one request (a ValueError says why it is refused; nothing else is affected)."""
         params = params or SamplingParams()
-        if adapter is not None and adapter not in self.adapters:
-            raise ValueError(f"unknown adapter {adapter!r}; load it first with load_adapter({adapter!r}, path) "
-                             f"(loaded: {sorted(self.adapters) or 'none'})")
+        stats = self.registry.stats(adapter) if adapter is not None else None  # ValueError if unknown
         ids = self._tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} tokens "
                              "(max_model_len) and at least one must be generated: shorten the prompt")
         seq = Sequence(ids, params, adapter)
         self.scheduler.add(seq)
+        if stats is not None:
+            stats.requests += 1
+            stats.prompt_tokens += len(ids)
         return seq
 
     def abort(self, seq: Sequence) -> None:
-        """Cancel a request; it finishes with finish_reason "abort"."""
-        if not seq.finished:
-            self.scheduler.finish(seq, "abort")
+        """Cancel a request, waiting or running; it finishes with finish_reason "abort"."""
+        self.scheduler.finish(seq, "abort")
 
     def step(self) -> list[Sequence]:
-        """One engine step (a prefill or a decode of the scheduled batch); returns the sequences it advanced."""
+        """One engine step (a prefill or a decode of the scheduled batch); returns the sequences it advanced.
+
+        With nothing to run but adapters on their way in, it waits for them first."""
         seqs, is_prefill = self.scheduler.schedule()
+        if not seqs and self.registry.wait_for_loads(self.scheduler.active):
+            seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
+            if not self.scheduler.running and self.scheduler.waiting and not self.registry.loading:
+                raise RuntimeError(f"engine stalled: {len(self.scheduler.waiting)} waiting requests cannot be "
+                                   "scheduled with nothing running (KV blocks or adapter slots); this is a bug")
             return []
-        self.slots.wait(seqs)
+        for name in {s.adapter for s in seqs if s.adapter is not None}:
+            self.pool.wait(name)  # the compute stream waits for these adapters' copies (only these)
         tokens = sample(self.runner.run(seqs, is_prefill), seqs)
+        now = self.scheduler.clock()
         for seq, token in zip(seqs, tokens):
             seq.append(token)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if seq.adapter is not None:
+                self.registry.stats(seq.adapter).generated_tokens += 1
             self._update(seq, token)
         return seqs
 
@@ -119,7 +141,8 @@ class LLM:
         """Complete every prompt (text or token ids), each with its adapter (None: the base model).
 
         Raises RequestError (a ValueError) after the others complete if some requests were refused; its
-        `.outputs` holds all of them."""
+        `.outputs` holds all of them. A request whose adapter fails to load at run time (its file broke after
+        load_adapter) ends with finish_reason "error" and the message in `.error`; the others are unaffected."""
         prompts = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
         n = len(prompts)
         params_list = list(params) if isinstance(params, Seq) else [params] * n
@@ -135,9 +158,7 @@ class LLM:
                 errors[i] = str(err)
                 seqs.append(None)
         while any(s is not None and not s.finished for s in seqs):
-            if not self.step() and not self.scheduler.running:
-                raise RuntimeError(f"engine stalled: {len(self.scheduler.waiting)} waiting requests cannot be "
-                                   "scheduled with nothing running (KV blocks or adapter slots); this is a bug")
+            self.step()
         outputs = [self._output(s) if s is not None else
                    RequestOutput(-1, [], [], "", "error", adapter_list[i], error=errors[i]) for i, s in enumerate(seqs)]
         if errors:
@@ -158,7 +179,8 @@ class LLM:
                     ids = seq.completion_ids
                     if len(ids) > sent_tokens or seq.finished:
                         logprobs = seq.logprobs[sent_tokens:] if seq.params.logprobs is not None else None
-                        yield StreamDelta(seq.id, text[sent_text:], ids[sent_tokens:], seq.finish_reason, logprobs)
+                        yield StreamDelta(seq.id, text[sent_text:], ids[sent_tokens:], seq.finish_reason, logprobs,
+                                          seq.error)
                         sent_tokens, sent_text = len(ids), len(text)
                 if seq.finished:
                     return
@@ -207,8 +229,9 @@ class LLM:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         logprobs = seq.logprobs if seq.params.logprobs is not None else None
+        metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, seq.finished_time)
         return RequestOutput(seq.id, seq.token_ids[: seq.prompt_len], seq.completion_ids, seq.text, seq.finish_reason,
-                             seq.adapter, logprobs, seq.error)
+                             seq.adapter, logprobs, seq.error, metrics)
 
     def _kv_cache_bytes(self) -> int:
         c = self.config

@@ -7,6 +7,20 @@ from lorax_core.engine.sequence import TokenLogprob
 
 
 @dataclasses.dataclass
+class RequestMetrics:
+    """When the request arrived, was first scheduled, got its first token and finished (time.monotonic s)."""
+
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finished_time: float | None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclasses.dataclass
 class RequestOutput:
     request_id: int
     prompt_token_ids: list[int]
@@ -16,6 +30,7 @@ class RequestOutput:
     adapter: str | None = None
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None  # why the request was refused or failed (finish_reason "error")
+    metrics: RequestMetrics | None = None
 
 
 @dataclasses.dataclass
@@ -27,6 +42,7 @@ class StreamDelta:
     token_ids: list[int]
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    error: str | None = None  # why the request failed (finish_reason "error")
 
 
 class RequestError(ValueError):

@@ -40,6 +40,11 @@ class Sequence:
         self.text = ""  # detokenized completion (cut at a stop string)
         self.logprobs: list[TokenLogprob] = []
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        # times on the scheduler's clock (seconds)
+        self.arrival_time = 0.0
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finished_time: float | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -63,5 +68,6 @@ class Sequence:
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
 
-    def finish(self, reason: str, error: str | None = None) -> None:
+    def finish(self, reason: str, error: str | None = None, when: float | None = None) -> None:
         self.status, self.finish_reason, self.error = Status.FINISHED, reason, error
+        self.finished_time = when
