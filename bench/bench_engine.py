@@ -67,10 +67,14 @@ def engine_rows(base: Path, adapters: dict, quantize: str | None) -> list[dict]:
         llm.load_adapter(name, path)
     rng, names, rows = random.Random(0), list(adapters), []
     params = SamplingParams(max_tokens=DECODE_STEPS + 8, temperature=0, ignore_eos=True)
+    # every adapter into memory first: a batch whose adapters still load decodes its first requests meanwhile,
+    # which could use up their max_tokens before the timed steps
+    llm.generate([[3] * 8] * len(names), SamplingParams(max_tokens=1), adapters=names)
     for batch in BATCHES:
         seqs = [llm.add_request([rng.randrange(3, 32000) for _ in range(PROMPT)], params, rng.choice(names))
                 for _ in range(batch)]
-        llm.step()  # prefill
+        while any(seq.first_token_time is None for seq in seqs):
+            llm.step()  # prefill (adapters load in the background: some requests may start a step or more later)
         for _ in range(3):
             llm.step()  # warm-up decode steps
         seconds = timed(lambda: [llm.step() for _ in range(DECODE_STEPS)]) / DECODE_STEPS

@@ -31,4 +31,7 @@ tail -40 "$OUT/bench.log"
 if [ -z "${SKIP_ENGINE_BENCH:-}" ]; then
   python3 bench/bench_engine.py 2>&1 | tail -30 | tee "$OUT/engine.log" || status=1
 fi
+if [ -z "${SKIP_ADAPTERS_BENCH:-}" ]; then
+  python3 bench/bench_adapters.py --out "$OUT" 2>&1 | tail -30 | tee "$OUT/adapters.log" || status=1
+fi
 exit $status

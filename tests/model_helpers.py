@@ -101,3 +101,22 @@ def hf_greedy(model, token_ids: list[int], adapter: str | None, steps: int) -> l
     for _ in range(steps):
         ids.append(int(hf_logits(model, ids, adapter)[-1].argmax()))
     return ids[len(token_ids):]
+
+
+@torch.no_grad()
+def hf_greedy_mixed(model, prompts: list[list[int]], adapters: list[str | None], steps: int) -> list[list[int]]:
+    """hf_greedy for many requests at once: PEFT's mixed-adapter batches (adapter_names), one batch per prompt
+    length (no padding, so each row computes exactly what it would alone)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    for rows in by_length.values():
+        ids = torch.tensor([prompts[i] for i in rows])
+        names = [adapters[i] or "__base__" for i in rows]
+        for _ in range(steps):
+            nxt = model(ids, adapter_names=names).logits[:, -1].argmax(-1)
+            ids = torch.cat([ids, nxt[:, None]], 1)
+        for row, i in enumerate(rows):
+            out[i] = ids[row, len(prompts[i]):].tolist()
+    return out

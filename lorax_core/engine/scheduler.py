@@ -75,6 +75,9 @@ class Scheduler:
         """Activate adapters (in host memory or the pool) in order while places and pages allow; returns the rest."""
         ready = list(ready)
         while ready and len(self.active) < self.max_active_adapters:
+            if not self.registry.staged(ready[0]):  # evicted from the pool just now to make room, not in host memory
+                self.registry.prefetch(ready.pop(0))
+                continue
             try:
                 self.registry.to_device(ready[0])
             except PoolFullError:  # its pages fit only after some active adapter leaves
