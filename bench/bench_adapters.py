@@ -108,8 +108,9 @@ def engine_options(setup: Setup, shapes: dict, layers: int, page: int) -> dict:
     """Pool room for 1.25 x concurrency adapters, host cache for all of them (sizes as the pool lays them out:
     each rank row of A and of B^T in whole pages, plus a page table per adapter in host memory)."""
     from lorax_core import EngineConfig
+    from lorax_core.adapters import pages_for
 
-    pages = setup.rank * layers * sum(math.ceil(i / page) + math.ceil(o / page) for i, o in shapes.values())
+    pages = pages_for(shapes, {(layer, m): setup.rank for layer in range(layers) for m in shapes}, page)
     device_bytes = pages * page * torch.empty(0, dtype=setup.dtype).element_size()
     chunks = math.ceil(max(max(dims) for dims in shapes.values()) / page)
     table_bytes = layers * len(shapes) * (2 * EngineConfig().max_lora_rank * chunks + 1) * 4

@@ -18,6 +18,12 @@ import math
 import torch
 
 
+def pages_for(modules: dict[str, tuple[int, int]], ranks: dict[tuple[int, str], int], page_size: int) -> int:
+    """Pages an adapter with ranks[(layer, module)] takes: each rank row of A and of B^T in whole pages."""
+    return sum(r * (math.ceil(modules[m][0] / page_size) + math.ceil(modules[m][1] / page_size))
+               for (_, m), r in ranks.items())
+
+
 class PoolFullError(RuntimeError):
     """No room for an adapter: every resident adapter is pinned by running requests."""
 
@@ -130,9 +136,7 @@ class AdapterPool:
         return self.pages_for_ranks({key: a.shape[0] for key, (a, _) in weights.items()})
 
     def pages_for_ranks(self, ranks: dict[tuple[int, str], int]) -> int:
-        """Pages an adapter with ranks[(layer, module)] takes (A rows + B^T rows, each cut into pages)."""
-        p, dims = self.page_size, self.config.modules
-        return sum(r * (math.ceil(dims[m][0] / p) + math.ceil(dims[m][1] / p)) for (_, m), r in ranks.items())
+        return pages_for(self.config.modules, ranks, self.page_size)
 
     # --- load / evict ----------------------------------------------------------------------------------------
     def stage(self, name: str, weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],

@@ -187,6 +187,16 @@ class LLM:
         finally:
             self.abort(seq)  # a consumer that stops early cancels the request
 
+    def close(self) -> None:
+        """Stop the adapter loader threads (also on leaving a `with LLM(...) as llm:` block)."""
+        self.registry.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # --- internals -------------------------------------------------------------------------------------------
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
