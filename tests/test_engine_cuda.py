@@ -20,7 +20,7 @@ def paths(tmp_path_factory):
 
 def engine(paths, **kwargs):
     base, adapters = paths
-    llm = LLM(base, kv_block_size=16, **kwargs)
+    llm = LLM(base, kv_block_size=16, adapter_loader_threads=0, **kwargs)  # same batches in every engine
     for name, path in adapters.items():
         llm.load_adapter(name, path)
     return llm

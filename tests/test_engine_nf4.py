@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
     base = save_model(root / "base", "llama", hidden_size=128, intermediate_size=256)
     adapters = {name: save_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
     hf = hf_peft_model(base, adapters, quantization_config=bnb_config(), dtype=torch.float32, device_map="cpu")
-    llm = LLM(base, dtype="float32", device="cpu", quantize="nf4", kv_block_size=4)
+    llm = LLM(base, dtype="float32", device="cpu", quantize="nf4", kv_block_size=4, adapter_loader_threads=0)
     for name, path in adapters.items():
         llm.load_adapter(name, path)
     return llm, hf, root, adapters
@@ -47,8 +47,9 @@ def test_nf4_logits_match_bitsandbytes_peft(setup):
     llm, hf, *_ = setup
     prompts = [[random.Random(i).randrange(3, 300) for _ in range(5 + 3 * i)] for i in range(len(ROWS))]
     seqs = [llm.add_request(p, SamplingParams(max_tokens=2, temperature=0), a) for p, a in zip(prompts, ROWS)]
-    batch, _ = llm.scheduler.schedule()
-    for seq, row in zip(batch, llm.runner.run(batch, True)):
+    batch = llm.scheduler.schedule()
+    assert batch == seqs
+    for seq, row in zip(batch, llm.runner.run(batch)):
         torch.testing.assert_close(row, hf_logits(hf, seq.token_ids, seq.adapter)[-1], **NF4_TOL)
     for seq in seqs:
         llm.abort(seq)

@@ -35,13 +35,14 @@ def test_logits_match_peft_row_by_row(setup):
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     seqs = [llm.add_request(p, greedy, a) for p, a in zip(prompts, ROWS)]
     for step in range(4):
-        batch, is_prefill = llm.scheduler.schedule()
-        assert is_prefill == (step == 0) and batch == seqs
-        logits = llm.runner.run(batch, is_prefill)
+        batch = llm.scheduler.schedule()
+        assert batch == seqs and all(s.chunk == (len(s) if step == 0 else 1) for s in batch)
+        logits = llm.runner.run(batch)
         for seq, row in zip(seqs, logits):
             expected = hf_logits(hf, seq.token_ids, seq.adapter)[-1]
             torch.testing.assert_close(row, expected, **FP32_TOL, msg=lambda m: f"{seq.adapter}, step {step}: {m}")
         for seq, row in zip(seqs, logits):
+            seq.num_computed_tokens, seq.chunk = len(seq), 0
             seq.append(int(row.argmax()))
     for seq in seqs:
         llm.abort(seq)
@@ -65,6 +66,31 @@ def test_greedy_generation_matches_peft(setup):
         assert out.finish_reason == "length" and out.adapter == adapter
     assert llm.blocks.free_blocks == llm.blocks.num_blocks
     assert all(llm.pool._resident[n].pins == 0 for n in llm.pool.resident)
+
+
+def test_chunked_prefill_mixed_with_decodes_matches_peft(setup):
+    """A step budget of 6 tokens: prompts of 10..40 tokens are prefilled in chunks over several steps, in the same
+    steps as other rows' decodes (for Mistral the cached prefix is longer than its window of 8)."""
+    llm, hf = setup
+    small = LLM(llm.model_dir, dtype="float32", device="cpu", kv_block_size=4, max_num_batched_tokens=6,
+                max_num_seqs=4)
+    for info in llm.list_adapters():
+        small.load_adapter(info.name, info.path)
+    steps, schedule = [], small.scheduler.schedule
+
+    def recording():  # each step's chunk sizes
+        batch = schedule()
+        steps.append([s.chunk for s in batch])
+        return batch
+
+    small.scheduler.schedule = recording
+    prompts = random_prompts(len(ROWS), random.Random(3), lo=10, hi=40)
+    outs = small.generate(prompts, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), adapters=ROWS)
+    for prompt, adapter, out in zip(prompts, ROWS, outs):
+        assert out.token_ids == hf_greedy(hf, prompt, adapter, 5), adapter
+    assert max(sum(chunks) for chunks in steps) <= 6
+    assert any(1 in chunks and max(chunks) > 1 for chunks in steps)  # decodes and a prompt chunk in one step
+    assert small.blocks.free_blocks == small.blocks.num_blocks
 
 
 @pytest.mark.parametrize("rope", [

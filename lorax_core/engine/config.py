@@ -7,7 +7,7 @@ import dataclasses
 @dataclasses.dataclass
 class EngineConfig:
     max_num_seqs: int = 64  # sequences running at once
-    max_num_batched_tokens: int = 8192  # tokens per prefill step (raised to max_model_len if below)
+    max_num_batched_tokens: int = 8192  # tokens per step (decodes + prompt chunks; at least max_num_seqs)
     max_model_len: int | None = None  # prompt + output; default: the model's context, capped by the KV cache
     kv_block_size: int = 16
     kv_cache_bytes: int | None = None  # default: gpu_memory_utilization of the GPU, or 512 MiB on the CPU

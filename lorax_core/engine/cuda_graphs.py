@@ -31,7 +31,7 @@ class DecodeGraphs:
 
     def _context(self, bs: int) -> ForwardContext:
         lora = LoraBatch(self.pool, self.seg_starts[: bs + 1], self.seg_slots[:bs])
-        return ForwardContext(is_prefill=False, positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
+        return ForwardContext(positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
                               block_tables=self.block_tables[:bs], context_lens=self.context_lens[:bs], lora=lora)
 
     @torch.inference_mode()

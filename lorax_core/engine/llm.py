@@ -36,7 +36,7 @@ class LLM:
         self.config = config = EngineConfig(**engine_options)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(dtype, self.device)
-        model_dir = resolve_model_dir(model)
+        self.model_dir = model_dir = resolve_model_dir(model)
         mc = read_config(model_dir)
         max_positions = min(mc.max_position_embeddings, config.max_model_len or mc.max_position_embeddings)
         self.model = load_model(model_dir, mc, self.dtype, self.device, quantize, max_positions)
@@ -62,7 +62,7 @@ class LLM:
         self.runner = ModelRunner(self.model, self.pool, num_blocks, config.kv_block_size, graph_batch,
                                   self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.kv_block_size)
-        self.scheduler = Scheduler(config.max_num_seqs, max(config.max_num_batched_tokens, self.max_model_len),
+        self.scheduler = Scheduler(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
                                    config.max_active_adapters, config.adapter_time_slice_s, self.blocks, self.registry)
         torch.manual_seed(config.seed)  # unseeded requests draw from the global generator
 
@@ -112,12 +112,12 @@ class LLM:
         self.scheduler.finish(seq, "abort")
 
     def step(self) -> list[Sequence]:
-        """One engine step (a prefill or a decode of the scheduled batch); returns the sequences it advanced.
+        """One engine step (decodes and prompt chunks together); returns the sequences that got a new token.
 
         With nothing to run but adapters on their way in, it waits for them first."""
-        seqs, is_prefill = self.scheduler.schedule()
+        seqs = self.scheduler.schedule()
         if not seqs and self.registry.wait_for_loads(self.scheduler.active):
-            seqs, is_prefill = self.scheduler.schedule()
+            seqs = self.scheduler.schedule()
         if not seqs:
             if not self.scheduler.running and self.scheduler.waiting and not self.registry.loading:
                 raise RuntimeError(f"engine stalled: {len(self.scheduler.waiting)} waiting requests cannot be "
@@ -125,16 +125,21 @@ class LLM:
             return []
         for name in {s.adapter for s in seqs if s.adapter is not None}:
             self.pool.wait(name)  # the compute stream waits for these adapters' copies (only these)
-        tokens = sample(self.runner.run(seqs, is_prefill), seqs)
+        logits = self.runner.run(seqs)
+        sampled = [s for s in seqs if s.samples]  # the others computed a prompt chunk that is not the last
+        tokens = sample(logits, sampled)
+        for seq in seqs:
+            seq.num_computed_tokens += seq.chunk
+            seq.chunk = 0
         now = self.scheduler.clock()
-        for seq, token in zip(seqs, tokens):
+        for seq, token in zip(sampled, tokens):
             seq.append(token)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if seq.adapter is not None:
                 self.registry.stats(seq.adapter).generated_tokens += 1
             self._update(seq, token)
-        return seqs
+        return sampled
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
                  adapters: str | None | Seq[str | None] = None) -> list[RequestOutput]:

@@ -1,8 +1,9 @@
 """Turns the scheduler's list of sequences into batch tensors, once per step, and runs the model on them.
 
-Rows are ordered by adapter so each adapter's rows form one segment: the LoRA ops read each adapter's weights
-once per projection, and the grouping is computed here once per step instead of inside each of the
-7 x layers LoRA calls.
+Prefill chunks come first, then decode rows (attention treats the two parts differently); within each part rows
+are ordered by adapter so each adapter's rows form one segment: the LoRA ops read each adapter's weights once per
+projection, and the grouping is computed here once per step instead of inside each of the 7 x layers LoRA calls.
+A step of decode rows only replays a CUDA graph when one fits.
 """
 from __future__ import annotations
 
@@ -31,31 +32,41 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, pool, graph_batch, -(-max_model_len // block_size))
 
     # --- batch tensors ---------------------------------------------------------------------------------------
-    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ForwardContext]:
-        ids, positions, slots, cu = [], [], [], [0]
-        for seq in seqs:
-            n = len(seq)
-            ids += seq.token_ids
-            positions += range(n)
-            slots += [seq.block_table[i // self.block_size] * self.block_size + i % self.block_size for i in range(n)]
-            cu.append(cu[-1] + n)
-        ctx = ForwardContext(is_prefill=True, positions=self._long(positions), slot_mapping=self._long(slots),
-                             cu_seqlens=cu, lora=self._lora(seqs, cu), logits_indices=self._long([e - 1 for e in cu[1:]]))
+    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ForwardContext]:
+        """Batch tensors of one step, rows in the order of `seqs`: prefill chunks first, then decode rows (a
+        one-token chunk after a cached prefix, read by the paged decode op)."""
+        chunks = [s for s in seqs if not _is_decode_row(s)]
+        decodes = seqs[len(chunks):]
+        assert all(_is_decode_row(s) for s in decodes), "prefill chunks must come before decode rows"
+        ids, positions, slots, cu, starts, prefix = [], [], [], [0], [], []
+        for seq in chunks:
+            first, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.chunk
+            ids += seq.token_ids[first:end]
+            positions += range(first, end)
+            slots += self._slots(seq, range(first, end))
+            cu.append(end - first + cu[-1])
+            starts.append(first)
+            prefix.append(self._long(self._slots(seq, range(end))) if first else None)
+        for seq in decodes:
+            ids.append(seq.last_token)
+            positions.append(len(seq) - 1)
+            slots += self._slots(seq, [len(seq) - 1])
+        rows_cu = cu + [cu[-1] + i + 1 for i in range(len(decodes))]
+        ctx = ForwardContext(positions=self._long(positions), slot_mapping=self._long(slots), num_prefill_tokens=cu[-1],
+                             cu_seqlens=cu, chunk_starts=starts, prefix_slots=prefix, lora=self._lora(seqs, rows_cu),
+                             logits_indices=self._long([rows_cu[i + 1] - 1 for i, s in enumerate(seqs) if s.samples]))
+        if decodes:
+            width = max(len(s.block_table) for s in decodes)
+            ctx.block_tables = self._int([s.block_table + [0] * (width - len(s.block_table)) for s in decodes])
+            ctx.context_lens = self._int([len(s) for s in decodes])
         return self._long(ids), ctx
 
-    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ForwardContext]:
-        width = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        positions = [len(s) - 1 for s in seqs]
-        slots = [s.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                 for s, p in zip(seqs, positions)]
-        ctx = ForwardContext(is_prefill=False, positions=self._long(positions), slot_mapping=self._long(slots),
-                             block_tables=self._int(tables), context_lens=self._int([len(s) for s in seqs]),
-                             lora=self._lora(seqs, list(range(len(seqs) + 1))))
-        return self._long([s.last_token for s in seqs]), ctx
+    def _slots(self, seq: Sequence, positions) -> list[int]:
+        bs = self.block_size
+        return [seq.block_table[p // bs] * bs + p % bs for p in positions]
 
     def _lora(self, seqs: list[Sequence], cu: list[int]) -> LoraBatch | None:
-        """Segments of consecutive rows sharing an adapter slot (rows arrive sorted by slot)."""
+        """Segments of consecutive rows sharing an adapter slot (rows arrive grouped by slot)."""
         if all(s.adapter_slot < 0 for s in seqs):
             return None
         starts, slots = [0], []
@@ -75,18 +86,23 @@ class ModelRunner:
 
     # --- run -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Logits fp32 [len(seqs), vocab] of each sequence's next token, in the order of `seqs`."""
-        order = sorted(range(len(seqs)), key=lambda i: seqs[i].adapter_slot)
+    def run(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits fp32 [S, vocab] of the next token of each sequence whose chunk reaches its end (`seq.samples`),
+        in the order of `seqs`."""
+        order = sorted(range(len(seqs)), key=lambda i: (_is_decode_row(seqs[i]), seqs[i].adapter_slot))
         ordered = [seqs[i] for i in order]
-        input_ids, ctx = (self.prepare_prefill if is_prefill else self.prepare_decode)(ordered)
-        if not is_prefill and self.graphs is not None and self.graphs.fits(len(seqs), ctx.block_tables.shape[1]):
-            hidden = self.graphs.run(input_ids, ctx)
+        input_ids, ctx = self.prepare(ordered)
+        graphs = self.graphs
+        if ctx.num_prefill_tokens == 0 and graphs is not None and graphs.fits(len(seqs), ctx.block_tables.shape[1]):
+            hidden = graphs.run(input_ids, ctx)
         else:
             hidden = self.model(input_ids, ctx)
-        if ctx.logits_indices is not None:
-            hidden = hidden[ctx.logits_indices]
-        logits = self.model.compute_logits(hidden)
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        return logits[inverse.to(logits.device)]
+        logits = self.model.compute_logits(hidden[ctx.logits_indices])
+        sampled = [i for i in order if seqs[i].samples]  # input position of each logits row
+        back = sorted(range(len(sampled)), key=sampled.__getitem__)  # logits rows in input order
+        return logits[torch.tensor(back, dtype=torch.long, device=logits.device)]
+
+
+def _is_decode_row(seq: Sequence) -> bool:
+    return seq.chunk == 1 and seq.num_computed_tokens == len(seq) - 1 > 0
+

@@ -5,11 +5,14 @@
   When adapters wait and no place is free, adapters active longer than the time slice stop taking new
   requests (drain) and leave once their running requests end; an idle adapter leaves at once (it stays
   cached in the pool until its pages are needed).
-- Prefill: waiting requests in arrival order, each admitted when its adapter is active and its copy done,
-  and its KV blocks, the step's token budget and max_num_seqs fit. A request whose adapter is still loading
-  is passed over, so it holds up no one.
-- Decode: every running sequence one token; when KV blocks run out the newest is preempted (its blocks
-  freed, prefilled again later with its output so far: nothing is lost).
+- Each step mixes decode and prefill: every running sequence whose prompt is cached decodes one token; the
+  rest of the step's token budget (max_num_batched_tokens) goes to prompt chunks, first of prompts already
+  being prefilled, then of waiting requests (chunked prefill: a long prompt takes several steps and never
+  holds the decodes up).
+- Admission: waiting requests in arrival order, each when its adapter is active and its copy done, and its
+  KV blocks and max_num_seqs fit. A request whose adapter is still loading is passed over, so it holds up
+  no one. When KV blocks run out at decode, the newest running sequence is preempted (its blocks freed,
+  prefilled again later with its output so far: nothing is lost).
 """
 from __future__ import annotations
 
@@ -45,14 +48,18 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """The sequences of the next step and whether it is a prefill step."""
+    def schedule(self) -> list[Sequence]:
+        """The sequences of the next step, each with `chunk` set: 1 token for a decode, a piece of the prompt
+        for a prefill. Decodes come first; prefill chunks (continued, then new requests) fill the token budget."""
         now = self.clock()
         for name, message in self.registry.poll():
             self._fail_waiting(name, message)
         self._exchange_adapters(now)
-        batch = self._schedule_prefill(now)
-        return (batch, True) if batch else (self._schedule_decode(), False)
+        batch = self._schedule_decodes()
+        budget = self.max_num_batched_tokens - len(batch)
+        budget -= self._continue_prefills(batch, budget)
+        self._admit(batch, budget, now)
+        return batch
 
     # --- adapters --------------------------------------------------------------------------------------------
     def _exchange_adapters(self, now: float) -> None:
@@ -106,18 +113,49 @@ class Scheduler:
             self.finish(seq, "error", message)
 
     # --- batches ---------------------------------------------------------------------------------------------
-    def _schedule_prefill(self, now: float) -> list[Sequence]:
-        batch, passed_over, tokens = [], [], 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
+    def _schedule_decodes(self) -> list[Sequence]:
+        """One token for each running sequence whose prompt is in the cache; when KV blocks run out, the newest
+        running sequence not yet in the batch is preempted (possibly this one)."""
+        batch: list[Sequence] = []
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING or len(seq) - seq.num_computed_tokens != 1:
+                continue
+            while not self.blocks.can_append(seq):
+                victim = next(s for s in reversed(self.running) if s not in batch)
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.append(seq)
+                seq.chunk = 1
+                batch.append(seq)
+        return batch
+
+    def _continue_prefills(self, batch: list[Sequence], budget: int) -> int:
+        """The next chunks of prompts prefilled over several steps (their blocks were allocated at admission)."""
+        used = 0
+        for seq in self.running:
+            remaining = len(seq) - seq.num_computed_tokens
+            if remaining > 1 and used < budget:
+                seq.chunk = min(remaining, budget - used)
+                batch.append(seq)
+                used += seq.chunk
+        return used
+
+    def _admit(self, batch: list[Sequence], budget: int, now: float) -> None:
+        passed_over = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.popleft()
             if not self._admissible(seq):
                 passed_over.append(seq)
                 continue
-            if tokens + len(seq) > self.max_num_batched_tokens or not self.blocks.can_allocate(seq):
+            if not self.blocks.can_allocate(seq):
                 self.waiting.appendleft(seq)
                 break
             self.blocks.allocate(seq)
             seq.status = Status.RUNNING
+            seq.chunk = min(len(seq), budget)
+            budget -= seq.chunk
             if seq.adapter is not None:
                 seq.adapter_slot = self.registry.pool.slot(seq.adapter)
                 self._running_with[seq.adapter] += 1
@@ -127,31 +165,15 @@ class Scheduler:
                     self.registry.stats(seq.adapter).queue_time_s += now - seq.arrival_time
             self.running.append(seq)
             batch.append(seq)
-            tokens += len(seq)
         self.waiting.extendleft(reversed(passed_over))
-        return batch
-
-    def _schedule_decode(self) -> list[Sequence]:
-        batch = []
-        while self.running:
-            seq = self.running.popleft()
-            while not self.blocks.can_append(seq):
-                if self.running:
-                    self.preempt(self.running.pop())
-                else:
-                    self.preempt(seq)
-                    break
-            else:
-                self.blocks.append(seq)
-                batch.append(seq)
-        self.running.extend(batch)
-        return batch
 
     # --- leaving the running set -----------------------------------------------------------------------------
     def preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks; it is prefilled again (prompt + output so far) later."""
+        self.running.remove(seq)
         self._release(seq)
         seq.status = Status.WAITING
+        seq.num_computed_tokens = 0
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:

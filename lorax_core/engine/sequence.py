@@ -35,6 +35,8 @@ class Sequence:
         self.adapter_slot = -1  # the pool slot while running with an adapter
         self.status = Status.WAITING
         self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose keys and values are in the KV cache
+        self.chunk = 0  # tokens this step computes (set by the scheduler)
         self.finish_reason: str | None = None  # "stop" | "length" | "error" | "abort"
         self.error: str | None = None
         self.text = ""  # detokenized completion (cut at a stop string)
@@ -60,6 +62,11 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.token_ids[-1]
+
+    @property
+    def samples(self) -> bool:
+        """This step's chunk reaches the last token, so the step samples the next one."""
+        return self.num_computed_tokens + self.chunk == len(self.token_ids)
 
     @property
     def finished(self) -> bool:

@@ -1,4 +1,5 @@
-"""Self-attention over the paged KV cache: SDPA over the new tokens at prefill, the paged op at decode."""
+"""Self-attention over the paged KV cache: SDPA over prompt chunks (with their cached prefix), the paged op for
+decode rows; one step may hold both."""
 from __future__ import annotations
 
 import torch
@@ -29,24 +30,42 @@ class Attention(nn.Module):
         v = v.view(-1, self.kv_heads, self.head_dim)
         q, k = self.rotary(q, k, ctx.positions)
         kv_cache_write(self.k_cache, self.v_cache, k, v, ctx.slot_mapping)
-        if ctx.is_prefill:
-            out = self._prefill(q, k, v, ctx.cu_seqlens)
+        p = ctx.num_prefill_tokens
+        if p == 0:
+            out = self._decode(q, ctx)
+        elif p == q.shape[0]:
+            out = self._prefill(q, k, v, ctx)
         else:
-            out = paged_attention_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens,
-                                         self.scale, self.window)
+            out = torch.cat([self._prefill(q[:p], k[:p], v[:p], ctx), self._decode(q[p:], ctx)])
         return self.o(out.reshape(-1, self.heads * self.head_dim), ctx)[0]
 
-    def _prefill(self, q, k, v, cu_seqlens: list[int]) -> torch.Tensor:
-        """Causal attention of each sequence's new tokens over themselves (whole prompts, no cached prefix)."""
+    def _decode(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return paged_attention_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
+                                      self.window)
+
+    def _prefill(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+        """Causal attention of each prompt chunk over its sequence so far: the chunk itself when it starts the
+        sequence, else the cached prefix read back through its slots (the chunk's keys are in the cache now)."""
         out = torch.empty_like(q)
-        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [heads, n, D]
-            n = end - start
-            if self.window and n > self.window:
-                i = torch.arange(n, device=q.device)
-                mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < self.window)
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        cu = ctx.cu_seqlens
+        for b, (start, end) in enumerate(zip(cu[:-1], cu[1:])):
+            slots = ctx.prefix_slots[b]
+            if slots is None:
+                ks, vs = k[start:end], v[start:end]
             else:
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
-            out[start:end] = o.transpose(0, 1)
+                ks, vs = self.k_cache.flatten(0, 1)[slots], self.v_cache.flatten(0, 1)[slots]
+            out[start:end] = self._attend(q[start:end], ks, vs, ctx.chunk_starts[b])
         return out
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int) -> torch.Tensor:
+        """q [n, heads, D] at positions first.., k / v [first + n, kv_heads, D] at positions 0.. -> [n, heads, D]."""
+        n, m = q.shape[0], k.shape[0]
+        qs, ks, vs = (t.transpose(0, 1) for t in (q, k, v))  # [heads, len, D]
+        if first == 0 and not (self.window and n > self.window):
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            i = torch.arange(first, first + n, device=q.device)[:, None]
+            j = torch.arange(m, device=q.device)[None, :]
+            mask = (j <= i) & (i - j < self.window) if self.window else j <= i
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return o.transpose(0, 1)

@@ -26,11 +26,16 @@ class LoraBatch:
 
 @dataclasses.dataclass
 class ForwardContext:
-    is_prefill: bool
+    """Rows [0, num_prefill_tokens) are prefill chunks, the rest decode rows (one token each)."""
+
     positions: torch.Tensor  # int64 [T]
     slot_mapping: torch.Tensor  # int64 [T]: KV cache slot of each token
-    cu_seqlens: list[int] | None = None  # prefill: sequence b is tokens [cu[b], cu[b + 1])
-    block_tables: torch.Tensor | None = None  # decode: int32 [B, max_blocks]
-    context_lens: torch.Tensor | None = None  # decode: int32 [B]
+    num_prefill_tokens: int = 0
+    cu_seqlens: list[int] | None = None  # prefill chunk b is rows [cu[b], cu[b + 1])
+    chunk_starts: list[int] | None = None  # chunk b's first position (tokens of its sequence already cached)
+    prefix_slots: list[torch.Tensor | None] | None = None  # chunk b after a cached prefix: int64 cache slots of
+    # positions [0, chunk end), to read the prefix back; None for a chunk that starts the sequence
+    block_tables: torch.Tensor | None = None  # decode rows: int32 [B, max_blocks]
+    context_lens: torch.Tensor | None = None  # decode rows: int32 [B]
     lora: LoraBatch | None = None  # None: no row of this step uses an adapter
-    logits_indices: torch.Tensor | None = None  # int64 [B]: the rows whose logits are needed
+    logits_indices: torch.Tensor | None = None  # int64 [S]: the rows whose logits are needed
