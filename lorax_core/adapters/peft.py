@@ -145,12 +145,6 @@ def load_peft_adapter(spec: AdapterSpec) -> AdapterWeights:
     return AdapterWeights(spec.name, spec.path, weights, spec.scale, spec.rank, spec.target_modules)
 
 
-def read_peft_adapter(name: str, path: str | Path, modules: dict[str, tuple[int, int]], num_layers: int,
-                      max_rank: int) -> AdapterWeights:
-    """Validate and read a PEFT LoRA adapter (`inspect_peft_adapter` + `load_peft_adapter`)."""
-    return load_peft_adapter(inspect_peft_adapter(name, path, modules, num_layers, max_rank))
-
-
 def _pattern(patterns: dict | None, module_name: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the module name."""
     for key, value in (patterns or {}).items():

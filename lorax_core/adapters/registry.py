@@ -114,9 +114,9 @@ class AdapterRegistry:
     def info(self, name: str) -> AdapterInfo:
         entry = self._entry(name)
         spec, staged = entry.spec, self._host.get(name)
-        entry.stats.evictions = self.pool.evictions[name]
+        stats = dataclasses.replace(entry.stats, evictions=self.pool.evictions[name])  # the pool counts evictions
         return AdapterInfo(name, entry.source, spec.path, spec.rank, spec.scale, spec.target_modules, self.tier(name),
-                           staged.nbytes if staged is not None else 0, dataclasses.replace(entry.stats), entry.error)
+                           staged.nbytes if staged is not None else 0, stats, entry.error)
 
     @property
     def host_bytes(self) -> int:
