@@ -25,9 +25,11 @@ echo "build: $(( $(date +%s) - start )) s"
 
 status=0
 python3 -m pytest -q --maxfail=30 tests ${TESTS_ARGS:-} 2>&1 | tee "$OUT/tests.log" || status=1
-python3 -m pytest -q bench -m bench ${BENCH_ARGS:-} --benchmark-json="$OUT/bench.json" 2>&1 \
-  | grep -v "^bench/" > "$OUT/bench.log" || status=1
-tail -40 "$OUT/bench.log"
+if [ -z "${SKIP_KERNEL_BENCH:-}" ]; then
+  python3 -m pytest -q bench -m bench ${BENCH_ARGS:-} --benchmark-json="$OUT/bench.json" 2>&1 \
+    | grep -v "^bench/" > "$OUT/bench.log" || status=1
+  tail -40 "$OUT/bench.log"
+fi
 if [ -z "${SKIP_ENGINE_BENCH:-}" ]; then
   python3 bench/bench_engine.py 2>&1 | tail -30 | tee "$OUT/engine.log" || status=1
 fi

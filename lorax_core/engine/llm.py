@@ -1,6 +1,7 @@
 """The engine API: `LLM(model, ...)`, `load_adapter`, `generate`, `stream` (DESIGN.md section 3)."""
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Iterator, Sequence as Seq
 from pathlib import Path
@@ -254,11 +255,20 @@ class LLM:
             return c.kv_cache_bytes
         if self.device.type != "cuda":
             return 2**29
+        gc.collect()  # an engine dropped earlier in this process gives its KV cache back to torch's allocator
         free, total = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # cached, unused
         mc = self.model.config
         width = 3 * mc.intermediate_size + 4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size
         activations = max(c.max_num_batched_tokens, 2048) * width * 4 + 2**28  # prefill peak, with margin
-        return max(0, int(total * c.gpu_memory_utilization) - (total - free) - activations)
+        budget = int(total * c.gpu_memory_utilization) - (total - free) - activations
+        if budget < 2**20:
+            gib, allowed = 2**30, total * c.gpu_memory_utilization
+            raise ValueError(f"no GPU memory is left for the KV cache: {(total - free) / gib:.1f} of {total / gib:.1f} GiB "
+                             "are in use (weights, adapter pool, other engines or processes) and gpu_memory_utilization="
+                             f"{c.gpu_memory_utilization} allows {allowed / gib:.1f} GiB; pass kv_cache_bytes, raise "
+                             "gpu_memory_utilization, or close the other engine")
+        return budget
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
