@@ -21,7 +21,8 @@ TORCH_LIBRARY(lorax_core, m) {
 
   // Multi-adapter LoRA through the paged adapter pool (csrc/lora/lora.h has the layout). Shrink: v [T, max_rank]
   // fp32 = x @ A[a(t)].T; expand (in place): y += scales[a(t)] * v @ B[a(t)].T. SGMV takes segments of tokens
-  // sharing an adapter, BGMV one adapter index per token (-1: none).
+  // sharing an adapter (they should cover the rows; v rows outside every segment are zero on the CPU and
+  // unspecified on CUDA), BGMV one adapter index per token (-1: none; on CUDA, indices outside the pool too).
   m.def(
       "sgmv_shrink(Tensor x, Tensor arena, Tensor page_table, Tensor ranks, Tensor seg_starts, Tensor seg_adapters, "
       "int layer, int module, int page_size) -> Tensor");

@@ -39,7 +39,7 @@ def test_bgmv_cuda_equals_cpu(pools, popularity, module):
     assert_close(y_gpu.cpu(), y_cpu, scale=4)
 
 
-@pytest.mark.parametrize("lengths", [[512], [300, 0, 212], [1, 2, 3, 700], [64] * 8])
+@pytest.mark.parametrize("lengths", [[512], [300, 0, 212], [1, 2, 3, 700], [64] * 8, [2100, 5]])
 def test_sgmv_cuda_equals_cpu(pools, lengths):
     cpu, gpu, dtype = pools
     seg = torch.tensor([i % len(RANKS) - (i == 2) * 10 for i in range(len(lengths))], dtype=torch.int32).clamp(-1)
@@ -48,6 +48,58 @@ def test_sgmv_cuda_equals_cpu(pools, lengths):
     y_gpu = sgmv(y.cuda(), x.cuda(), gpu, 0, "k_proj", starts.cuda(), seg.cuda())
     y_cpu = sgmv(y.clone(), x, cpu, 0, "k_proj", starts, seg)
     assert_close(y_gpu.cpu(), y_cpu, scale=4)
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 65, 300])
+def test_bgmv_cuda_token_counts(pools, tokens):
+    """One token (decode of one sequence) up to several tiles per adapter and two rank rows per warp (> 64)."""
+    cpu, gpu, dtype = pools
+    slots = torch.tensor(token_slots(tokens, list(range(len(RANKS))), "skewed", base_every=7), dtype=torch.int32)
+    x, y = torch.randn(tokens, 4096).to(dtype), torch.randn(tokens, 14336).to(dtype)
+    y_gpu = bgmv(y.cuda(), x.cuda(), gpu, 0, "gate_proj", slots.cuda())
+    assert_close(y_gpu.cpu(), bgmv(y.clone(), x, cpu, 0, "gate_proj", slots), scale=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lora_cuda_odd_shapes_and_column_slices(dtype):
+    """Shapes that do not fill 16-byte loads (scalar path), tiny pages, and y as a column slice of a wider tensor."""
+    modules = {"odd": (100, 52), "even": (64, 48)}
+    gen = torch.Generator().manual_seed(3)
+    cpu = make_pool(modules, num_layers=1, page_size=16, dtype=dtype)
+    gpu = make_pool(modules, num_layers=1, page_size=16, dtype=dtype, device="cuda")
+    for i, ranks in enumerate([[3], [1, 5], [16]]):
+        weights = random_adapter(modules, ranks, num_layers=1, gen=gen)
+        cpu.load(f"a{i}", weights, 1.5)
+        gpu.load(f"a{i}", weights, 1.5)
+        gpu.wait(f"a{i}")
+    for module, (n_in, n_out) in modules.items():
+        slots = torch.tensor(token_slots(40, [0, 1, 2], "uniform", base_every=6), dtype=torch.int32)
+        x, fused = torch.randn(40, n_in).to(dtype), torch.randn(40, n_out + 9).to(dtype)
+        expected = fused.clone()
+        bgmv(expected[:, 1:1 + n_out], x, cpu, 0, module, slots)
+        y_gpu = fused.cuda()
+        bgmv(y_gpu[:, 1:1 + n_out], x.cuda(), gpu, 0, module, slots.cuda())
+        assert_close(y_gpu.cpu(), expected, scale=4)
+        starts, seg = torch.tensor([0, 17, 17, 40], dtype=torch.int32), torch.tensor([2, 0, -1], dtype=torch.int32)
+        expected = fused.clone()
+        sgmv(expected[:, :n_out], x, cpu, 0, module, starts, seg)
+        y_gpu = fused.cuda()
+        sgmv(y_gpu[:, :n_out], x.cuda(), gpu, 0, module, starts.cuda(), seg.cuda())
+        assert_close(y_gpu.cpu(), expected, scale=4)
+
+
+def test_bgmv_cuda_writes_every_element_of_v(pools):
+    """v comes from torch.empty: rows without an adapter, and columns past an adapter's rank, must still be zero."""
+    cpu, gpu, dtype = pools
+    slots = torch.tensor([0, -1, 3, 1, -1, 4, 2], dtype=torch.int32)
+    x = torch.randn(7, 4096).to(dtype)
+    common_gpu, common_cpu = (gpu.arena, gpu.page_table, gpu.ranks), (cpu.arena, cpu.page_table, cpu.ranks)
+    m = gpu.module_index("q_proj")
+    garbage = torch.full((7, gpu.page_table.shape[4]), float("nan"), device="cuda")
+    del garbage  # the allocator hands this block to v next
+    v_gpu = torch.ops.lorax_core.bgmv_shrink(x.cuda(), *common_gpu, slots.cuda(), 0, m, gpu.page_size)
+    v_cpu = torch.ops.lorax_core.bgmv_shrink(x, *common_cpu, slots, 0, m, cpu.page_size)
+    assert_close(v_gpu.cpu(), v_cpu, dtype=dtype, scale=4)
 
 
 def test_cuda_pool_reads_back_and_evicts(pools):

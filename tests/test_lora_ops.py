@@ -76,6 +76,17 @@ def test_half_precision_pool(dtype):
     assert_close(y, expected, scale=2)
 
 
+def test_expand_into_a_column_slice(loaded):
+    """y may be a column slice of a fused output (q | k | v): only its columns change, as with a contiguous y."""
+    pool, adapters = loaded
+    slots = torch.tensor(token_slots(9, sorted(adapters), "uniform", base_every=4), dtype=torch.int32)
+    x, fused = torch.randn(9, 160), torch.randn(9, 100)
+    expected = fused.clone()
+    expected[:, 20:84] = bgmv(fused[:, 20:84].clone(), x, pool, 1, "down_proj", slots)
+    bgmv(fused[:, 20:84], x, pool, 1, "down_proj", slots)
+    assert torch.equal(fused, expected)
+
+
 def test_adapter_of_some_modules_leaves_others_alone():
     pool = make_pool(MODULES)
     slot = pool.load("q_only", random_adapter(MODULES, [8], only={"q_proj"}), 1.0)

@@ -8,8 +8,10 @@
 //   ranks       int32 [slots, layers, modules] (0: the adapter does not touch that module), scales fp32 [slots]
 // Tokens are processed in groups that share one adapter: group g covers token_order[starts[g] : starts[g + 1]]
 // (or tokens starts[g] .. starts[g + 1] - 1 when token_order is empty) and uses adapter group_adapters[g]
-// (-1: no adapter, the rows are skipped). SGMV's segments are such groups; BGMV builds them by sorting tokens by
-// adapter, so each distinct adapter's weights are read once per call.
+// (-1: no adapter, the rows are skipped). SGMV's segments are such groups; BGMV builds them by bucketing tokens by
+// adapter (each backend has its own `Group` function), so each distinct adapter's weights are read once per call.
+// Shrink writes every element of v (zeros past an adapter's rank and for rows without one), so v needs no
+// initialization; expand updates y in place and accepts y with a row stride (a column slice of a fused output).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -31,7 +33,7 @@ void check_activations(const at::Tensor& act, const PoolView& p, const char* op)
 void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Tensor& scales, const PoolView& p,
                          const char* op);
 Groups groups_from_segments(const at::Tensor& seg_starts, const at::Tensor& seg_adapters);
-Groups groups_from_indices(const at::Tensor& adapter_indices, int64_t slots);
+Groups groups_from_indices(const at::Tensor& adapter_indices, int64_t slots);  // ATen ops (the CPU's)
 
 void shrink_cpu(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v);
 void expand_cpu(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales, const Groups& g);
@@ -44,6 +46,7 @@ namespace lorax::lora {
 using ShrinkKernel = void (*)(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v);
 using ExpandKernel = void (*)(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales,
                               const Groups& g);
+using GroupFn = Groups (*)(const at::Tensor& adapter_indices, int64_t slots);
 
 template <ShrinkKernel Shrink>
 at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& arena, const at::Tensor& page_table,
@@ -52,12 +55,12 @@ at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& arena, const at::T
   PoolView p{arena, page_table, ranks, layer, module, page_size};
   check_activations(x, p, "sgmv_shrink");
   check_pool(p, x.size(1), 0, "sgmv_shrink");
-  at::Tensor v = at::zeros({x.size(0), page_table.size(4)}, x.options().dtype(at::kFloat));  // [T, max_rank]
+  at::Tensor v = at::empty({x.size(0), page_table.size(4)}, x.options().dtype(at::kFloat));  // [T, max_rank]
   Shrink(x.contiguous(), p, groups_from_segments(seg_starts, seg_adapters), v);
   return v;
 }
 
-template <ShrinkKernel Shrink>
+template <ShrinkKernel Shrink, GroupFn Group>
 at::Tensor bgmv_shrink(const at::Tensor& x, const at::Tensor& arena, const at::Tensor& page_table,
                        const at::Tensor& ranks, const at::Tensor& adapter_indices, int64_t layer, int64_t module,
                        int64_t page_size) {
@@ -66,8 +69,8 @@ at::Tensor bgmv_shrink(const at::Tensor& x, const at::Tensor& arena, const at::T
   check_pool(p, x.size(1), 0, "bgmv_shrink");
   TORCH_CHECK(adapter_indices.numel() == x.size(0), "bgmv_shrink: ", adapter_indices.numel(),
               " adapter indices for ", x.size(0), " tokens");
-  at::Tensor v = at::zeros({x.size(0), page_table.size(4)}, x.options().dtype(at::kFloat));
-  Shrink(x.contiguous(), p, groups_from_indices(adapter_indices, page_table.size(0)), v);
+  at::Tensor v = at::empty({x.size(0), page_table.size(4)}, x.options().dtype(at::kFloat));
+  Shrink(x.contiguous(), p, Group(adapter_indices, page_table.size(0)), v);
   return v;
 }
 
@@ -80,7 +83,7 @@ void sgmv_expand(at::Tensor& y, const at::Tensor& v, const at::Tensor& arena, co
   Expand(y, v.contiguous(), p, scales.contiguous(), groups_from_segments(seg_starts, seg_adapters));
 }
 
-template <ExpandKernel Expand>
+template <ExpandKernel Expand, GroupFn Group>
 void bgmv_expand(at::Tensor& y, const at::Tensor& v, const at::Tensor& arena, const at::Tensor& page_table,
                  const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& adapter_indices,
                  int64_t layer, int64_t module, int64_t page_size) {
@@ -88,13 +91,13 @@ void bgmv_expand(at::Tensor& y, const at::Tensor& v, const at::Tensor& arena, co
   check_expand_inputs(y, v, scales, p, "bgmv_expand");
   TORCH_CHECK(adapter_indices.numel() == y.size(0), "bgmv_expand: ", adapter_indices.numel(),
               " adapter indices for ", y.size(0), " tokens");
-  Expand(y, v.contiguous(), p, scales.contiguous(), groups_from_indices(adapter_indices, page_table.size(0)));
+  Expand(y, v.contiguous(), p, scales.contiguous(), Group(adapter_indices, page_table.size(0)));
 }
 
-#define LORAX_REGISTER_LORA_OPS(m, shrink, expand)                         \
+#define LORAX_REGISTER_LORA_OPS(m, shrink, expand, group)                  \
   m.impl("sgmv_shrink", &lorax::lora::sgmv_shrink<shrink>);               \
-  m.impl("bgmv_shrink", &lorax::lora::bgmv_shrink<shrink>);               \
+  m.impl("bgmv_shrink", &lorax::lora::bgmv_shrink<shrink, group>);        \
   m.impl("sgmv_expand", &lorax::lora::sgmv_expand<expand>);               \
-  m.impl("bgmv_expand", &lorax::lora::bgmv_expand<expand>)
+  m.impl("bgmv_expand", &lorax::lora::bgmv_expand<expand, group>)
 
 }  // namespace lorax::lora

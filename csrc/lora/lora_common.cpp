@@ -42,7 +42,9 @@ void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Ten
                          const char* op) {
   check_activations(y, p, op);
   check_pool(p, y.size(1), 1, op);
-  TORCH_CHECK(y.is_contiguous(), op, ": y must be contiguous (it is updated in place)");
+  TORCH_CHECK(y.stride(1) == 1 && y.stride(0) >= y.size(1), op,
+              ": y's rows must be contiguous (it is updated in place; a column slice of a wider tensor is fine), got "
+              "strides ", y.strides());
   TORCH_CHECK(v.dim() == 2 && v.size(0) == y.size(0) && v.size(1) == p.page_table.size(4) &&
                   v.scalar_type() == at::kFloat,
               op, ": v must be float32 [", y.size(0), ", ", p.page_table.size(4), "] (tokens, the pool's max rank), got ",

@@ -38,6 +38,7 @@ void for_each_token(const Groups& g, Fn fn) {
 
 void shrink_kernel(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v) {
   const int64_t in = x.size(1), max_rank = v.size(1), page = p.page_size;
+  v.zero_();
   float* vp = v.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sgmv_shrink_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -59,7 +60,7 @@ void shrink_kernel(const at::Tensor& x, const PoolView& p, const Groups& g, at::
 
 void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales,
                    const Groups& g) {
-  const int64_t out = y.size(1), max_rank = v.size(1), page = p.page_size;
+  const int64_t out = y.size(1), ld = y.stride(0), max_rank = v.size(1), page = p.page_size;
   const float* vp = v.data_ptr<float>();
   const float* sp = scales.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "sgmv_expand_cpu", [&] {
@@ -71,7 +72,7 @@ void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const 
         float acc = 0.0f;
         for (int64_t i = 0; i < rows.rank; ++i)
           acc += vp[t * max_rank + i] * static_cast<float>(arena[int64_t{rows.page_of(i, o / page)} * page + o % page]);
-        yp[t * out + o] = static_cast<scalar_t>(static_cast<float>(yp[t * out + o]) + sp[a] * acc);
+        yp[t * ld + o] = static_cast<scalar_t>(static_cast<float>(yp[t * ld + o]) + sp[a] * acc);
       }
     });
   });
@@ -79,6 +80,6 @@ void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lorax_core, CPU, m) { LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel); }
+TORCH_LIBRARY_IMPL(lorax_core, CPU, m) { LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel, groups_from_indices); }
 
 }  // namespace lorax::lora

@@ -25,7 +25,16 @@ cuda::TokenGroups group_args(const Groups& g) {
           g.order.defined() ? g.order.data_ptr<int32_t>() : nullptr, g.adapters.numel()};
 }
 
+void check_groups(const Groups& g, const at::Tensor& act, int64_t max_rank, const char* op) {
+  TORCH_CHECK(g.starts.device() == act.device() && g.adapters.device() == act.device(), op,
+              ": the segments / adapter indices are on ", g.starts.device(), ", the activations on ", act.device());
+  // Grid limits: tokens per CTA tile (8) x 65535 tiles, and the expand tile's v in 48 KB of shared memory.
+  TORCH_CHECK(act.size(0) <= 8 * 65535, op, " (CUDA): ", act.size(0), " tokens in one call; at most ", 8 * 65535);
+  TORCH_CHECK(max_rank <= 1024, op, " (CUDA): the pool's max rank ", max_rank, " exceeds 1024");
+}
+
 void shrink_kernel(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v) {
+  check_groups(g, x, v.size(1), "lora shrink");
   c10::cuda::CUDAGuard guard(x.device());
   cuda::shrink(x.data_ptr(), lorax::kernel_dtype(x.scalar_type(), "lora"), x.size(0), x.size(1), pool_args(p),
                group_args(g), v.data_ptr<float>(), v.size(1), at::cuda::getCurrentCUDAStream());
@@ -33,14 +42,30 @@ void shrink_kernel(const at::Tensor& x, const PoolView& p, const Groups& g, at::
 
 void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales,
                    const Groups& g) {
+  check_groups(g, y, v.size(1), "lora expand");
   c10::cuda::CUDAGuard guard(y.device());
-  cuda::expand(y.data_ptr(), lorax::kernel_dtype(y.scalar_type(), "lora"), y.size(0), y.size(1),
+  cuda::expand(y.data_ptr(), lorax::kernel_dtype(y.scalar_type(), "lora"), y.size(0), y.size(1), y.stride(0),
                v.data_ptr<float>(), v.size(1), pool_args(p), scales.data_ptr<float>(), group_args(g),
                at::cuda::getCurrentCUDAStream());
 }
 
+// BGMV's tokens bucketed by adapter on the GPU in one kernel (the CPU's version is a handful of ATen ops).
+Groups group_kernel(const at::Tensor& adapter_indices, int64_t slots) {
+  TORCH_CHECK(adapter_indices.is_cuda(), "bgmv (CUDA): adapter_indices must be on the GPU, got ",
+              adapter_indices.device());
+  TORCH_CHECK(slots + 1 <= 6000, "bgmv (CUDA): ", slots, " pool slots; at most 5999");
+  const at::Tensor indices = adapter_indices.reshape({-1}).to(at::kInt).contiguous();
+  const auto options = indices.options();
+  at::Tensor starts = at::empty({slots + 2}, options), adapters = at::empty({slots + 1}, options);
+  at::Tensor order = at::empty({indices.numel()}, options);
+  c10::cuda::CUDAGuard guard(indices.device());
+  cuda::group_by_adapter(indices.data_ptr<int32_t>(), indices.numel(), slots, starts.data_ptr<int32_t>(),
+                         adapters.data_ptr<int32_t>(), order.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream());
+  return {starts, adapters, order};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) { LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel); }
+TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) { LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel, group_kernel); }
 
 }  // namespace lorax::lora

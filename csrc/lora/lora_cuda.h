@@ -26,9 +26,16 @@ struct TokenGroups {
   int64_t count;            // G
 };
 
+// BGMV's grouping in one kernel: tokens bucketed by adapter index (-1 and indices outside [0, slots) = none).
+// Writes starts [slots + 2], adapters [slots + 1] (= -1 .. slots - 1) and order [T]; the order inside a bucket is
+// unspecified (each token's result does not depend on it).
+void group_by_adapter(const int32_t* indices, int64_t tokens, int64_t slots, int32_t* starts, int32_t* adapters,
+                      int32_t* order, cudaStream_t stream);
+// v [tokens, max_rank] fp32, every element written. x [tokens, in] contiguous.
 void shrink(const void* x, DType dtype, int64_t tokens, int64_t in, const Pool& p, const TokenGroups& g, float* v,
             int64_t max_rank, cudaStream_t stream);
-void expand(void* y, DType dtype, int64_t tokens, int64_t out, const float* v, int64_t max_rank, const Pool& p,
-            const float* scales, const TokenGroups& g, cudaStream_t stream);
+// y [tokens, out] with row stride ld, updated in place.
+void expand(void* y, DType dtype, int64_t tokens, int64_t out, int64_t ld, const float* v, int64_t max_rank,
+            const Pool& p, const float* scales, const TokenGroups& g, cudaStream_t stream);
 
 }  // namespace lorax::lora::cuda

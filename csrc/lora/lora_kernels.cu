@@ -1,17 +1,29 @@
-// SGMV / BGMV CUDA kernels over the paged adapter pool. Correct-first versions: one CTA per (group, rank row)
-// for shrink and per (group, 256 outputs) for expand, tokens in tiles of kTile so that each CTA reads its slice
-// of the adapter's weights once per tile of tokens, with fp32 accumulation.
+// SGMV / BGMV CUDA kernels over the paged adapter pool (see lora.h for the layout and the token groups).
+//
+// Shrink, v[t, :] = x[t] @ A[a].T: one CTA per (group, block of rank rows, tile of up to kShrinkTile tokens).
+// Each warp owns kRowsPerWarp rank rows; its lanes stride over `in` with 16-byte loads, so a tile's tokens
+// share every weight load, and a group's adapter rows are read from memory once per tile (once per call for a
+// decode group). Rows past the adapter's rank, and rows without an adapter, get zeros: v needs no memset.
+// Expand, y[t, :] += scale * v[t] @ B[a].T: one CTA per (group, block of outputs, tile of up to kExpandTile
+// tokens); the tile's v (times the scale) sits in shared memory, each thread owns 16 bytes of outputs for every
+// token of the tile and loops over the rank. BGMV first buckets its tokens by adapter in one kernel
+// (group_by_adapter). Grids are sized by what the host knows (groups, rank, tokens); CTAs past the end of their
+// group exit at once.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cub/block/block_scan.cuh>
 
 #include "lora/lora_cuda.h"
 
 namespace lorax::lora::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kTile = 8;      // tokens per pass
-constexpr int kTokenSplit = 8;  // CTAs sharing one group's tokens (grid z)
+constexpr int kShrinkWarps = 8;
+constexpr int kShrinkTile = 16;  // tokens per shrink CTA
+constexpr int kExpandThreads = 128;
+constexpr int kExpandTile = 8;  // tokens per expand CTA
+constexpr int kGroupThreads = 1024;
 
 __device__ __forceinline__ int64_t layer_module(const Pool& p, int64_t adapter) {
   return (adapter * p.layers + p.layer) * p.modules + p.module;
@@ -21,110 +33,263 @@ __device__ __forceinline__ const int32_t* row_pages(const Pool& p, int64_t adapt
   return p.page_table + ((layer_module(p, adapter) * 2 + ab) * p.max_rank_table + row) * p.chunks;
 }
 
-__device__ __forceinline__ int64_t token_at(const TokenGroups& g, int64_t pos) { return g.order ? g.order[pos] : pos; }
+__device__ __forceinline__ int token_at(const TokenGroups& g, int pos) { return g.order ? g.order[pos] : pos; }
 
-template <typename T>
-__global__ void shrink_kernel(const T* __restrict__ x, int64_t in, Pool p, TokenGroups g, float* __restrict__ v,
-                              int64_t max_rank) {
-  __shared__ float partial[kThreads / 32][kTile];
-  const int64_t gi = blockIdx.x, row = blockIdx.y;
-  const int adapter = g.adapters[gi];
-  if (adapter < 0 || row >= p.ranks[layer_module(p, adapter)]) return;
-  const int32_t* pages = row_pages(p, adapter, 0, row);
-  const T* arena = static_cast<const T*>(p.arena);
-  const int64_t page = int64_t{1} << p.page_log2, begin = g.starts[gi], end = g.starts[gi + 1];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int64_t t0 = begin + int64_t{blockIdx.z} * kTile; t0 < end; t0 += int64_t{gridDim.z} * kTile) {
-    int64_t tok[kTile];
+// N consecutive elements as floats: one 16-byte load when N elements fill it (the caller guarantees alignment).
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* src, float (&dst)[N]) {
+  if constexpr (N * sizeof(T) == 16) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
+    const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int j = 0; j < kTile; ++j) tok[j] = t0 + j < end ? token_at(g, t0 + j) : -1;
-    float acc[kTile] = {};
-    for (int64_t k = threadIdx.x; k < in; k += kThreads) {
-      const float w = static_cast<float>(arena[int64_t{pages[k >> p.page_log2]} * page + (k & (page - 1))]);
+    for (int i = 0; i < N; ++i) dst[i] = static_cast<float>(e[i]);
+  } else {
 #pragma unroll
-      for (int j = 0; j < kTile; ++j)
-        if (tok[j] >= 0) acc[j] += static_cast<float>(x[tok[j] * in + k]) * w;
-    }
-#pragma unroll
-    for (int j = 0; j < kTile; ++j) {
-      float s = acc[j];
-      for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      if (lane == 0) partial[warp][j] = s;
-    }
-    __syncthreads();
-    if (threadIdx.x < kTile && tok[threadIdx.x] >= 0) {
-      float s = 0.0f;
-      for (int w = 0; w < kThreads / 32; ++w) s += partial[w][threadIdx.x];
-      v[tok[threadIdx.x] * max_rank + row] = s;
-    }
-    __syncthreads();
+    for (int i = 0; i < N; ++i) dst[i] = static_cast<float>(src[i]);
   }
 }
 
-template <typename T>
-__global__ void expand_kernel(T* __restrict__ y, int64_t out, const float* __restrict__ v, int64_t max_rank, Pool p,
-                              const float* __restrict__ scales, TokenGroups g) {
-  const int64_t gi = blockIdx.x, o = int64_t{blockIdx.y} * kThreads + threadIdx.x;
-  const int adapter = g.adapters[gi];
-  if (adapter < 0 || o >= out) return;
-  const int rank = p.ranks[layer_module(p, adapter)];
-  const float scale = scales[adapter];
-  const T* arena = static_cast<const T*>(p.arena);
-  const int64_t page = int64_t{1} << p.page_log2, chunk = o >> p.page_log2, in_page = o & (page - 1);
-  const int64_t begin = g.starts[gi], end = g.starts[gi + 1];
-  for (int64_t t0 = begin + int64_t{blockIdx.z} * kTile; t0 < end; t0 += int64_t{gridDim.z} * kTile) {
-    int64_t tok[kTile];
+template <typename T, int N>
+__device__ __forceinline__ void add_floats(T* dst, const float (&add)[N]) {
+  if constexpr (N * sizeof(T) == 16) {
+    uint4 raw = *reinterpret_cast<const uint4*>(dst);
+    T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
-    for (int j = 0; j < kTile; ++j) tok[j] = t0 + j < end ? token_at(g, t0 + j) : -1;
-    float acc[kTile] = {};
-    for (int i = 0; i < rank; ++i) {
-      const float w = static_cast<float>(arena[int64_t{row_pages(p, adapter, 1, i)[chunk]} * page + in_page]);
+    for (int i = 0; i < N; ++i) e[i] = static_cast<T>(static_cast<float>(e[i]) + add[i]);
+    *reinterpret_cast<uint4*>(dst) = raw;
+  } else {
 #pragma unroll
-      for (int j = 0; j < kTile; ++j)
-        if (tok[j] >= 0) acc[j] += v[tok[j] * max_rank + i] * w;
+    for (int i = 0; i < N; ++i) dst[i] = static_cast<T>(static_cast<float>(dst[i]) + add[i]);
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float s) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  return s;
+}
+
+// Where this CTA's tokens are: positions [begin, begin + n) of group blockIdx.x, tile blockIdx.z.
+template <int Tile>
+__device__ __forceinline__ int tile_tokens(const TokenGroups& g, int& begin) {
+  begin = g.starts[blockIdx.x] + static_cast<int>(blockIdx.z) * Tile;
+  return min(g.starts[blockIdx.x + 1] - begin, Tile);
+}
+
+template <typename T, int VEC, int RPW>
+__global__ void __launch_bounds__(kShrinkWarps * 32)
+    shrink_kernel(const T* __restrict__ x, int in, Pool p, TokenGroups g, float* __restrict__ v, int max_rank) {
+  int begin;
+  const int n = tile_tokens<kShrinkTile>(g, begin);
+  if (n <= 0) return;
+  const int adapter = g.adapters[blockIdx.x];
+  const int rank = adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
+  __shared__ int tok[kShrinkTile];
+  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, begin + threadIdx.x);
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row0 = static_cast<int>(blockIdx.y) * kShrinkWarps * RPW + warp;  // this warp: row0 + r * kShrinkWarps
+  float acc[RPW][kShrinkTile];
+#pragma unroll
+  for (int r = 0; r < RPW; ++r)
+#pragma unroll
+    for (int j = 0; j < kShrinkTile; ++j) acc[r][j] = 0.0f;
+
+  if (row0 < rank) {  // warp-uniform
+    const T* arena = static_cast<const T*>(p.arena);
+    const int mask = (1 << p.page_log2) - 1;
+    const int32_t* pages[RPW];
+    bool live[RPW];
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+      live[r] = row0 + r * kShrinkWarps < rank;
+      pages[r] = row_pages(p, adapter, 0, live[r] ? row0 + r * kShrinkWarps : row0);
     }
+    for (int k = lane * VEC; k < in; k += 32 * VEC) {
+      float w[RPW][VEC];
 #pragma unroll
-    for (int j = 0; j < kTile; ++j)
-      if (tok[j] >= 0) {
-        T& dst = y[tok[j] * out + o];
-        dst = static_cast<T>(static_cast<float>(dst) + scale * acc[j]);
+      for (int r = 0; r < RPW; ++r)
+        if (live[r]) load_floats(arena + (int64_t{pages[r][k >> p.page_log2]} << p.page_log2) + (k & mask), w[r]);
+#pragma unroll
+      for (int j = 0; j < kShrinkTile; ++j) {
+        if (j < n) {
+          float xv[VEC];
+          load_floats(x + int64_t{tok[j]} * in + k, xv);
+#pragma unroll
+          for (int r = 0; r < RPW; ++r)
+            if (live[r])
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) acc[r][j] = fmaf(xv[e], w[r][e], acc[r][j]);
+        }
       }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const int row = row0 + r * kShrinkWarps;
+    if (row >= max_rank) continue;  // warp-uniform
+#pragma unroll
+    for (int j = 0; j < kShrinkTile; ++j) {
+      if (j < n) {
+        const float s = warp_sum(acc[r][j]);
+        if (lane == 0) v[int64_t{tok[j]} * max_rank + row] = s;
+      }
+    }
   }
 }
 
-template <typename T>
-void launch_shrink(const void* x, int64_t in, const Pool& p, const TokenGroups& g, float* v, int64_t max_rank,
-                   cudaStream_t stream) {
-  dim3 grid(g.count, max_rank, kTokenSplit);
-  shrink_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(x), in, p, g, v, max_rank);
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kExpandThreads)
+    expand_kernel(T* __restrict__ y, int out, int64_t ld, const float* __restrict__ v, int max_rank, Pool p,
+                  const float* __restrict__ scales, TokenGroups g) {
+  int begin;
+  const int n = tile_tokens<kExpandTile>(g, begin);
+  const int adapter = g.adapters[blockIdx.x];
+  if (n <= 0 || adapter < 0) return;
+  const int rank = p.ranks[layer_module(p, adapter)];
+  if (rank == 0) return;
+  extern __shared__ float scaled_v[];  // [kExpandTile][rank]: scale * v of the tile's tokens
+  __shared__ int tok[kExpandTile];
+  const float scale = scales[adapter];
+  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, begin + threadIdx.x);
+  for (int e = threadIdx.x; e < n * rank; e += kExpandThreads) {
+    const int j = e / rank, i = e - j * rank;
+    scaled_v[e] = scale * v[int64_t{token_at(g, begin + j)} * max_rank + i];
+  }
+  __syncthreads();
+
+  const int o = (static_cast<int>(blockIdx.y) * kExpandThreads + threadIdx.x) * VEC;
+  if (o >= out) return;
+  const T* arena = static_cast<const T*>(p.arena);
+  const int32_t* pages = row_pages(p, adapter, 1, 0) + (o >> p.page_log2);  // row i's page: pages[i * chunks]
+  const int64_t in_page = o & ((1 << p.page_log2) - 1);
+  float acc[kExpandTile][VEC];
+#pragma unroll
+  for (int j = 0; j < kExpandTile; ++j)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[j][e] = 0.0f;
+#pragma unroll 4
+  for (int i = 0; i < rank; ++i) {
+    float w[VEC];
+    load_floats(arena + (int64_t{pages[i * p.chunks]} << p.page_log2) + in_page, w);
+#pragma unroll
+    for (int j = 0; j < kExpandTile; ++j) {
+      if (j < n) {
+        const float s = scaled_v[j * rank + i];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[j][e] = fmaf(s, w[e], acc[j][e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kExpandTile; ++j)
+    if (j < n) add_floats(y + tok[j] * ld + o, acc[j]);
+}
+
+// Counting sort of tokens by adapter in one CTA: bucket k holds adapter k - 1 (bucket 0: none).
+__global__ void __launch_bounds__(kGroupThreads)
+    group_kernel(const int32_t* __restrict__ indices, int tokens, int slots, int32_t* __restrict__ starts,
+                 int32_t* __restrict__ adapters, int32_t* __restrict__ order) {
+  using Scan = cub::BlockScan<int, kGroupThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  extern __shared__ int buckets[];  // count [K], then cursor [K]
+  const int K = slots + 1;
+  int *count = buckets, *cursor = buckets + K;
+  auto bucket = [&](int t) {
+    const int a = indices[t];
+    return a >= 0 && a < slots ? a + 1 : 0;
+  };
+  for (int k = threadIdx.x; k < K; k += kGroupThreads) {
+    count[k] = 0;
+    adapters[k] = k - 1;
+  }
+  __syncthreads();
+  for (int t = threadIdx.x; t < tokens; t += kGroupThreads) atomicAdd(&count[bucket(t)], 1);
+  __syncthreads();
+  int carry = 0;
+  for (int base = 0; base < K; base += kGroupThreads) {
+    const int k = base + threadIdx.x;
+    int prefix, total;
+    Scan(scan_storage).ExclusiveSum(k < K ? count[k] : 0, prefix, total);
+    if (k < K) starts[k] = cursor[k] = carry + prefix;
+    carry += total;
+    __syncthreads();  // scan_storage is reused
+  }
+  if (threadIdx.x == 0) starts[K] = carry;
+  for (int t = threadIdx.x; t < tokens; t += kGroupThreads) order[atomicAdd(&cursor[bucket(t)], 1)] = t;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool aligned16(const void* ptr, int64_t elements_stride, int64_t elem_size) {
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (elements_stride * elem_size) % 16 == 0;
+}
+
+template <typename T, int VEC, int RPW>
+void launch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, const TokenGroups& g, float* v,
+                   int64_t max_rank, cudaStream_t stream) {
+  dim3 grid(g.count, ceil_div(max_rank, kShrinkWarps * RPW), ceil_div(tokens, kShrinkTile));
+  shrink_kernel<T, VEC, RPW><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, g, v, max_rank);
 }
 
 template <typename T>
-void launch_expand(void* y, int64_t out, const float* v, int64_t max_rank, const Pool& p, const float* scales,
-                   const TokenGroups& g, cudaStream_t stream) {
-  dim3 grid(g.count, (out + kThreads - 1) / kThreads, kTokenSplit);
-  expand_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<T*>(y), out, v, max_rank, p, scales, g);
+void dispatch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, const TokenGroups& g, float* v,
+                     int64_t max_rank, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = aligned16(x, in, sizeof(T)) && aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
+  // Few tokens (decode): one row per warp for more CTAs; many (prefill): two, so x is re-read half as often.
+  const bool wide = tokens > 64;
+  if (vec && wide) return launch_shrink<T, kVec, 2>(x, tokens, in, p, g, v, max_rank, stream);
+  if (vec) return launch_shrink<T, kVec, 1>(x, tokens, in, p, g, v, max_rank, stream);
+  return launch_shrink<T, 1, 1>(x, tokens, in, p, g, v, max_rank, stream);
+}
+
+template <typename T, int VEC>
+void launch_expand(void* y, int64_t tokens, int64_t out, int64_t ld, const float* v, int64_t max_rank,
+                   const Pool& p, const float* scales, const TokenGroups& g, cudaStream_t stream) {
+  dim3 grid(g.count, ceil_div(out, kExpandThreads * VEC), ceil_div(tokens, kExpandTile));
+  const size_t smem = sizeof(float) * kExpandTile * max_rank;
+  expand_kernel<T, VEC><<<grid, kExpandThreads, smem, stream>>>(static_cast<T*>(y), out, ld, v, max_rank, p, scales,
+                                                                g);
+}
+
+template <typename T>
+void dispatch_expand(void* y, int64_t tokens, int64_t out, int64_t ld, const float* v, int64_t max_rank,
+                     const Pool& p, const float* scales, const TokenGroups& g, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = out % kVec == 0 && aligned16(y, ld, sizeof(T)) &&
+                   aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
+  if (vec) return launch_expand<T, kVec>(y, tokens, out, ld, v, max_rank, p, scales, g, stream);
+  launch_expand<T, 1>(y, tokens, out, ld, v, max_rank, p, scales, g, stream);
 }
 
 }  // namespace
 
+void group_by_adapter(const int32_t* indices, int64_t tokens, int64_t slots, int32_t* starts, int32_t* adapters,
+                      int32_t* order, cudaStream_t stream) {
+  const size_t smem = sizeof(int) * 2 * (slots + 1);
+  group_kernel<<<1, kGroupThreads, smem, stream>>>(indices, tokens, slots, starts, adapters, order);
+}
+
 void shrink(const void* x, DType dtype, int64_t tokens, int64_t in, const Pool& p, const TokenGroups& g, float* v,
             int64_t max_rank, cudaStream_t stream) {
-  if (tokens == 0 || g.count == 0) return;
+  if (tokens == 0 || g.count == 0 || max_rank == 0) return;
   switch (dtype) {
-    case DType::kFloat: return launch_shrink<float>(x, in, p, g, v, max_rank, stream);
-    case DType::kHalf: return launch_shrink<__half>(x, in, p, g, v, max_rank, stream);
-    case DType::kBFloat16: return launch_shrink<__nv_bfloat16>(x, in, p, g, v, max_rank, stream);
+    case DType::kFloat: return dispatch_shrink<float>(x, tokens, in, p, g, v, max_rank, stream);
+    case DType::kHalf: return dispatch_shrink<__half>(x, tokens, in, p, g, v, max_rank, stream);
+    case DType::kBFloat16: return dispatch_shrink<__nv_bfloat16>(x, tokens, in, p, g, v, max_rank, stream);
   }
 }
 
-void expand(void* y, DType dtype, int64_t tokens, int64_t out, const float* v, int64_t max_rank, const Pool& p,
-            const float* scales, const TokenGroups& g, cudaStream_t stream) {
-  if (tokens == 0 || g.count == 0) return;
+void expand(void* y, DType dtype, int64_t tokens, int64_t out, int64_t ld, const float* v, int64_t max_rank,
+            const Pool& p, const float* scales, const TokenGroups& g, cudaStream_t stream) {
+  if (tokens == 0 || g.count == 0 || max_rank == 0) return;
   switch (dtype) {
-    case DType::kFloat: return launch_expand<float>(y, out, v, max_rank, p, scales, g, stream);
-    case DType::kHalf: return launch_expand<__half>(y, out, v, max_rank, p, scales, g, stream);
-    case DType::kBFloat16: return launch_expand<__nv_bfloat16>(y, out, v, max_rank, p, scales, g, stream);
+    case DType::kFloat: return dispatch_expand<float>(y, tokens, out, ld, v, max_rank, p, scales, g, stream);
+    case DType::kHalf: return dispatch_expand<__half>(y, tokens, out, ld, v, max_rank, p, scales, g, stream);
+    case DType::kBFloat16:
+      return dispatch_expand<__nv_bfloat16>(y, tokens, out, ld, v, max_rank, p, scales, g, stream);
   }
 }
 

@@ -78,8 +78,7 @@ class Projection(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> list[torch.Tensor]:
         y = self.base(x)
         outs = list(y.split(list(self.parts.values()), dim=-1)) if len(self.parts) > 1 else [y]
-        if ctx.lora is not None:
-            outs = [o.contiguous() for o in outs]  # the LoRA ops update whole rows in place
+        if ctx.lora is not None:  # the LoRA ops update each part's columns of y in place (rows may be strided)
             for name, out in zip(self.parts, outs):
                 ctx.lora.apply(out, x, self.layer, name)
         return outs
