@@ -1,9 +1,10 @@
 // SGMV / BGMV CUDA kernels over the paged adapter pool (see lora.h for the layout and the token groups).
 //
 // Shrink, v[t, :] = x[t] @ A[a].T: one CTA per (group, block of rank rows, tile of up to kShrinkTile tokens).
-// Each warp owns kRowsPerWarp rank rows; its lanes stride over `in` with 16-byte loads, so a tile's tokens
-// share every weight load, and a group's adapter rows are read from memory once per tile (once per call for a
-// decode group). Rows past the adapter's rank, and rows without an adapter, get zeros: v needs no memset.
+// Each warp owns RPW rank rows; the CTA walks `in` in chunks, staging the tile's x chunk in shared memory while
+// each lane loads its 16-byte pieces of the warp's rows, so a tile's tokens share every weight load and a group's
+// adapter rows are read from memory once per tile (once per call for a decode group). Rows past the adapter's
+// rank, and rows without an adapter, get zeros: v needs no memset.
 // Expand, y[t, :] += scale * v[t] @ B[a].T: one CTA per (group, block of outputs, tile of up to kExpandTile
 // tokens); the tile's v (times the scale) sits in shared memory, each thread owns 16 bytes of outputs for every
 // token of the tile and loops over the rank. BGMV first buckets its tokens by adapter in one kernel
@@ -21,6 +22,7 @@ namespace {
 
 constexpr int kShrinkWarps = 8;
 constexpr int kShrinkTile = 16;  // tokens per shrink CTA
+constexpr int kShrinkUnroll = 4;  // 16-byte weight loads per lane, row and step
 constexpr int kExpandThreads = 128;
 constexpr int kExpandTile = 8;  // tokens per expand CTA
 constexpr int kGroupThreads = 1024;
@@ -35,17 +37,28 @@ __device__ __forceinline__ const int32_t* row_pages(const Pool& p, int64_t adapt
 
 __device__ __forceinline__ int token_at(const TokenGroups& g, int pos) { return g.order ? g.order[pos] : pos; }
 
-// N consecutive elements as floats: one 16-byte load when N elements fill it (the caller guarantees alignment).
+// N consecutive elements (global or shared memory) as floats: one 16-byte load when N elements fill it (the caller
+// guarantees alignment).
 template <typename T, int N>
 __device__ __forceinline__ void load_floats(const T* src, float (&dst)[N]) {
   if constexpr (N * sizeof(T) == 16) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
+    const uint4 raw = *reinterpret_cast<const uint4*>(src);
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int i = 0; i < N; ++i) dst[i] = static_cast<float>(e[i]);
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void copy_vec(T* dst, const T* src) {
+  if constexpr (N * sizeof(T) == 16) {
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = src[i];
   }
 }
 
@@ -79,12 +92,14 @@ __device__ __forceinline__ int tile_tokens(const TokenGroups& g, int& begin) {
 template <typename T, int VEC, int RPW>
 __global__ void __launch_bounds__(kShrinkWarps * 32)
     shrink_kernel(const T* __restrict__ x, int in, Pool p, TokenGroups g, float* __restrict__ v, int max_rank) {
+  constexpr int kChunk = 32 * VEC * kShrinkUnroll;  // elements of `in` per step: one 16-byte load per lane per unroll
+  __shared__ __align__(16) T xs[kShrinkTile][kChunk];  // the tile's x[:, k0 : k0 + kChunk)
+  __shared__ int tok[kShrinkTile];
   int begin;
   const int n = tile_tokens<kShrinkTile>(g, begin);
   if (n <= 0) return;
   const int adapter = g.adapters[blockIdx.x];
   const int rank = adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
-  __shared__ int tok[kShrinkTile];
   if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, begin + threadIdx.x);
   __syncthreads();
 
@@ -96,7 +111,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
 #pragma unroll
     for (int j = 0; j < kShrinkTile; ++j) acc[r][j] = 0.0f;
 
-  if (row0 < rank) {  // warp-uniform
+  if (static_cast<int>(blockIdx.y) * kShrinkWarps * RPW < rank) {  // CTA-uniform: some row of this block is live
     const T* arena = static_cast<const T*>(p.arena);
     const int mask = (1 << p.page_log2) - 1;
     const int32_t* pages[RPW];
@@ -104,25 +119,48 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
 #pragma unroll
     for (int r = 0; r < RPW; ++r) {
       live[r] = row0 + r * kShrinkWarps < rank;
-      pages[r] = row_pages(p, adapter, 0, live[r] ? row0 + r * kShrinkWarps : row0);
+      pages[r] = row_pages(p, adapter, 0, live[r] ? row0 + r * kShrinkWarps : 0);
     }
-    for (int k = lane * VEC; k < in; k += 32 * VEC) {
-      float w[RPW][VEC];
+    // Each step issues all its loads (the x chunk into shared memory, this warp's weights into registers) before
+    // any arithmetic waits on them: a few memory round trips per call instead of one per token and step.
+    for (int k0 = 0; k0 < in; k0 += kChunk) {
+      constexpr int kVecs = kChunk / VEC;
+      for (int e = threadIdx.x; e < n * kVecs; e += kShrinkWarps * 32) {
+        const int j = e / kVecs, c = (e - j * kVecs) * VEC;
+        if (k0 + c < in) copy_vec<T, VEC>(&xs[j][c], x + int64_t{tok[j]} * in + k0 + c);
+      }
+      float w[RPW][kShrinkUnroll][VEC];
 #pragma unroll
       for (int r = 0; r < RPW; ++r)
-        if (live[r]) load_floats(arena + (int64_t{pages[r][k >> p.page_log2]} << p.page_log2) + (k & mask), w[r]);
+#pragma unroll
+        for (int u = 0; u < kShrinkUnroll; ++u) {
+          const int k = k0 + (u * 32 + lane) * VEC;
+          if (live[r] && k < in) {
+            load_floats(arena + (int64_t{pages[r][k >> p.page_log2]} << p.page_log2) + (k & mask), w[r][u]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) w[r][u][e] = 0.0f;
+          }
+        }
+      __syncthreads();
 #pragma unroll
       for (int j = 0; j < kShrinkTile; ++j) {
         if (j < n) {
-          float xv[VEC];
-          load_floats(x + int64_t{tok[j]} * in + k, xv);
 #pragma unroll
-          for (int r = 0; r < RPW; ++r)
-            if (live[r])
+          for (int u = 0; u < kShrinkUnroll; ++u) {
+            const int c = (u * 32 + lane) * VEC;
+            if (k0 + c < in) {
+              float xv[VEC];
+              load_floats(&xs[j][c], xv);
 #pragma unroll
-              for (int e = 0; e < VEC; ++e) acc[r][j] = fmaf(xv[e], w[r][e], acc[r][j]);
+              for (int r = 0; r < RPW; ++r)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[r][j] = fmaf(xv[e], w[r][u][e], acc[r][j]);
+            }
+          }
         }
       }
+      __syncthreads();  // xs is refilled next step
     }
   }
 #pragma unroll
@@ -169,8 +207,8 @@ __global__ void __launch_bounds__(kExpandThreads)
   for (int j = 0; j < kExpandTile; ++j)
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[j][e] = 0.0f;
-#pragma unroll 4
-  for (int i = 0; i < rank; ++i) {
+#pragma unroll 8
+  for (int i = 0; i < rank; ++i) {  // 8 rows' page lookups, then their loads, in flight together
     float w[VEC];
     load_floats(arena + (int64_t{pages[i * p.chunks]} << p.page_log2) + in_page, w);
 #pragma unroll
