@@ -28,7 +28,8 @@ def write_task(path, n=32, seed=0):
     with open(path, "w") as f:
         for _ in range(n):
             a, b = rng.sample(WORDS, 2)
-            f.write(json.dumps({"prompt": f"{a} {b} is", "completion": f" {PAIRS[a]} {PAIRS[b]}", "task": "swap"}) + "\n")
+            record = {"prompt": f"{a} {b} is", "completion": f" {PAIRS[a]} {PAIRS[b]}", "task": "swap"}
+            f.write(json.dumps(record) + "\n")
     return path
 
 

@@ -80,6 +80,8 @@ void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lorax_core, CPU, m) { LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel, groups_from_indices); }
+TORCH_LIBRARY_IMPL(lorax_core, CPU, m) {
+  LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel, groups_from_indices);
+}
 
 }  // namespace lorax::lora

@@ -66,6 +66,8 @@ Groups group_kernel(const at::Tensor& adapter_indices, int64_t slots) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) { LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel, group_kernel); }
+TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) {
+  LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel, group_kernel);
+}
 
 }  // namespace lorax::lora

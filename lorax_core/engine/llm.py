@@ -264,10 +264,10 @@ class LLM:
         budget = int(total * c.gpu_memory_utilization) - (total - free) - activations
         if budget < 2**20:
             gib, allowed = 2**30, total * c.gpu_memory_utilization
-            raise ValueError(f"no GPU memory is left for the KV cache: {(total - free) / gib:.1f} of {total / gib:.1f} GiB "
-                             "are in use (weights, adapter pool, other engines or processes) and gpu_memory_utilization="
-                             f"{c.gpu_memory_utilization} allows {allowed / gib:.1f} GiB; pass kv_cache_bytes, raise "
-                             "gpu_memory_utilization, or close the other engine")
+            raise ValueError(f"no GPU memory is left for the KV cache: {(total - free) / gib:.1f} of "
+                             f"{total / gib:.1f} GiB are in use (weights, adapter pool, other engines or processes) "
+                             f"and gpu_memory_utilization={c.gpu_memory_utilization} allows {allowed / gib:.1f} GiB; "
+                             "pass kv_cache_bytes, raise gpu_memory_utilization, or close the other engine")
         return budget
 
 

@@ -56,7 +56,8 @@ def prompt_and_completion(record: dict, template: str, tokenizer, where: str) ->
         messages = record["messages"]
         if (not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict)
                 or messages[-1].get("role") != "assistant"):
-            raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} ending with the assistant's turn")
+            raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} ending with the "
+                             "assistant's turn")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"{where}: chat 'messages' need a tokenizer with a chat template; this one has none "
                              "(use prompt / completion records with a --template instead)")
