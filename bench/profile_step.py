@@ -1,0 +1,149 @@
+"""Where a decode step's time goes: torch.profiler over engine steps of a Mistral-7B-shaped model (random weights,
+NF4 by default, rank-16 adapters on all projections, one adapter per request), with the host side of `LLM.step`
+cut into named ranges (schedule, prepare, forward or graph replay, logits; the rest of the step is sampling and
+bookkeeping).
+
+Writes profile.md (the ranges, then the GPU kernels by total time; --trace: a Chrome trace too) under --out or
+$OUT. Run on a GPU machine after building: `python3 bench/profile_step.py --batch 1` (`--tiny`: a CPU smoke run
+on a tiny model; its numbers say nothing about a GPU). A profile, not a benchmark: the profiler adds host time
+per op.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_adapters as ba  # noqa: E402
+
+RANGES = {  # (object path on the LLM, method) -> range name
+    ("scheduler", "schedule"): "lorax::schedule",
+    ("runner", "prepare"): "lorax::prepare",
+    ("runner.model", "forward"): "lorax::forward (eager)",
+    ("runner.graphs", "run"): "lorax::graph replay",
+    ("runner.model", "compute_logits"): "lorax::logits",
+}
+
+
+def instrument(llm) -> None:
+    """Wrap the engine's step phases in profiler ranges (instance attributes: nothing global changes)."""
+    for (path, method), name in RANGES.items():
+        obj = functools.reduce(getattr, path.split("."), llm)
+        if obj is None:
+            continue
+        inner = getattr(obj, method)
+
+        def wrapped(*args, _inner=inner, _name=name, **kwargs):
+            with torch.profiler.record_function(_name):
+                return _inner(*args, **kwargs)
+
+        setattr(obj, method, wrapped)
+
+
+def build(work: Path, setup: ba.Setup, quantize: str | None, adapters: int, rank: int, batch: int):
+    from lorax_core import LLM
+
+    config = ba.save_base(work / "base", setup)
+    shapes, layers = ba.module_shapes(config), config.num_hidden_layers
+    names = [f"a{i}" for i in range(adapters)]
+    for i, name in enumerate(names):
+        ba.write_adapter(work / name, shapes, layers, rank, setup.dtype, seed=i, device=setup.device)
+    options = {"kv_cache_bytes": setup.kv_cache_bytes} if setup.kv_cache_bytes else {}
+    llm = LLM(work / "base", dtype=setup.dtype, quantize=quantize, device=setup.device, max_num_seqs=max(batch, 1),
+              **options)
+    for name in names:
+        llm.load_adapter(name, work / name)
+    return llm, names, config.vocab_size
+
+
+def profile(llm, names: list[str], vocab: int, batch: int, steps: int, prompt: int, trace: Path | None):
+    from lorax_core import SamplingParams
+
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
+    seqs = [llm.add_request([rng.randrange(3, vocab) for _ in range(prompt)], params, names[i % len(names)])
+            for i in range(batch)]
+    while any(s.first_token_time is None for s in seqs):
+        llm.step()
+    for _ in range(3):
+        llm.step()
+    instrument(llm)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    cuda = llm.device.type == "cuda"
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            with torch.profiler.record_function("lorax::step"):
+                llm.step()
+        if cuda:
+            torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    for seq in seqs:
+        llm.abort(seq)
+    return prof, wall_ms
+
+
+def tables(prof, steps: int, cuda: bool) -> str:
+    events = prof.key_averages()
+    ranges = [e for e in events if e.key.startswith("lorax::")]
+    lines = ["| range | calls / step | host ms / step |", "|---|---|---|"]
+    for e in sorted(ranges, key=lambda e: -e.cpu_time_total):
+        lines.append(f"| {e.key} | {e.count / steps:.1f} | {e.cpu_time_total / 1e3 / steps:.3f} |")
+    if not cuda:
+        return "\n".join(lines)
+    kernels = [e for e in events if getattr(e, "device_time_total", 0) > 0 and not e.key.startswith("lorax::")]
+    total = sum(e.self_device_time_total for e in kernels)
+    lines += ["", f"GPU time per step: {total / 1e3 / steps:.3f} ms (sum of kernel self times)", "",
+              "| kernel / op | calls / step | GPU ms / step | share |", "|---|---|---|---|"]
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:30]:
+        lines.append(f"| {e.key[:90]} | {e.count / steps:.1f} | {e.self_device_time_total / 1e3 / steps:.3f} | "
+                     f"{e.self_device_time_total / max(total, 1):.1%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny model")
+    parser.add_argument("--batch", type=int, default=1, help="decode rows per step")
+    parser.add_argument("--steps", type=int, default=20, help="profiled steps")
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--quantize", choices=["nf4", "none"], help="base weights (default: nf4; none with --tiny)")
+    parser.add_argument("--out", help="output directory (default: $OUT, else a new temporary directory)")
+    parser.add_argument("--trace", action="store_true", help="also write a Chrome trace (GPU runs)")
+    args = parser.parse_args(argv)
+    setup = ba.TINY if args.tiny else ba.GPU
+    quantize = args.quantize or ("none" if args.tiny else "nf4")
+    out = Path(args.out or os.environ.get("OUT") or tempfile.mkdtemp(prefix="lorax-profile-out-"))
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lorax-profile-") as work:
+        llm, names, vocab = build(Path(work), setup, None if quantize == "none" else quantize, args.adapters,
+                                  args.rank, args.batch)
+        cuda = llm.device.type == "cuda"
+        prof, wall_ms = profile(llm, names, vocab, args.batch, args.steps, 8 if args.tiny else 128,
+                                out / "profile_trace.json" if cuda and args.trace else None)
+        llm.close()
+    model = "tiny Llama, float32, CPU" if args.tiny else "Mistral-7B shapes, random weights"
+    text = (f"{ba.device_header()}\n\n{model}, base {quantize}, batch {args.batch}, {args.adapters} rank-{args.rank} "
+            f"adapters; {args.steps} profiled decode steps, {wall_ms:.2f} ms per step under the profiler\n\n"
+            f"{tables(prof, args.steps, cuda)}\n")
+    (out / "profile.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""bench/profile_step.py: its CPU smoke mode profiles engine steps and reports the host ranges of a step."""
+import importlib.util
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "profile_step.py"
+
+
+def test_tiny_profile_reports_step_ranges(tmp_path):
+    spec = importlib.util.spec_from_file_location("profile_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--tiny", "--steps", "3", "--batch", "2", "--adapters", "2", "--rank", "4",
+                        "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "profile.md").read_text()
+    for name in ("lorax::step", "lorax::schedule", "lorax::prepare", "lorax::forward (eager)", "lorax::logits"):
+        assert f"| {name} |" in text, text
+    step = next(line for line in text.splitlines() if line.startswith("| lorax::step |"))
+    assert step.split("|")[2].strip() == "1.0"  # one step range per profiled step
