@@ -104,6 +104,16 @@ def write_adapter(path: Path, shapes: dict, layers: int, rank: int, dtype: torch
     return path
 
 
+def write_base_and_adapters(work: Path, setup: Setup, count: int, rank: int):
+    """The random base (work/base) and `count` random rank-`rank` adapters a0, a1, ... beside it; returns the
+    base's config, its projection shapes and the adapter names."""
+    config = save_base(work / "base", setup)
+    shapes, names = module_shapes(config), [f"a{i}" for i in range(count)]
+    for i, name in enumerate(names):
+        write_adapter(work / name, shapes, config.num_hidden_layers, rank, setup.dtype, seed=i, device=setup.device)
+    return config, shapes, names
+
+
 def engine_options(setup: Setup, shapes: dict, layers: int, page: int) -> dict:
     """Pool room for 1.25 x concurrency adapters, host cache for all of them (sizes as the pool lays them out:
     each rank row of A and of B^T in whole pages, plus a page table per adapter in host memory)."""
@@ -169,12 +179,9 @@ def measure(llm, setup: Setup, names: list[str], n: int) -> dict:
 def run(work: Path, setup: Setup, quantize: str | None) -> tuple[list[dict], dict]:
     from lorax_core import LLM, SamplingParams
 
-    config = save_base(work / "base", setup)
-    shapes, layers = module_shapes(config), config.num_hidden_layers
-    names = [f"a{i}" for i in range(setup.counts[-1])]
-    for i, name in enumerate(names):
-        write_adapter(work / name, shapes, layers, setup.rank, setup.dtype, seed=i, device=setup.device)
-    options = engine_options(setup, shapes, layers, page=min(1024, 1 << (config.hidden_size - 1).bit_length()))
+    config, shapes, names = write_base_and_adapters(work, setup, setup.counts[-1], setup.rank)
+    options = engine_options(setup, shapes, config.num_hidden_layers,
+                             page=min(1024, 1 << (config.hidden_size - 1).bit_length()))
     llm = LLM(work / "base", dtype=setup.dtype, quantize=quantize, device=setup.device, **options)
     for name in names:
         llm.load_adapter(name, work / name)

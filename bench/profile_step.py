@@ -51,11 +51,7 @@ def instrument(llm) -> None:
 def build(work: Path, setup: ba.Setup, quantize: str | None, adapters: int, rank: int, batch: int):
     from lorax_core import LLM
 
-    config = ba.save_base(work / "base", setup)
-    shapes, layers = ba.module_shapes(config), config.num_hidden_layers
-    names = [f"a{i}" for i in range(adapters)]
-    for i, name in enumerate(names):
-        ba.write_adapter(work / name, shapes, layers, rank, setup.dtype, seed=i, device=setup.device)
+    config, _, names = ba.write_base_and_adapters(work, setup, adapters, rank)
     options = {"kv_cache_bytes": setup.kv_cache_bytes} if setup.kv_cache_bytes else {}
     llm = LLM(work / "base", dtype=setup.dtype, quantize=quantize, device=setup.device, max_num_seqs=max(batch, 1),
               **options)

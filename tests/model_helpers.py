@@ -72,6 +72,14 @@ def save_adapter(base_dir: Path, path: Path, seed: int = 0, **lora) -> Path:
     return path
 
 
+def bnb_config():
+    """transformers' bitsandbytes 4-bit: NF4 with double quantization, fp32 compute (the oracle for NF4 bases)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+
+
 def hf_peft_model(base_dir: Path, adapters: dict[str, Path], **load_kwargs):
     """transformers + PEFT with every adapter loaded (the oracle); select one with set_adapter."""
     from peft import PeftModel

@@ -10,19 +10,12 @@ import random
 import pytest
 import torch
 
-from model_helpers import ADAPTERS, hf_greedy, hf_logits, hf_peft_model, save_adapter, save_model
+from model_helpers import ADAPTERS, bnb_config, hf_greedy, hf_logits, hf_peft_model, save_adapter, save_model
 from lorax_core import LLM, SamplingParams
 from lorax_core.quant import NF4Linear
 
 NF4_TOL = dict(rtol=1e-3, atol=1e-3)
 ROWS = ["r8_all", None, "r16_rslora", "r4_qv", "r8_all", None, "r8_pattern", "r16_rslora"]
-
-
-def bnb_config():
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

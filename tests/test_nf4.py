@@ -105,14 +105,14 @@ def test_bnb_round_trip_is_exact():
 
 def test_load_transformers_4bit_checkpoint(tmp_path):
     from safetensors.torch import load_file
-    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model_helpers import bnb_config
 
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.float32)
-    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quant, device_map="cpu")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config(), device_map="cpu")
     model.save_pretrained(tmp_path / "nf4")
     state_dict = load_file(tmp_path / "nf4" / "model.safetensors")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model_helpers import hf_greedy_mixed, hf_peft_model, make_tokenizer, save_model
+from model_helpers import bnb_config, hf_greedy_mixed, hf_peft_model, make_tokenizer, save_model
 from lorax_core import LLM, SamplingParams
 from lorax_train import PRESETS, TrainConfig, train
 from lorax_train.cli import eval_main, train_main
@@ -54,11 +54,18 @@ def trained(tiny):
             for quant in ("fp32", "nf4")}
 
 
-def bnb_config():
-    from transformers import BitsAndBytesConfig
+def peft_model(base, adapter_dir, quant="fp32"):
+    """transformers + PEFT with the adapter on the fp32 base, or on the bitsandbytes NF4 base."""
+    kwargs = dict(quantization_config=bnb_config(), device_map="cpu") if quant == "nf4" else {}
+    return hf_peft_model(base, {"t": adapter_dir}, dtype=torch.float32, **kwargs)
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.float32)
+
+def completion_losses(model, data):
+    """Mean completion loss on the task's records with the adapter and without it."""
+    examples = load_dataset(data, make_tokenizer(), "{prompt}", 64, 0.0, 0).train
+    with_adapter = mean_loss(model, examples, 8, 0, torch.device("cpu"))
+    with model.disable_adapter():
+        return with_adapter, mean_loss(model, examples, 8, 0, torch.device("cpu"))
 
 
 def test_lora_land_preset_is_the_reports_recipe():
@@ -84,12 +91,7 @@ def test_training_lowers_the_loss_and_peft_loads_the_adapter(tiny, trained):
         assert result.finished and result.steps == 24
         assert (result.adapter_dir / "adapter_config.json").is_file()
         assert (result.adapter_dir / "adapter_model.safetensors").is_file()
-        kwargs = dict(quantization_config=bnb_config(), device_map="cpu") if quant == "nf4" else {}
-        model = hf_peft_model(base, {"t": result.adapter_dir}, dtype=torch.float32, **kwargs)
-        examples = load_dataset(data, make_tokenizer(), "{prompt}", 64, 0.0, 0).train
-        with_adapter = mean_loss(model, examples, 8, 0, torch.device("cpu"))
-        with model.disable_adapter():
-            without = mean_loss(model, examples, 8, 0, torch.device("cpu"))
+        with_adapter, without = completion_losses(peft_model(base, result.adapter_dir, quant), data)
         assert with_adapter < 0.6 * without, (quant, with_adapter, without)  # measured: 2.2 vs 5.9 (fp32)
 
 
@@ -101,8 +103,7 @@ def test_engine_serves_the_trained_adapter_as_peft_does(tiny, trained, quant):
     tok = make_tokenizer()
     prompts = [tok(json.loads(line)["prompt"])["input_ids"] for line in open(data)][:8]
     rows = ["t", None] * 4
-    kwargs = dict(quantization_config=bnb_config(), device_map="cpu") if quant == "nf4" else {}
-    hf = hf_peft_model(base, {"t": adapter}, dtype=torch.float32, **kwargs)
+    hf = peft_model(base, adapter, quant)
     llm = LLM(base, dtype="float32", device="cpu", quantize="nf4" if quant == "nf4" else None,
               adapter_loader_threads=0)
     llm.load_adapter("t", adapter)
@@ -197,9 +198,5 @@ def test_qlora_training_on_cuda(tiny, tmp_path):
     the adapter it writes lowers the loss when PEFT loads it on the CPU."""
     base, data, _ = tiny
     result = train(config(tiny, tmp_path / "gpu", load_in_4bit=True, device="cuda"), log=lambda *_: None)
-    model = hf_peft_model(base, {"t": result.adapter_dir}, dtype=torch.float32)
-    examples = load_dataset(data, make_tokenizer(), "{prompt}", 64, 0.0, 0).train
-    with_adapter = mean_loss(model, examples, 8, 0, torch.device("cpu"))
-    with model.disable_adapter():
-        without = mean_loss(model, examples, 8, 0, torch.device("cpu"))
+    with_adapter, without = completion_losses(peft_model(base, result.adapter_dir), data)
     assert with_adapter < 0.6 * without, (with_adapter, without)
