@@ -34,7 +34,8 @@ if [ -z "${SKIP_ENGINE_BENCH:-}" ]; then
   python3 bench/bench_engine.py 2>&1 | tail -30 | tee "$OUT/engine.log" || status=1
 fi
 if [ -z "${SKIP_PROFILE:-}" ]; then  # where a batch-1 decode step's time goes (issue #4's 2 ms target)
-  python3 bench/profile_step.py --batch 1 --out "$OUT" 2>&1 | tail -45 > "$OUT/profile.log" || status=1
+  python3 bench/profile_step.py --batch 1 --setups ${PROFILE_SETUPS:-nf4,nf4-eager,bf16-eager,nf4-eager-base} \
+    --out "$OUT" > "$OUT/profile.log" 2>&1 || status=1
 fi
 if [ -z "${SKIP_ADAPTERS_BENCH:-}" ]; then
   python3 bench/bench_adapters.py --out "$OUT" 2>&1 | tail -30 | tee "$OUT/adapters.log" || status=1

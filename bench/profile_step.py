@@ -3,10 +3,11 @@ NF4 by default, rank-16 adapters on all projections, one adapter per request), w
 cut into named ranges (schedule, prepare, forward or graph replay, logits; the rest of the step is sampling and
 bookkeeping).
 
-Writes profile.md (the ranges, then the GPU kernels by total time; --trace: a Chrome trace too) under --out or
-$OUT. Run on a GPU machine after building: `python3 bench/profile_step.py --batch 1` (`--tiny`: a CPU smoke run
-on a tiny model; its numbers say nothing about a GPU). A profile, not a benchmark: the profiler adds host time
-per op.
+Writes profile.md (per setup: the ranges, then the GPU kernels by total time; --trace: a Chrome trace of the
+first setup too) under --out or $OUT. Run on a GPU machine after building: `python3 bench/profile_step.py --batch 1
+--setups nf4,nf4-eager,bf16-eager,nf4-eager-base` (one base is written for all of them; `-eager` turns CUDA graphs
+off so the profiler sees each kernel, `-base` sends requests with no adapter). `--tiny`: a CPU smoke run on a tiny
+model; its numbers say nothing about a GPU. A profile, not a benchmark: the profiler adds host time per op.
 """
 from __future__ import annotations
 
@@ -48,16 +49,15 @@ def instrument(llm) -> None:
         setattr(obj, method, wrapped)
 
 
-def build(work: Path, setup: ba.Setup, quantize: str | None, adapters: int, rank: int, batch: int):
+def build(work: Path, setup: ba.Setup, quantize: str | None, eager: bool, names: list[str], batch: int):
     from lorax_core import LLM
 
-    config, _, names = ba.write_base_and_adapters(work, setup, adapters, rank)
     options = {"kv_cache_bytes": setup.kv_cache_bytes} if setup.kv_cache_bytes else {}
     llm = LLM(work / "base", dtype=setup.dtype, quantize=quantize, device=setup.device, max_num_seqs=max(batch, 1),
-              **options)
+              cuda_graphs=not eager, **options)
     for name in names:
         llm.load_adapter(name, work / name)
-    return llm, names, config.vocab_size
+    return llm
 
 
 def profile(llm, names: list[str], vocab: int, batch: int, steps: int, prompt: int, trace: Path | None):
@@ -65,8 +65,8 @@ def profile(llm, names: list[str], vocab: int, batch: int, steps: int, prompt: i
 
     rng = random.Random(0)
     params = SamplingParams(max_tokens=steps + 16, temperature=0, ignore_eos=True)
-    seqs = [llm.add_request([rng.randrange(3, vocab) for _ in range(prompt)], params, names[i % len(names)])
-            for i in range(batch)]
+    seqs = [llm.add_request([rng.randrange(3, vocab) for _ in range(prompt)], params,
+                            names[i % len(names)] if names else None) for i in range(batch)]
     while any(s.first_token_time is None for s in seqs):
         llm.step()
     for _ in range(3):
@@ -110,6 +110,14 @@ def tables(prof, steps: int, cuda: bool) -> str:
     return "\n".join(lines)
 
 
+def parse_setup(name: str, tiny: bool) -> tuple[str | None, bool, bool]:
+    """'nf4' | 'bf16' (tiny: 'fp32'), then optional '-eager' and '-base' -> (quantize, eager, base only)."""
+    base_dtype, *flags = name.split("-")
+    if base_dtype not in ("nf4", "fp32" if tiny else "bf16") or not set(flags) <= {"eager", "base"}:
+        raise SystemExit(f"unknown setup {name!r}: use nf4 or {'fp32' if tiny else 'bf16'}, then -eager and/or -base")
+    return ("nf4" if base_dtype == "nf4" else None), "eager" in flags, "base" in flags
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny model")
@@ -117,27 +125,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="profiled steps")
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--quantize", choices=["nf4", "none"], help="base weights (default: nf4; none with --tiny)")
+    parser.add_argument("--setups", help="comma-separated: nf4|bf16 (tiny: fp32) [-eager] [-base] "
+                                         "(default: nf4; fp32 with --tiny)")
     parser.add_argument("--out", help="output directory (default: $OUT, else a new temporary directory)")
-    parser.add_argument("--trace", action="store_true", help="also write a Chrome trace (GPU runs)")
+    parser.add_argument("--trace", action="store_true", help="also write a Chrome trace of the first setup (GPU)")
     args = parser.parse_args(argv)
     setup = ba.TINY if args.tiny else ba.GPU
-    quantize = args.quantize or ("none" if args.tiny else "nf4")
+    setups = [parse_setup(name, args.tiny) + (name,) for name in (args.setups or ("fp32" if args.tiny else "nf4"))
+              .split(",")]
     out = Path(args.out or os.environ.get("OUT") or tempfile.mkdtemp(prefix="lorax-profile-out-"))
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="lorax-profile-") as work:
-        llm, names, vocab = build(Path(work), setup, None if quantize == "none" else quantize, args.adapters,
-                                  args.rank, args.batch)
-        cuda = llm.device.type == "cuda"
-        prof, wall_ms = profile(llm, names, vocab, args.batch, args.steps, 8 if args.tiny else 128,
-                                out / "profile_trace.json" if cuda and args.trace else None)
-        llm.close()
     model = "tiny Llama, float32, CPU" if args.tiny else "Mistral-7B shapes, random weights"
-    text = (f"{ba.device_header()}\n\n{model}, base {quantize}, batch {args.batch}, {args.adapters} rank-{args.rank} "
-            f"adapters; {args.steps} profiled decode steps, {wall_ms:.2f} ms per step under the profiler\n\n"
-            f"{tables(prof, args.steps, cuda)}\n")
-    (out / "profile.md").write_text(text)
-    print(text)
+    sections = [ba.device_header()]
+    with tempfile.TemporaryDirectory(prefix="lorax-profile-") as work:
+        config, _, names = ba.write_base_and_adapters(Path(work), setup, args.adapters, args.rank)
+        for i, (quantize, eager, base_only, name) in enumerate(setups):
+            llm = build(Path(work), setup, quantize, eager, names, args.batch)
+            cuda = llm.device.type == "cuda"
+            trace = out / "profile_trace.json" if cuda and args.trace and i == 0 else None
+            prof, wall_ms = profile(llm, [] if base_only else names, config.vocab_size, args.batch, args.steps,
+                                    8 if args.tiny else 128, trace)
+            llm.close()
+            del llm
+            adapters = "no adapter" if base_only else f"{args.adapters} rank-{args.rank} adapters"
+            sections.append(f"## {name}\n\n{model}, base {quantize or setup.dtype}, "
+                            f"{'eager' if eager or not cuda else 'CUDA graphs'}, batch {args.batch}, {adapters}; "
+                            f"{args.steps} profiled decode steps, {wall_ms:.2f} ms per step under the profiler\n\n"
+                            f"{tables(prof, args.steps, cuda)}")
+            print(sections[-1], flush=True)
+    (out / "profile.md").write_text("\n\n".join(sections) + "\n")
     return 0
 
 

@@ -11,9 +11,10 @@ def test_tiny_profile_reports_step_ranges(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--tiny", "--steps", "3", "--batch", "2", "--adapters", "2", "--rank", "4",
-                        "--out", str(tmp_path)]) == 0
+                        "--setups", "fp32,fp32-base", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "profile.md").read_text()
     for name in ("lorax::step", "lorax::schedule", "lorax::prepare", "lorax::forward (eager)", "lorax::logits"):
         assert f"| {name} |" in text, text
-    step = next(line for line in text.splitlines() if line.startswith("| lorax::step |"))
-    assert step.split("|")[2].strip() == "1.0"  # one step range per profiled step
+    assert "## fp32\n" in text and "## fp32-base\n" in text and "no adapter" in text
+    steps = [line for line in text.splitlines() if line.startswith("| lorax::step |")]
+    assert len(steps) == 2 and all(step.split("|")[2].strip() == "1.0" for step in steps)  # one range per step
