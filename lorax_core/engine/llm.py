@@ -255,9 +255,12 @@ class LLM:
             return c.kv_cache_bytes
         if self.device.type != "cuda":
             return 2**29
-        gc.collect()  # an engine dropped earlier in this process gives its KV cache back to torch's allocator
+        # An engine dropped earlier in this process gives its KV cache back to torch's allocator, which keeps it
+        # cached; hand the wholly unused segments back to the driver so that free memory says what one allocation
+        # can get (cached memory in partly used segments is fragmented: counting it failed a 50 GB allocation).
+        gc.collect()
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)  # cached, unused
         mc = self.model.config
         width = 3 * mc.intermediate_size + 4 * mc.hidden_size + mc.q_size + 2 * mc.kv_size
         activations = max(c.max_num_batched_tokens, 2048) * width * 4 + 2**28  # prefill peak, with margin
