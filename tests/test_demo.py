@@ -21,7 +21,7 @@ def test_tasks_hold_out_their_test_prompts(task):
 
 def test_word_tokenizer_covers_every_task_word():
     tok = make_tokenizer()
-    records = [r for task in T.TASKS for r in sum(T.make_task(task, 200, 20, 0), [])]
+    records = [r for task in T.TASKS for part in T.make_task(task, 200, 20, 0) for r in part]
     texts = [r["prompt"] + " " + r["completion"] for r in records] + T.pretraining_text(200, 0)
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]

@@ -55,6 +55,29 @@ def _train_adapters(s: DemoSettings, base: str, data: Path, device: str, steps: 
     return trained
 
 
+def _score(llm, tests: dict[str, list[dict]], trained: dict[str, dict]) -> tuple[list[dict], dict[str, list[str]]]:
+    """Each task's test set on the base alone, then on its adapter alone: a row per task (scores in points) and
+    the outputs ("base:TASK" and "TASK" -> texts)."""
+    from lorax_train.evaluate import METRICS
+
+    from lorax_core import SamplingParams
+
+    params = SamplingParams(max_tokens=8, temperature=0)
+    expected, rows = {}, []
+    for task in T.TASKS:
+        prompts, targets = [r["prompt"] for r in tests[task]], [r["completion"] for r in tests[task]]
+        for key, adapter in ((f"base:{task}", None), (task, task)):
+            expected[key] = [o.text for o in llm.generate(prompts, params, adapters=[adapter] * len(prompts))]
+        base, tuned = (100.0 * sum(map(METRICS["exact"], expected[key], targets)) / len(prompts)
+                       for key in (f"base:{task}", task))
+        rows.append(dict(task=task, base_score=round(base, 1), adapter_score=round(tuned, 1),
+                         lift=round(tuned - base, 1), n_test=len(prompts), metric="exact",
+                         example=dict(prompt=prompts[0], completion=targets[0], base_output=expected[f"base:{task}"][0],
+                                      adapter_output=expected[task][0]),
+                         **{k: v for k, v in trained[task].items() if k != "path"}))
+    return rows, expected
+
+
 def _serve(llm, tests: dict[str, list[dict]], expected: dict[str, list[str]], seed: int) -> dict:
     """Every test prompt of every task, with its task's adapter, plus each prompt once more on the base, shuffled
     into one request stream: the engine batches rows of all adapters together."""
@@ -78,7 +101,6 @@ def _serve(llm, tests: dict[str, list[dict]], expected: dict[str, list[str]], se
 def run(s: DemoSettings, log=print) -> dict:
     from lorax_core import LLM
     from lorax_core.demo.base import build_base
-    from lorax_train.evaluate import METRICS
 
     total = time.perf_counter()
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,24 +123,7 @@ def run(s: DemoSettings, log=print) -> dict:
     try:
         for task in T.TASKS:
             llm.load_adapter(task, trained[task]["path"])
-        from lorax_core import SamplingParams
-
-        # Scores: each task's test set on the base alone, then on its adapter alone (one adapter per call).
-        params = SamplingParams(max_tokens=8, temperature=0)
-        expected, rows = {}, []
-        for task in T.TASKS:
-            prompts = [r["prompt"] for r in tests[task]]
-            for model in (None, task):
-                outs = llm.generate(prompts, params, adapters=[model] * len(prompts))
-                expected[f"base:{task}" if model is None else task] = [o.text for o in outs]
-            score = {m: 100.0 * sum(METRICS["exact"](o, r["completion"]) for o, r in zip(expected[k], tests[task]))
-                     / len(prompts) for m, k in (("base", f"base:{task}"), ("adapter", task))}
-            example = tests[task][0]
-            rows.append(dict(task=task, base_score=round(score["base"], 1), adapter_score=round(score["adapter"], 1),
-                             lift=round(score["adapter"] - score["base"], 1), n_test=len(prompts), metric="exact",
-                             example=dict(prompt=example["prompt"], completion=example["completion"],
-                                          base_output=expected[f"base:{task}"][0], adapter_output=expected[task][0]),
-                             **{k: v for k, v in trained[task].items() if k != "path"}))
+        rows, expected = _score(llm, tests, trained)
         serving = _serve(llm, tests, expected, s.seed)
     finally:
         llm.close()
@@ -147,8 +152,8 @@ def table(results: dict) -> str:
     s, v = results["summary"], results["serving"]
     lines += [f"| mean | {s['mean_base_score']:.1f} | {s['mean_adapter_score']:.1f} | {s['mean_lift']:+.1f} |", "",
               f"goal ({s['goal']}): {'met' if s['goal_met'] else 'NOT met'}",
-              f"serving: {v['requests']} requests over {v['adapters']} adapters and the base in one engine, "
-              f"{v['generated_tokens']} tokens in {v['seconds']:.2f} s = {v['tokens_per_s']:.0f} tokens/s "
-              f"({v['requests_per_s']:.0f} requests/s); outputs equal to the one-adapter runs: "
-              f"{v['same_as_single_adapter_runs']}"]
+              (f"serving: {v['requests']} requests over {v['adapters']} adapters and the base in one engine, "
+               f"{v['generated_tokens']} tokens in {v['seconds']:.2f} s = {v['tokens_per_s']:.0f} tokens/s "
+               f"({v['requests_per_s']:.0f} requests/s); outputs equal to the one-adapter runs: "
+               f"{v['same_as_single_adapter_runs']}")]
     return "\n".join(lines)

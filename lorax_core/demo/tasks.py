@@ -90,7 +90,7 @@ def make_task(task: str, n_train: int, n_test: int, seed: int) -> tuple[list[dic
             prompt, completion = make(rng)
             if prompt not in seen:
                 train_records.append((prompt, completion))
-    as_dicts = lambda records: [{"task": task, "prompt": p, "completion": c} for p, c in records]  # noqa: E731
+    as_dicts = lambda records: [{"task": task, "prompt": p, "completion": c} for p, c in records]
     return as_dicts(train_records), as_dicts(test_records)
 
 
