@@ -1,5 +1,5 @@
 """The demo's base model: a word-level tokenizer over the tasks' vocabulary and a small Llama, briefly pre-trained
-on generic text (full fine-tuning, a few seconds on a CPU), saved with `save_pretrained` so the engine and the
+on generic text (all weights, about 40 s on 2 CPU cores), saved with `save_pretrained` so the engine and the
 trainer load it like any Hugging Face model directory."""
 from __future__ import annotations
 
@@ -29,8 +29,7 @@ def make_tokenizer():
                                    pad_token="<pad>")
 
 
-def build_base(path: Path, steps: int = 600, seed: int = 0, device: str = "cpu",
-               log=print) -> Path:
+def build_base(path: Path, steps: int = 600, seed: int = 0, device: str = "cpu", log=print) -> Path:
     """Writes the tokenizer and a pre-trained small Llama to `path`; returns it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
