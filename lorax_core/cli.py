@@ -65,6 +65,8 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorax_core.demo import DemoSettings as D  # its defaults are the demo flags' defaults
+
     parser = argparse.ArgumentParser(prog="lorax-core", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="LoRA Land in miniature: train, score and serve an adapter per task",
@@ -76,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", default="lorax-demo", help="output directory (default: ./lorax-demo)")
     d.add_argument("--base", help="a Hugging Face model directory or hub id instead of the built small base")
     d.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
-    d.add_argument("--steps", type=int, default=500, help="optimizer steps per adapter")
-    d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--lr", type=float, default=5e-3)
-    d.add_argument("--n-train", type=int, default=2000, help="training records per task")
-    d.add_argument("--n-test", type=int, default=100, help="held-out test records per task")
-    d.add_argument("--quantize", choices=["nf4", "none"], default="nf4", help="how the engine serves the base")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, default=D.steps, help="optimizer steps per adapter")
+    d.add_argument("--batch-size", type=int, default=D.batch_size)
+    d.add_argument("--lr", type=float, default=D.lr)
+    d.add_argument("--n-train", type=int, default=D.n_train, help="training records per task")
+    d.add_argument("--n-test", type=int, default=D.n_test, help="held-out test records per task")
+    d.add_argument("--quantize", choices=["nf4", "none"], default=D.quantize, help="how the engine serves the base")
+    d.add_argument("--seed", type=int, default=D.seed)
     d.set_defaults(run=demo)
     ex = sub.add_parser("nf4-example", help="quantize a layer to NF4 and run it")
     ex.add_argument("--in-features", type=int, default=4096)

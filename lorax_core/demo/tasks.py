@@ -23,8 +23,8 @@ EN_FR = {"red": "rouge", "blue": "bleu", "green": "vert", "black": "noir", "whit
 NUMBERS = [str(n) for n in range(19)]
 TASKS = ["sentiment", "extraction", "translation", "addition"]
 MARKERS = ["review", "sentiment", "message", "destination", "translate", "french", "add", "sum", ":", "=", "from",
-           "to", "will", "fly", "on", "leaves", "for", "goes", "heads", "travels", "via", "plus", "is", "french",
-           "in", "then"]
+           "to", "will", "fly", "on", "leaves", "for", "goes", "heads", "travels", "via", "plus", "is", "in",
+           "then"]
 
 
 def vocabulary() -> list[str]:
