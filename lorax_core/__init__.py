@@ -5,8 +5,8 @@ to build them.
 """
 from lorax_core import _library  # noqa: F401  (loads lorax_core._C and registers fake kernels)
 from lorax_core import adapters, ops, quant
-from lorax_core.engine import LLM, EngineConfig, RequestError, RequestOutput, SamplingParams, StreamDelta
+from lorax_core.engine import LLM, AsyncLLM, EngineConfig, RequestError, RequestOutput, SamplingParams, StreamDelta
 
-__all__ = ["LLM", "EngineConfig", "RequestError", "RequestOutput", "SamplingParams", "StreamDelta", "adapters", "ops",
+__all__ = ["LLM", "AsyncLLM", "EngineConfig", "RequestError", "RequestOutput", "SamplingParams", "StreamDelta", "adapters", "ops",
            "quant"]
 __version__ = "0.1.0"

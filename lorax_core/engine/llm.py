@@ -177,21 +177,30 @@ class LLM:
                ) -> Iterator[StreamDelta]:
         """Yield the request's new text and tokens as they are generated (other queued requests advance too)."""
         seq = self.add_request(prompt, params, adapter)
-        sent_tokens = sent_text = 0
+        cursor = [0, 0]
         try:
             while True:
                 if seq in self.step() or seq.finished:
-                    text = self._visible_text(seq)
-                    ids = seq.completion_ids
-                    if len(ids) > sent_tokens or seq.finished:
-                        logprobs = seq.logprobs[sent_tokens:] if seq.params.logprobs is not None else None
-                        yield StreamDelta(seq.id, text[sent_text:], ids[sent_tokens:], seq.finish_reason, logprobs,
-                                          seq.error)
-                        sent_tokens, sent_text = len(ids), len(text)
+                    delta = self.next_delta(seq, cursor)
+                    if delta is not None:
+                        yield delta
                 if seq.finished:
                     return
         finally:
             self.abort(seq)  # a consumer that stops early cancels the request
+
+    def next_delta(self, seq: Sequence, cursor: list[int]) -> StreamDelta | None:
+        """The request's output since `cursor` ([tokens, characters] already sent; advanced here), or None when it
+        has nothing new and has not finished. The last delta carries finish_reason and the request's metrics."""
+        ids = seq.completion_ids
+        if len(ids) <= cursor[0] and not seq.finished:
+            return None
+        text = self._visible_text(seq)
+        logprobs = seq.logprobs[cursor[0]:] if seq.params.logprobs is not None else None
+        metrics = self._metrics(seq) if seq.finished else None
+        delta = StreamDelta(seq.id, text[cursor[1]:], ids[cursor[0]:], seq.finish_reason, logprobs, seq.error, metrics)
+        cursor[:] = len(ids), len(text)
+        return delta
 
     def close(self) -> None:
         """Stop the adapter loader threads (also on leaving a `with LLM(...) as llm:` block)."""
@@ -245,9 +254,13 @@ class LLM:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         logprobs = seq.logprobs if seq.params.logprobs is not None else None
-        metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, seq.finished_time)
         return RequestOutput(seq.id, seq.token_ids[: seq.prompt_len], seq.completion_ids, seq.text, seq.finish_reason,
-                             seq.adapter, logprobs, seq.error, metrics)
+                             seq.adapter, logprobs, seq.error, self._metrics(seq))
+
+    @staticmethod
+    def _metrics(seq: Sequence) -> RequestMetrics:
+        return RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, seq.finished_time,
+                              seq.prompt_len, seq.num_completion_tokens)
 
     def _kv_cache_bytes(self) -> int:
         c = self.config

@@ -8,12 +8,20 @@ from lorax_core.engine.sequence import TokenLogprob
 
 @dataclasses.dataclass
 class RequestMetrics:
-    """When the request arrived, was first scheduled, got its first token and finished (time.monotonic s)."""
+    """When the request arrived, was first scheduled, got its first token and finished (time.monotonic s), and its
+    token counts."""
 
     arrival_time: float
     first_scheduled_time: float | None
     first_token_time: float | None
     finished_time: float | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def queue_time(self) -> float | None:
+        """Seconds from arrival to first being scheduled."""
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -43,6 +51,7 @@ class StreamDelta:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None  # why the request failed (finish_reason "error")
+    metrics: RequestMetrics | None = None  # on the last delta
 
 
 class RequestError(ValueError):
