@@ -60,10 +60,11 @@ TINY = Setup("cpu", torch.float32, (1, 4, 16), 4, 16, (4, 16), 4, kv_cache_bytes
 
 
 def save_base(path: Path, setup: Setup):
-    """Random base weights saved with save_pretrained (built on the benchmark's device); returns its config."""
+    """Random base weights saved with save_pretrained (built on the benchmark's device; on a CPU the tiny test
+    Llama); returns its config."""
     from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig
 
-    if setup is TINY:
+    if setup.device == "cpu":
         sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
         from model_helpers import save_model
 
@@ -213,7 +214,7 @@ def table(rows: list[dict]) -> str:
 
 
 def write(out: Path, setup: Setup, quantize: str, rows: list[dict], options: dict) -> str:
-    model = "tiny Llama (hidden 64, 2 layers), float32" if setup is TINY else "Mistral-7B shapes"
+    model = "tiny Llama (hidden 64, 2 layers), float32" if setup.device == "cpu" else "Mistral-7B shapes"
     config = (f"{model}, random weights, base {quantize}; {setup.counts[-1]} rank-{setup.rank} adapters on all 7 "
               f"projections, drawn at random per request from the first n; closed loop at concurrency "
               f"{setup.concurrency} until {setup.requests} requests completed, prompts of {setup.prompt[0]}.."

@@ -69,7 +69,10 @@ def record(**row):
 
 
 def device_header() -> str:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     commit = os.environ.get("LORAX_COMMIT", "")  # the GPU machine gets the tree without .git
     if not commit:
         try:

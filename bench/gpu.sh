@@ -37,6 +37,11 @@ if [ -z "${SKIP_PROFILE:-}" ]; then  # where a batch-1 decode step's time goes (
   python3 bench/profile_step.py --batch 1 --setups ${PROFILE_SETUPS:-nf4,nf4-eager,bf16-eager,nf4-eager-base} \
     --out "$OUT" > "$OUT/profile.log" 2>&1 || status=1
 fi
+if [ -z "${SKIP_SERVING_BENCH:-}" ]; then  # the LoRAX load test vs transformers + PEFT (issue #7); no matplotlib
+  # here: redraw the plots from serving.json with `python3 bench/bench_serving.py --plot serving.json`
+  python3 bench/bench_serving.py --out "$OUT" ${SERVING_ARGS:-} > "$OUT/serving.log" 2>&1 || status=1
+  tail -5 "$OUT/serving.log"
+fi
 if [ -z "${SKIP_ADAPTERS_BENCH:-}" ]; then
   python3 bench/bench_adapters.py --out "$OUT" 2>&1 | tail -30 | tee "$OUT/adapters.log" || status=1
 fi

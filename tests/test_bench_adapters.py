@@ -1,29 +1,16 @@
 """bench/bench_adapters.py: its CPU smoke mode runs end to end, and the adapters it writes without PEFT are PEFT
 adapters (PEFT loads every tensor of one into the right module)."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from bench_helpers import load_bench_script
 from model_helpers import save_model
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_adapters.py"
-
-
-def load_bench():
-    """The benchmark script as a module (bench/ is no package; registered so its dataclass can resolve itself)."""
-    if "bench_adapters" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_adapters", BENCH)
-        sys.modules["bench_adapters"] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules["bench_adapters"]
 
 
 def test_tiny_run_writes_one_row_per_adapter_count(tmp_path):
-    bench = load_bench()
+    bench = load_bench_script("bench_adapters")
     assert bench.main(["--tiny", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "adapters.json").read_text())["rows"]
     assert [r["adapters"] for r in rows] == list(bench.TINY.counts)
@@ -37,7 +24,7 @@ def test_written_adapter_loads_in_peft(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    bench = load_bench()
+    bench = load_bench_script("bench_adapters")
     base = AutoModelForCausalLM.from_pretrained(save_model(tmp_path / "base", tokenizer=False))
     shapes = bench.module_shapes(base.config)
     path = bench.write_adapter(tmp_path / "a0", shapes, base.config.num_hidden_layers, 8, torch.float32, seed=0)

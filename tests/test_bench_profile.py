@@ -1,15 +1,9 @@
 """bench/profile_step.py: its CPU smoke mode profiles engine steps and reports the host ranges of a step."""
-import importlib.util
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "profile_step.py"
+from bench_helpers import load_bench_script
 
 
 def test_tiny_profile_reports_step_ranges(tmp_path):
-    spec = importlib.util.spec_from_file_location("profile_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_bench_script("profile_step")
     assert module.main(["--tiny", "--steps", "3", "--batch", "2", "--adapters", "2", "--rank", "4",
                         "--setups", "fp32,fp32-base", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "profile.md").read_text()
