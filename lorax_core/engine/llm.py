@@ -97,7 +97,7 @@ class LLM:
         """Queue one request (a ValueError says why it is refused; nothing else is affected)."""
         params = params or SamplingParams()
         stats = self.registry.stats(adapter) if adapter is not None else None  # ValueError if unknown
-        ids = self._tokenize(prompt)
+        ids = self.tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} tokens "
                              "(max_model_len) and at least one must be generated: shorten the prompt")
@@ -107,6 +107,24 @@ class LLM:
             stats.requests += 1
             stats.prompt_tokens += len(ids)
         return seq
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """A prompt as token ids (text through the model's tokenizer), checked: a ValueError says what is wrong."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer in the model directory; pass token ids instead")
+            ids = self.tokenizer(prompt)["input_ids"] if prompt else []
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+            vocab = self.model.config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        else:
+            raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        return ids
 
     def abort(self, seq: Sequence) -> None:
         """Cancel a request, waiting or running; it finishes with finish_reason "abort"."""
@@ -213,23 +231,6 @@ class LLM:
         self.close()
 
     # --- internals -------------------------------------------------------------------------------------------
-    def _tokenize(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer in the model directory; pass token ids instead")
-            ids = self.tokenizer(prompt)["input_ids"] if prompt else []
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-            vocab = self.model.config.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-        else:
-            raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("the prompt is empty; give at least one token")
-        return ids
-
     def _update(self, seq: Sequence, token: int) -> None:
         p = seq.params
         if self.tokenizer is not None:
