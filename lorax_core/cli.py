@@ -1,5 +1,6 @@
 """`lorax-core` command line. `demo` is the main job: LoRA Land in miniature (train an adapter per synthetic task,
-score base vs adapters, serve them all from one engine). `nf4-example` quantizes a Mistral-7B-shaped projection to
+score base vs adapters, serve them all from one engine). `serve` runs the OpenAI-compatible HTTP server with every
+adapter as a model. `nf4-example` quantizes a Mistral-7B-shaped projection to
 NF4, runs it, and reports memory, error and speed against the full-precision layer.
 """
 from __future__ import annotations
@@ -64,6 +65,36 @@ def demo(args: argparse.Namespace) -> int:
     return 0 if results["summary"]["goal_met"] else 1
 
 
+def _adapter_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"an adapter is NAME=PATH (a PEFT directory or hub id), got {text!r}")
+    return name, path
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lorax_core import LLM, AsyncLLM
+    from lorax_core.server import create_app
+
+    options = {"max_num_seqs": args.max_num_seqs} | ({"max_model_len": args.max_model_len} if args.max_model_len else {})
+    llm = LLM(args.model, dtype=args.dtype, quantize=None if args.quantize == "none" else args.quantize,
+              device=args.device, **options)
+    for name, path in args.adapter:
+        llm.load_adapter(name, path)
+    name = args.served_model_name or args.model
+    print(f"serving {name} ({llm.device}, {llm.dtype}) with adapters {[n for n, _ in args.adapter] or 'none'} on "
+          f"http://{args.host}:{args.port}/v1", flush=True)
+    engine = AsyncLLM(llm)
+    try:
+        uvicorn.run(create_app(engine, name, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.close()
+        llm.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from lorax_core.demo import DemoSettings as D  # its defaults are the demo flags' defaults
 
@@ -86,6 +117,26 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--quantize", choices=["nf4", "none"], default=D.quantize, help="how the engine serves the base")
     d.add_argument("--seed", type=int, default=D.seed)
     d.set_defaults(run=demo)
+    sv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server: every adapter is a model",
+                        description="Serve a base model and its LoRA adapters over HTTP with OpenAI's API "
+                                    "(/v1/completions, /v1/chat/completions, /v1/models), plus /v1/load_lora_adapter, "
+                                    "/v1/unload_lora_adapter, /health and /metrics. A request's `model` names an "
+                                    "adapter, or the base model (--served-model-name, default: --model) for none.")
+    sv.add_argument("--model", required=True, help="a Hugging Face model directory or hub id")
+    sv.add_argument("--quantize", choices=["nf4", "none"], default="none", help="base weights (default: none)")
+    sv.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=PATH",
+                    help="a PEFT LoRA adapter served as model NAME (repeat for more)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when present")
+    sv.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                    help="auto: bfloat16 on CUDA, float32 on CPU")
+    sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 and /metrics")
+    sv.add_argument("--served-model-name", help="the base model's name in requests (default: --model)")
+    sv.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together at most")
+    sv.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(run=serve)
     ex = sub.add_parser("nf4-example", help="quantize a layer to NF4 and run it")
     ex.add_argument("--in-features", type=int, default=4096)
     ex.add_argument("--out-features", type=int, default=4096)

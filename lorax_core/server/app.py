@@ -1,0 +1,370 @@
+"""The OpenAI-compatible HTTP server: `create_app(engine, model_name)` is a FastAPI app over an AsyncLLM.
+
+Adapters are models: `model` names a registered adapter, or the base model's own name for no adapter. Endpoints:
+/v1/completions and /v1/chat/completions (streamed with server-sent events when `stream` is true), /v1/models,
+/v1/adapters, /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's names), /health and /metrics (Prometheus).
+Errors are answered with OpenAI's error body; nothing a request does stops the others.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lorax_core.engine.async_llm import AsyncLLM
+from lorax_core.engine.outputs import StreamDelta
+from lorax_core.engine.sampling import SamplingParams
+from lorax_core.engine.sequence import TokenLogprob
+from lorax_core.server.metrics import ModelStats, render_metrics
+from lorax_core.server.protocol import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequest,
+                                        UnloadAdapterRequest, _Request)
+
+
+class Server:
+    """The state behind the routes: the engine, the served names, the API key and per-model counters."""
+
+    def __init__(self, engine: AsyncLLM, model_name: str, api_key: str | None = None):
+        self.engine, self.llm, self.model_name, self.api_key = engine, engine.llm, model_name, api_key
+        self.stats: dict[str, ModelStats] = collections.defaultdict(ModelStats)
+        self.started = int(time.time())
+
+    # --- checks ------------------------------------------------------------------------------------------------
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>` with the "
+                                "key this server was started with (--api-key)", code="invalid_api_key")
+
+    async def adapter_for(self, model: str) -> str | None:
+        """The adapter a request's `model` names (None: the base model); 404 if it names nothing served."""
+        if model == self.model_name:
+            return None
+        if await self.engine.call(lambda: model in self.llm.registry.names):
+            return model
+        raise APIError(404, f"the model `{model}` does not exist: use the base model `{self.model_name}` or a loaded "
+                            "adapter (GET /v1/models lists them; POST /v1/load_lora_adapter loads one)",
+                       code="model_not_found", param="model")
+
+    def sampling(self, body: _Request, max_tokens: int | None, logprobs: int | None, prompt_len: int
+                 ) -> SamplingParams:
+        if body.n != 1:
+            raise APIError(400, f"n must be 1 (got {body.n}): the server returns one choice per request; send several "
+                                "requests instead", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(body, name):
+                raise APIError(400, f"{name} is not supported; use repetition_penalty (an extra field, > 1 "
+                                    "discourages repeats)", param=name)
+        if max_tokens is None:  # as much as the context leaves
+            max_tokens = max(1, self.llm.max_model_len - prompt_len)
+        try:
+            return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                  top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                                  seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos, logprobs=logprobs)
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+
+    def tokenize(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, str) and not add_special_tokens and self.llm.tokenizer is not None:
+            prompt = self.llm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        try:
+            return self.llm.tokenize(prompt)
+        except ValueError as err:
+            raise APIError(400, str(err), param="prompt") from None
+
+    def chat_prompt(self, body: ChatRequest) -> list[int]:
+        tokenizer = self.llm.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise APIError(400, f"the model `{self.model_name}` has no chat template in its tokenizer: use "
+                                "/v1/completions, or serve a model whose tokenizer_config.json has a chat_template",
+                           param="messages")
+        try:
+            text = tokenizer.apply_chat_template([m.as_template_input() for m in body.messages], tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as err:  # noqa: BLE001 - a template that rejects these messages (roles, order)
+            raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from None
+        return self.tokenize(text, add_special_tokens=False)  # the template writes the special tokens itself
+
+    # --- running a request ---------------------------------------------------------------------------------------
+    async def start(self, ids: list[int], params: SamplingParams, adapter: str | None, model: str
+                    ) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
+        """Queue the request; its first delta and the rest. A refused request (prompt too long, ...) is a 400."""
+        deltas = self._deltas(ids, params, adapter, model)
+        try:
+            first = await deltas.__anext__()
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+        return first, deltas
+
+    async def _deltas(self, ids, params, adapter, model) -> AsyncIterator[StreamDelta]:
+        stats, accepted, finished = self.stats[model], False, False
+        stream = self.engine.stream(ids, params, adapter)
+        try:
+            async for delta in stream:
+                if not accepted:
+                    accepted = True
+                    stats.accepted(len(ids))
+                stats.delta(delta)
+                finished = delta.finish_reason is not None
+                yield delta
+        except ValueError:
+            stats.refused += 1
+            raise
+        finally:
+            await stream.aclose()  # aborts the request if it has not finished (a client that went away)
+            if accepted and not finished:
+                stats.requests["abort"] += 1
+
+
+@dataclasses.dataclass
+class _Collected:
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    last: StreamDelta | None = None
+
+
+async def _collect(first: StreamDelta, rest: AsyncIterator[StreamDelta]) -> _Collected:
+    out = _Collected()
+    delta = first
+    while True:
+        out.text += delta.text
+        out.token_ids += delta.token_ids
+        out.logprobs += delta.logprobs or []
+        out.last = delta
+        if delta.finish_reason is not None:
+            return out
+        delta = await rest.__anext__()
+
+
+def _usage(delta: StreamDelta) -> dict:
+    m = delta.metrics
+    return {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
+            "total_tokens": m.prompt_tokens + m.completion_tokens}
+
+
+def _failed(delta: StreamDelta) -> APIError:
+    return APIError(500, f"the request failed while it ran: {delta.error}", type="server_error")
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`'s base model as `model_name` and each adapter under its own name."""
+    server = Server(engine, model_name, api_key)
+    app = FastAPI(title="lorax-core", description="OpenAI-compatible multi-LoRA server")
+    app.state.server = server
+    auth = [Depends(server.check_key)]
+    token_text = (lambda t: server.llm.tokenizer.decode([t])) if server.llm.tokenizer is not None else str
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, err: RequestValidationError):
+        problems = []
+        for e in err.errors():
+            if e.get("type") == "json_invalid":
+                problems.append(f"the request body is not valid JSON ({e.get('ctx', {}).get('error', e['msg'])})")
+            else:
+                where = ".".join(str(x) for x in e["loc"] if x != "body") or "body"
+                problems.append(f"{where}: {e['msg']}")
+        first = next((e for e in err.errors() if e.get("type") != "json_invalid"), None)
+        param = ".".join(str(x) for x in first["loc"] if x != "body") if first else None
+        return JSONResponse(APIError(400, "; ".join(problems), param=param or None).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException):
+        kind = "not_found" if err.status_code == 404 else None
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return JSONResponse(APIError(err.status_code, message, code=kind).body(), status_code=err.status_code)
+
+    # --- health, models, adapters, metrics ---------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        adapters = await engine.call(server.llm.list_adapters)
+        base = {"id": model_name, "object": "model", "created": server.started, "owned_by": "lorax-core",
+                "root": str(server.llm.model_dir), "parent": None, "max_model_len": server.llm.max_model_len}
+        return {"object": "list", "data": [base] + [
+            {"id": a.name, "object": "model", "created": server.started, "owned_by": "lorax-core", "root": a.source,
+             "parent": model_name} for a in adapters]}
+
+    @app.get("/v1/adapters", dependencies=auth)
+    async def adapters():
+        infos = await engine.call(server.llm.list_adapters)
+        return {"object": "list", "data": [
+            {"name": a.name, "source": a.source, "rank": a.rank, "target_modules": list(a.target_modules),
+             "state": a.tier.value, "host_bytes": a.host_bytes, "error": a.error, "stats": dataclasses.asdict(a.stats)}
+            for a in infos]}
+
+    @app.post("/v1/load_lora_adapter", dependencies=auth)
+    async def load_adapter(body: LoadAdapterRequest):
+        if body.lora_name == model_name:
+            raise APIError(400, f"`{model_name}` is the base model's name; give the adapter another name",
+                           param="lora_name")
+        try:
+            info = await engine.call(server.llm.load_adapter, body.lora_name, body.lora_path)
+        except (ValueError, OSError) as err:
+            raise APIError(400, f"adapter `{body.lora_name}` was not loaded: {err}", param="lora_path") from None
+        server.stats[body.lora_name].loads += 1
+        return {"status": "ok", "name": info.name, "rank": info.rank, "target_modules": list(info.target_modules)}
+
+    @app.post("/v1/unload_lora_adapter", dependencies=auth)
+    async def unload_adapter(body: UnloadAdapterRequest):
+        if not await engine.call(lambda: body.lora_name in server.llm.registry.names):
+            raise APIError(404, f"no adapter `{body.lora_name}` is loaded", code="model_not_found",
+                           param="lora_name")
+        try:
+            await engine.call(server.llm.unload_adapter, body.lora_name)
+        except ValueError as err:
+            raise APIError(409, str(err), param="lora_name") from None
+        return {"status": "ok", "name": body.lora_name}
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics():
+        def snapshot():
+            s = server.llm.scheduler
+            return server.llm.list_adapters(), len(s.running), len(s.waiting)
+
+        adapters, running, waiting = await engine.call(snapshot)
+        body, content_type = render_metrics(server.stats, adapters, running, waiting)
+        return Response(body, media_type=content_type)
+
+    # --- completions ------------------------------------------------------------------------------------------
+    def completion_logprobs(lps: list[TokenLogprob], offset: int) -> dict:
+        tokens = [token_text(lp.token_id) for lp in lps]
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{token_text(t): v for t, v in lp.top.items()} for lp in lps], "text_offset": offsets}
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest):
+        adapter = await server.adapter_for(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise APIError(400, f"one prompt per request (got {len(prompt)}); send one request per prompt",
+                               param="prompt")
+            prompt = prompt[0]
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        ids = server.tokenize(prompt)
+        params = server.sampling(body, body.max_tokens, body.logprobs, len(ids))
+        first, rest = await server.start(ids, params, adapter, body.model)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(choices: list, **extra) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                    "choices": choices, **extra}
+
+        if not body.stream:
+            out = await _collect(first, rest)
+            if out.last.finish_reason == "error":
+                raise _failed(out.last)
+            logprobs = completion_logprobs(out.logprobs, 0) if body.logprobs is not None else None
+            return chunk([{"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.last.finish_reason}],
+                         usage=_usage(out.last))
+
+        async def events():
+            delta, offset = first, 0
+            while True:
+                if delta.finish_reason == "error":
+                    yield _sse(_failed(delta).body())
+                    break
+                logprobs = completion_logprobs(delta.logprobs, offset) if body.logprobs is not None else None
+                offset += sum(len(t) for t in logprobs["tokens"]) if logprobs else 0
+                yield _sse(chunk([{"index": 0, "text": delta.text, "logprobs": logprobs,
+                                   "finish_reason": delta.finish_reason}]))
+                if delta.finish_reason is not None:
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse(chunk([], usage=_usage(delta)))
+                    break
+                delta = await rest.__anext__()
+            yield _sse("[DONE]")
+
+        return StreamingResponse(_closing(events(), rest), media_type="text/event-stream")
+
+    # --- chat completions -------------------------------------------------------------------------------------
+    def chat_logprobs(lps: list[TokenLogprob]) -> dict:
+        def entry(token_id: int, logprob: float) -> dict:
+            text = token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [entry(lp.token_id, lp.logprob) | {"top_logprobs": [entry(t, v) for t, v in lp.top.items()]}
+                            for lp in lps]}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatRequest):
+        adapter = await server.adapter_for(body.model)
+        ids = server.chat_prompt(body)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = server.sampling(body, body.max_completion_tokens or body.max_tokens, logprobs, len(ids))
+        first, rest = await server.start(ids, params, adapter, body.model)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(choices: list, **extra) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": choices, **extra}
+
+        if not body.stream:
+            out = await _collect(first, rest)
+            if out.last.finish_reason == "error":
+                raise _failed(out.last)
+            return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                                 "logprobs": chat_logprobs(out.logprobs) if body.logprobs else None,
+                                 "finish_reason": out.last.finish_reason}],
+                    "usage": _usage(out.last)}
+
+        async def events():
+            yield _sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}]))
+            delta = first
+            while True:
+                if delta.finish_reason == "error":
+                    yield _sse(_failed(delta).body())
+                    break
+                yield _sse(chunk([{"index": 0, "delta": {"content": delta.text} if delta.text else {},
+                                   "logprobs": chat_logprobs(delta.logprobs) if body.logprobs else None,
+                                   "finish_reason": delta.finish_reason}]))
+                if delta.finish_reason is not None:
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse(chunk([], usage=_usage(delta)))
+                    break
+                delta = await rest.__anext__()
+            yield _sse("[DONE]")
+
+        return StreamingResponse(_closing(events(), rest), media_type="text/event-stream")
+
+    return app
+
+
+async def _closing(events: AsyncIterator[str], deltas: AsyncIterator[StreamDelta]) -> AsyncIterator[str]:
+    """The SSE events; when the response ends early (the client went away: the task is cancelled), the request's
+    delta stream is closed, which aborts the request in the engine."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()
+        await deltas.aclose()
