@@ -77,7 +77,13 @@ def serve(args: argparse.Namespace) -> int:
 
     from lorax_core import LLM, AsyncLLM
     from lorax_core.server import create_app
+    from lorax_core.server.scores import read_scores
 
+    try:
+        scores = read_scores(args.scores) if args.scores else None
+    except ValueError as err:
+        print(f"lorax-core serve: error: {err}", file=sys.stderr)
+        return 2
     options = {"max_num_seqs": args.max_num_seqs} | ({"max_model_len": args.max_model_len} if args.max_model_len else {})
     llm = LLM(args.model, dtype=args.dtype, quantize=None if args.quantize == "none" else args.quantize,
               device=args.device, **options)
@@ -88,7 +94,8 @@ def serve(args: argparse.Namespace) -> int:
           f"http://{args.host}:{args.port}/v1", flush=True)
     engine = AsyncLLM(llm)
     try:
-        uvicorn.run(create_app(engine, name, args.api_key), host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(create_app(engine, name, args.api_key, scores), host=args.host, port=args.port,
+                    log_level=args.log_level)
     finally:
         engine.close()
         llm.close()
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     sv = sub.add_parser("serve", help="the OpenAI-compatible HTTP server: every adapter is a model",
                         description="Serve a base model and its LoRA adapters over HTTP with OpenAI's API "
                                     "(/v1/completions, /v1/chat/completions, /v1/models), plus /v1/load_lora_adapter, "
-                                    "/v1/unload_lora_adapter, /health and /metrics. A request's `model` names an "
+                                    "/v1/unload_lora_adapter, /health and /metrics, and the LoRA Land page at /. A request's `model` names an "
                                     "adapter, or the base model (--served-model-name, default: --model) for none.")
     sv.add_argument("--model", required=True, help="a Hugging Face model directory or hub id")
     sv.add_argument("--quantize", choices=["nf4", "none"], default="none", help="base weights (default: none)")
@@ -132,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                     help="auto: bfloat16 on CUDA, float32 on CPU")
     sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 and /metrics")
+    sv.add_argument("--scores", help="evaluation results for the LoRA Land page at /: the demo's results.json or a "
+                                     "lorax-eval --json file")
     sv.add_argument("--served-model-name", help="the base model's name in requests (default: --model)")
     sv.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together at most")
     sv.add_argument("--max-model-len", type=int, help="context length cap (default: the model's)")

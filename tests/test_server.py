@@ -3,93 +3,29 @@ engine's (streamed and not), adapters are models, bad requests get OpenAI error 
 a client that goes away cancels its request, and a few hundred concurrent requests all complete."""
 import asyncio
 import random
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from model_helpers import ADAPTERS, save_adapter, save_model
-from lorax_core import LLM, AsyncLLM, SamplingParams
-from lorax_core.server import create_app
+from server_helpers import BASE, KEY, SERVED, free_socket, live_server, write_model_and_adapters
 
-KEY = "sekret"
-BASE = "tiny-base"
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}assistant:{% endif %}")
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
-SERVED = ("r8_all", "r4_qv")  # loaded at start; r16_rslora is loaded at run time by a test
-
-
-class Live:
-    def __init__(self, url, oracle, paths):
-        self.url, self.oracle, self.paths = url, oracle, paths
-        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
-
-    def expected(self, prompt, model, max_tokens=8, **params):
-        """What the engine gives for this request (a second engine on the same weights, used from this thread)."""
-        adapter = None if model == BASE else model
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **params)
-        return self.oracle.generate([prompt], params, adapters=[adapter])[0]
-
-    def metrics(self) -> dict:
-        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def free_socket() -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    root = tmp_path_factory.mktemp("server")
-    base = save_model(root / "base", "llama")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(base)
-    adapters = {name: save_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
-    return base, adapters
+    return write_model_and_adapters(tmp_path_factory.mktemp("server"))
 
 
 @pytest.fixture(scope="module")
 def live(paths):
-    import uvicorn
-
-    base, adapters = paths
-    engines = []
-    for _ in range(2):
-        llm = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_num_seqs=16)
-        for name in SERVED:
-            llm.load_adapter(name, adapters[name])
-        engines.append(llm)
-    served, oracle = engines
-    oracle.load_adapter("r16_rslora", adapters["r16_rslora"])
-    engine = AsyncLLM(served)
-    sock = free_socket()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, BASE, api_key=KEY), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if server.started:
-            break
-        time.sleep(0.01)
-    yield Live(f"http://127.0.0.1:{sock.getsockname()[1]}", oracle, paths)
-    server.should_exit = True
-    thread.join(timeout=10)
-    engine.close()
-    sock.close()
+    with live_server(paths) as server:
+        server.client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        yield server
 
 
 def test_models_lists_the_base_and_the_adapters(live):

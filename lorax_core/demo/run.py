@@ -73,6 +73,7 @@ def _score(llm, tests: dict[str, list[dict]], trained: dict[str, dict]) -> tuple
                          lift=round(tuned - base, 1), n_test=len(prompts), metric="exact",
                          example=dict(prompt=prompts[0], completion=targets[0], base_output=expected[f"base:{task}"][0],
                                       adapter_output=expected[task][0]),
+                         examples=prompts[:3],  # for the LoRA Land page (lorax-core serve --scores results.json)
                          **{k: v for k, v in trained[task].items() if k != "path"}))
     return rows, expected
 

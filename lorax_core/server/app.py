@@ -2,7 +2,8 @@
 
 Adapters are models: `model` names a registered adapter, or the base model's own name for no adapter. Endpoints:
 /v1/completions and /v1/chat/completions (streamed with server-sent events when `stream` is true), /v1/models,
-/v1/adapters, /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's names), /health and /metrics (Prometheus).
+/v1/adapters, /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's names), /health and /metrics (Prometheus),
+and at / the LoRA Land page (static files in server/static, with /ui/adapters: each adapter's state and scores).
 Errors are answered with OpenAI's error body; nothing a request does stops the others.
 """
 from __future__ import annotations
@@ -14,10 +15,12 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from lorax_core.engine.async_llm import AsyncLLM
@@ -161,10 +164,17 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`'s base model as `model_name` and each adapter under its own name."""
+STATIC = Path(__file__).with_name("static")
+
+
+def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, scores: dict[str, dict] | None = None
+               ) -> FastAPI:
+    """The FastAPI app serving `engine`'s base model as `model_name` and each adapter under its own name; `scores`
+    (adapter name -> task, base_score, adapter_score, examples: see server.scores) feed the LoRA Land page."""
     server = Server(engine, model_name, api_key)
+    scores = scores or {}
     app = FastAPI(title="lorax-core", description="OpenAI-compatible multi-LoRA server")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.state.server = server
     auth = [Depends(server.check_key)]
     token_text = (lambda t: server.llm.tokenizer.decode([t])) if server.llm.tokenizer is not None else str
@@ -191,6 +201,22 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None) ->
         kind = "not_found" if err.status_code == 404 else None
         message = f"{request.method} {request.url.path}: {err.detail}"
         return JSONResponse(APIError(err.status_code, message, code=kind).body(), status_code=err.status_code)
+
+    # --- the LoRA Land page -------------------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/ui/adapters", dependencies=auth)
+    async def page_adapters():
+        infos = await engine.call(server.llm.list_adapters)
+        rows = []
+        for a in infos:
+            s = scores.get(a.name, {})
+            rows.append({"name": a.name, "task": s.get("task"), "rank": a.rank, "state": a.tier.value,
+                         "adapter_score": s.get("adapter_score"), "base_score": s.get("base_score"),
+                         "examples": s.get("examples", []), "error": a.error})
+        return {"base": model_name, "max_model_len": server.llm.max_model_len, "adapters": rows}
 
     # --- health, models, adapters, metrics ---------------------------------------------------------------------
     @app.get("/health")
