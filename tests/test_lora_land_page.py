@@ -2,7 +2,8 @@
 on 127.0.0.1: it loads, lists the adapters with their scores, streams an adapter's answer beside the base's, and
 shows the server's errors (wrong API key, unknown adapter, prompt too long) as readable messages.
 
-Set LORAX_SCREENSHOT_DIR to keep the screenshot the test takes (docs/lora-land.png came from such a run)."""
+Set LORAX_SCREENSHOT_DIR to keep the screenshot the test takes (docs/lora-land-test.png came from such a run;
+docs/lora-land.png, the page serving the demo's adapters, from docs/screenshot.py)."""
 import json
 import os
 import shutil
@@ -117,7 +118,7 @@ def test_page_lists_adapters_and_streams_adapter_beside_base(live, browser):
     wait(browser, lambda d: d.find_elements(By.XPATH, '//table[@id="metrics"]//td[text()="r8_all"]'), timeout=10)
     out = Path(os.environ.get("LORAX_SCREENSHOT_DIR") or live.paths[0].parent)
     out.mkdir(parents=True, exist_ok=True)
-    assert browser.save_screenshot(str(out / "lora-land.png"))
+    assert browser.save_screenshot(str(out / "lora-land-test.png"))
 
 
 def test_server_errors_show_as_readable_messages(live, browser):

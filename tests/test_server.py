@@ -2,6 +2,7 @@
 engine's (streamed and not), adapters are models, bad requests get OpenAI error bodies while the server goes on,
 a client that goes away cancels its request, and a few hundred concurrent requests all complete."""
 import asyncio
+import json
 import random
 import subprocess
 import sys
@@ -237,3 +238,23 @@ def test_cli_serves_a_model_directory(paths):
     bad = subprocess.run([sys.executable, "-m", "lorax_core.cli", "serve", "--model", str(base), "--adapter", "noeq"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "NAME=PATH" in bad.stderr
+
+
+def test_scores_files_of_the_demo_and_of_lorax_eval(tmp_path):
+    from lorax_core.server.scores import read_scores
+
+    demo = tmp_path / "results.json"
+    demo.write_text(json.dumps({"tasks": [{"task": "sentiment", "base_score": 0.0, "adapter_score": 61.0,
+                                           "example": {"prompt": "review : good"}}]}))
+    assert read_scores(demo) == {"sentiment": dict(task="sentiment", base_score=0.0, adapter_score=61.0,
+                                                   examples=["review : good"])}
+    evaluated = tmp_path / "eval.json"
+    evaluated.write_text(json.dumps({"models": ["base", "sql", "math"], "scores": {
+        "sql": {"base": 0.1, "sql": 0.8, "math": 0.1}, "arith": {"base": 0.2, "sql": 0.2, "math": 0.9}}}))
+    rows = read_scores(evaluated)
+    assert rows["sql"]["task"] == "sql" and rows["sql"]["adapter_score"] == pytest.approx(80.0)
+    assert rows["math"]["task"] == "arith" and rows["math"]["base_score"] == pytest.approx(20.0)
+    for text in ("{broken", json.dumps({"something": 1})):
+        demo.write_text(text)
+        with pytest.raises(ValueError, match="scores file"):
+            read_scores(demo)

@@ -146,6 +146,7 @@ async def _collect(first: StreamDelta, rest: AsyncIterator[StreamDelta]) -> _Col
         out.logprobs += delta.logprobs or []
         out.last = delta
         if delta.finish_reason is not None:
+            await rest.aclose()
             return out
         delta = await rest.__anext__()
 
