@@ -28,8 +28,8 @@ from lorax_core.engine.outputs import StreamDelta
 from lorax_core.engine.sampling import SamplingParams
 from lorax_core.engine.sequence import TokenLogprob
 from lorax_core.server.metrics import ModelStats, render_metrics
-from lorax_core.server.protocol import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequest,
-                                        UnloadAdapterRequest, _Request)
+from lorax_core.server.protocol import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, SamplingRequest,
+                                        UnloadAdapterRequest)
 
 
 class Server:
@@ -59,7 +59,7 @@ class Server:
                             "adapter (GET /v1/models lists them; POST /v1/load_lora_adapter loads one)",
                        code="model_not_found", param="model")
 
-    def sampling(self, body: _Request, max_tokens: int | None, logprobs: int | None, prompt_len: int
+    def sampling(self, body: SamplingRequest, max_tokens: int | None, logprobs: int | None, prompt_len: int
                  ) -> SamplingParams:
         if body.n != 1:
             raise APIError(400, f"n must be 1 (got {body.n}): the server returns one choice per request; send several "
@@ -132,7 +132,6 @@ class Server:
 @dataclasses.dataclass
 class _Collected:
     text: str = ""
-    token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     last: StreamDelta | None = None
 
@@ -142,7 +141,6 @@ async def _collect(first: StreamDelta, rest: AsyncIterator[StreamDelta]) -> _Col
     delta = first
     while True:
         out.text += delta.text
-        out.token_ids += delta.token_ids
         out.logprobs += delta.logprobs or []
         out.last = delta
         if delta.finish_reason is not None:

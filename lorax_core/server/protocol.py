@@ -24,7 +24,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Request(BaseModel):
+class SamplingRequest(BaseModel):
     """Fields shared by completions and chat completions. Unknown fields are ignored, as OpenAI's server does;
     `ignore_eos`, `top_k`, `min_p` and `repetition_penalty` are extras (the openai client sends them with
     `extra_body=`)."""
@@ -48,7 +48,7 @@ class _Request(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0)
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -75,7 +75,7 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": content or ""}
 
 
-class ChatRequest(_Request):
+class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
