@@ -89,3 +89,25 @@ def test_call_runs_on_the_engine_thread_and_raises_its_errors(engine):
         return names
 
     assert set(asyncio.run(main())) == set(ADAPTERS)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
+    runner, calls = engine.llm.runner, []
+    run = runner.run
+
+    def broken(seqs):
+        calls.append(len(seqs))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return run(seqs)
+
+    monkeypatch.setattr(runner, "run", broken)
+
+    async def main():
+        failed = await engine.generate([5, 6, 7], GREEDY, "r8_all")
+        after = await engine.generate([5, 6, 7], GREEDY, "r8_all")
+        return failed, after
+
+    failed, after = asyncio.run(main())
+    assert failed.finish_reason == "error" and "out of memory (simulated)" in failed.error
+    assert after.finish_reason == "length" and len(after.token_ids) == 8

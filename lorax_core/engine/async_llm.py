@@ -134,8 +134,10 @@ class AsyncLLM:
                 self.llm.step()
             except Exception as err:  # noqa: BLE001 - one bad step must not stop the server
                 log.exception("engine step failed")
-                for seq in list(self.llm.scheduler.running):
-                    self.llm.scheduler.finish(seq, "error", f"the engine step failed: {type(err).__name__}: {err}")
+                scheduler = self.llm.scheduler
+                # the requests it ran fail; with none running (a stall) the waiting ones would fail the same way
+                for seq in list(scheduler.running or scheduler.waiting):
+                    scheduler.finish(seq, "error", f"the engine step failed: {type(err).__name__}: {err}")
             self._publish()
         for seq in list(self._streams):
             self.llm.abort(seq)
