@@ -153,13 +153,27 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_request(live):
         lines = response.iter_lines()
         got = [next(lines) for _ in range(6)]
     assert any(line.startswith("data: ") for line in got)
+    assert wait_for_abort(live, aborted)
+
+
+def wait_for_abort(live, aborted_before):
+    """Until the base model's abort count has grown by one and nothing runs; returns whether that happened."""
+    key = ("lorax_requests_total", (("finish_reason", "abort"), ("model", BASE)))
     for _ in range(300):
         m = live.metrics()
-        done = m.get(("lorax_requests_total", (("finish_reason", "abort"), ("model", BASE))), 0) == aborted + 1
-        if done and m[("lorax_requests_running", ())] == 0:
-            break
+        if m.get(key, 0) == aborted_before + 1 and m[("lorax_requests_running", ())] == 0:
+            return m[("lorax_requests_waiting", ())] == 0
         time.sleep(0.02)
-    assert done and m[("lorax_requests_running", ())] == 0 and m[("lorax_requests_waiting", ())] == 0
+    return False
+
+
+def test_a_client_that_gives_up_on_a_non_streamed_request_cancels_it(live):
+    aborted = live.metrics().get(("lorax_requests_total", (("finish_reason", "abort"), ("model", BASE))), 0)
+    # the whole context (512 tokens) takes the tiny model about 0.8 s: the client leaves after 0.3 s
+    body = {"model": BASE, "prompt": "the", "max_tokens": 100_000, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+    assert wait_for_abort(live, aborted)
 
 
 def test_metrics_count_requests_tokens_and_loads_per_adapter(live):

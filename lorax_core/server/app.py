@@ -8,6 +8,7 @@ Errors are answered with OpenAI's error body; nothing a request does stops the o
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import json
@@ -149,6 +150,19 @@ async def _collect(first: StreamDelta, rest: AsyncIterator[StreamDelta]) -> _Col
         delta = await rest.__anext__()
 
 
+async def _unless_disconnected(request: Request, work) -> _Collected | None:
+    """Await `work`, but cancel it (so its request is aborted) when the client goes away first; None then."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.1)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return None
+
+
 def _usage(delta: StreamDelta) -> dict:
     m = delta.metrics
     return {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
@@ -283,7 +297,7 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
                 "top_logprobs": [{token_text(t): v for t, v in lp.top.items()} for lp in lps], "text_offset": offsets}
 
     @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         adapter = await server.adapter_for(body.model)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -303,7 +317,9 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
                     "choices": choices, **extra}
 
         if not body.stream:
-            out = await _collect(first, rest)
+            out = await _unless_disconnected(request, _collect(first, rest))
+            if out is None:
+                return Response(status_code=499)  # nobody is listening (nginx's "client closed request")
             if out.last.finish_reason == "error":
                 raise _failed(out.last)
             logprobs = completion_logprobs(out.logprobs, 0) if body.logprobs is not None else None
@@ -339,7 +355,7 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
                             for lp in lps]}
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatRequest):
+    async def chat_completions(body: ChatRequest, request: Request):
         adapter = await server.adapter_for(body.model)
         ids = server.chat_prompt(body)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -352,7 +368,9 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
                     "choices": choices, **extra}
 
         if not body.stream:
-            out = await _collect(first, rest)
+            out = await _unless_disconnected(request, _collect(first, rest))
+            if out is None:
+                return Response(status_code=499)
             if out.last.finish_reason == "error":
                 raise _failed(out.last)
             return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
