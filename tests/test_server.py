@@ -93,6 +93,30 @@ def test_logprobs_stop_and_seed(live):
     assert sampled[0] == sampled[1]
 
 
+def test_several_prompts_and_n_choices(live):
+    """prompt = [p0, p1] with n = 2: choice 2i + j is prompt i, sample j (seed + j); streamed the same."""
+    prompts, sampled = ["the red cat", "one two"], dict(temperature=1.0, seed=11, extra_body={"ignore_eos": True})
+    out = live.client.completions.create(model="r8_all", prompt=prompts, n=2, max_tokens=6, **sampled)
+    single = [live.client.completions.create(model="r8_all", prompt=p, max_tokens=6, **(sampled | {"seed": 11 + j}))
+              .choices[0].text for p in prompts for j in range(2)]
+    assert [c.index for c in out.choices] == [0, 1, 2, 3] and [c.text for c in out.choices] == single
+    assert single[0] != single[1]  # two samples of one prompt differ (seeds 11 and 12)
+    assert out.usage.completion_tokens == 4 * 6
+    assert out.usage.prompt_tokens == sum(len(live.oracle.tokenize(p)) for p in prompts)
+    texts = ["", "", "", ""]
+    for chunk in live.client.completions.create(model="r8_all", prompt=prompts, n=2, max_tokens=6, stream=True,
+                                                **sampled):
+        texts[chunk.choices[0].index] += chunk.choices[0].text
+    assert texts == single
+    chat = live.client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], n=3,
+                                               max_tokens=4, **GREEDY)
+    assert [c.index for c in chat.choices] == [0, 1, 2] and len({c.message.content for c in chat.choices}) == 1
+    with pytest.raises(openai.BadRequestError) as err:  # one refused prompt refuses the call; nothing keeps running
+        live.client.completions.create(model=BASE, prompt=["the", "the " * 3000], max_tokens=2)
+    assert "shorten the prompt" in err.value.body["message"]
+    assert live.metrics()[("lorax_requests_running", ())] == 0
+
+
 def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
     c = live.client
     with pytest.raises(openai.AuthenticationError) as err:
@@ -101,7 +125,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
     with pytest.raises(openai.NotFoundError) as err:
         c.completions.create(model="nope", prompt="the", max_tokens=2)
     assert "`nope` does not exist" in err.value.body["message"] and err.value.body["code"] == "model_not_found"
-    bad = [dict(temperature=-1), dict(n=2), dict(top_p=0), dict(max_tokens=0), dict(presence_penalty=1.0)]
+    bad = [dict(temperature=-1), dict(n=0), dict(n=65), dict(top_p=0), dict(max_tokens=0), dict(presence_penalty=1.0)]
     for params in bad:
         with pytest.raises(openai.BadRequestError) as err:
             c.completions.create(model=BASE, prompt="the", **({"max_tokens": 2} | params))

@@ -60,11 +60,10 @@ class Server:
                             "adapter (GET /v1/models lists them; POST /v1/load_lora_adapter loads one)",
                        code="model_not_found", param="model")
 
-    def sampling(self, body: SamplingRequest, max_tokens: int | None, logprobs: int | None, prompt_len: int
-                 ) -> SamplingParams:
-        if body.n != 1:
-            raise APIError(400, f"n must be 1 (got {body.n}): the server returns one choice per request; send several "
-                                "requests instead", param="n")
+    def sampling(self, body: SamplingRequest, max_tokens: int | None, logprobs: int | None, prompt_len: int,
+                 choice: int = 0) -> SamplingParams:
+        """The engine's parameters for one choice; with a seed, choice j samples with seed + j (n distinct, each
+        reproducible)."""
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name):
                 raise APIError(400, f"{name} is not supported; use repetition_penalty (an extra field, > 1 "
@@ -74,7 +73,8 @@ class Server:
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                   top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
-                                  seed=body.seed, stop=body.stop, ignore_eos=body.ignore_eos, logprobs=logprobs)
+                                  seed=None if body.seed is None else body.seed + choice, stop=body.stop,
+                                  ignore_eos=body.ignore_eos, logprobs=logprobs)
         except ValueError as err:
             raise APIError(400, str(err)) from None
 
@@ -99,7 +99,25 @@ class Server:
             raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from None
         return self.tokenize(text, add_special_tokens=False)  # the template writes the special tokens itself
 
-    # --- running a request ---------------------------------------------------------------------------------------
+    # --- running requests ------------------------------------------------------------------------------------
+    async def start_choices(self, body: SamplingRequest, prompts: list[list[int]], max_tokens: int | None,
+                            logprobs: int | None, adapter: str | None) -> _Choices:
+        """Queue n requests per prompt (choice i * n + j: prompt i, sample j) together; if one is refused, the
+        others are aborted and the refusal answers the whole call."""
+        if body.n < 1 or len(prompts) * body.n > MAX_CHOICES:
+            raise APIError(400, f"n = {body.n} for {len(prompts)} prompt(s): n must be >= 1 and at most {MAX_CHOICES} "
+                                "choices in all; send several requests instead", param="n")
+        params = [self.sampling(body, max_tokens, logprobs, len(ids), j) for ids in prompts for j in range(body.n)]
+        ids = [ids for ids in prompts for _ in range(body.n)]
+        results = await asyncio.gather(*(self.start(i, p, adapter, body.model) for i, p in zip(ids, params)),
+                                       return_exceptions=True)
+        started = _Choices([r for r in results if not isinstance(r, BaseException)])
+        refused = next((r for r in results if isinstance(r, BaseException)), None)
+        if refused is not None:
+            await started.close()
+            raise refused
+        return started
+
     async def start(self, ids: list[int], params: SamplingParams, adapter: str | None, model: str
                     ) -> tuple[StreamDelta, AsyncIterator[StreamDelta]]:
         """Queue the request; its first delta and the rest. A refused request (prompt too long, ...) is a 400."""
@@ -130,6 +148,55 @@ class Server:
                 stats.requests["abort"] += 1
 
 
+MAX_CHOICES = 64  # choices (prompts x n) in one call
+
+
+class _Choices:
+    """The requests behind one response, choice i being request i (first delta, rest), started together."""
+
+    def __init__(self, started: list[tuple[StreamDelta, AsyncIterator[StreamDelta]]]):
+        self.started = started
+
+    def __len__(self) -> int:
+        return len(self.started)
+
+    async def collect(self) -> list[_Collected]:
+        return list(await asyncio.gather(*(_collect(first, rest) for first, rest in self.started)))
+
+    async def merged(self) -> AsyncIterator[tuple[int, StreamDelta]]:
+        """(choice, delta) in the order the deltas come, until every choice has finished."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, delta: StreamDelta, rest: AsyncIterator[StreamDelta]) -> None:
+            try:
+                while True:
+                    queue.put_nowait((i, delta))
+                    if delta.finish_reason is not None:
+                        return
+                    delta = await rest.__anext__()
+            except Exception as err:  # noqa: BLE001 - handed to the reader
+                queue.put_nowait((i, err))
+
+        pumps = [asyncio.create_task(pump(i, first, rest)) for i, (first, rest) in enumerate(self.started)]
+        try:
+            running = len(pumps)
+            while running:
+                i, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                running -= item.finish_reason is not None
+                yield i, item
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Close every request's delta stream (aborting those not finished)."""
+        for _, rest in self.started:
+            await rest.aclose()
+
+
 @dataclasses.dataclass
 class _Collected:
     text: str = ""
@@ -150,7 +217,7 @@ async def _collect(first: StreamDelta, rest: AsyncIterator[StreamDelta]) -> _Col
         delta = await rest.__anext__()
 
 
-async def _unless_disconnected(request: Request, work) -> _Collected | None:
+async def _unless_disconnected(request: Request, work):
     """Await `work`, but cancel it (so its request is aborted) when the client goes away first; None then."""
     task = asyncio.ensure_future(work)
     while True:
@@ -161,12 +228,6 @@ async def _unless_disconnected(request: Request, work) -> _Collected | None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             return None
-
-
-def _usage(delta: StreamDelta) -> dict:
-    m = delta.metrics
-    return {"prompt_tokens": m.prompt_tokens, "completion_tokens": m.completion_tokens,
-            "total_tokens": m.prompt_tokens + m.completion_tokens}
 
 
 def _failed(delta: StreamDelta) -> APIError:
@@ -286,7 +347,50 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
         body, content_type = render_metrics(server.stats, adapters, running, waiting)
         return Response(body, media_type=content_type)
 
-    # --- completions ------------------------------------------------------------------------------------------
+    # --- completions and chat completions -------------------------------------------------------------------
+    async def respond(request: Request, body: SamplingRequest, started: _Choices, prompt_tokens: int, prefix: str,
+                      whole: str, part: str, whole_choice, part_choice, opening=None):
+        """One response over several requests (choice i is request i): a JSON body once all have finished, or
+        SSE chunks as they come. whole_choice(i, collected) and part_choice(i, delta) format one choice; opening(i)
+        is a first chunk per choice (the chat's role)."""
+        rid, created = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+
+        def envelope(obj: str, choices: list, **extra) -> dict:
+            return {"id": rid, "object": obj, "created": created, "model": body.model, "choices": choices, **extra}
+
+        def usage(completion_tokens: int) -> dict:
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}
+
+        if not body.stream:
+            outs = await _unless_disconnected(request, started.collect())
+            if outs is None:
+                return Response(status_code=499)  # nobody is listening (nginx's "client closed request")
+            failed = next((o.last for o in outs if o.last.finish_reason == "error"), None)
+            if failed is not None:
+                raise _failed(failed)
+            return envelope(whole, [whole_choice(i, o) for i, o in enumerate(outs)],
+                            usage=usage(sum(o.last.metrics.completion_tokens for o in outs)))
+
+        async def events():
+            if opening is not None:
+                for i in range(len(started)):
+                    yield _sse(envelope(part, [opening(i)]))
+            completion_tokens = 0
+            async for i, delta in started.merged():
+                if delta.finish_reason == "error":
+                    yield _sse(_failed(delta).body())
+                    break
+                yield _sse(envelope(part, [part_choice(i, delta)]))
+                if delta.finish_reason is not None:
+                    completion_tokens += delta.metrics.completion_tokens
+            else:
+                if body.stream_options and body.stream_options.include_usage:
+                    yield _sse(envelope(part, [], usage=usage(completion_tokens)))
+            yield _sse("[DONE]")
+
+        return StreamingResponse(_closing(events(), started), media_type="text/event-stream")
+
     def completion_logprobs(lps: list[TokenLogprob], offset: int) -> dict:
         tokens = [token_text(lp.token_id) for lp in lps]
         offsets = []
@@ -299,53 +403,28 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
         adapter = await server.adapter_for(body.model)
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, f"one prompt per request (got {len(prompt)}); send one request per prompt",
-                               param="prompt")
-            prompt = prompt[0]
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
-        ids = server.tokenize(prompt)
-        params = server.sampling(body, body.max_tokens, body.logprobs, len(ids))
-        first, rest = await server.start(ids, params, adapter, body.model)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and isinstance(
+            body.prompt[0], (str, list)) else [body.prompt]
+        ids = [server.tokenize(prompt) for prompt in prompts]
+        started = await server.start_choices(body, ids, body.max_tokens, body.logprobs, adapter)
+        offsets = [0] * len(started)  # text_offset of each choice's next streamed token
 
-        def chunk(choices: list, **extra) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": choices, **extra}
-
-        if not body.stream:
-            out = await _unless_disconnected(request, _collect(first, rest))
-            if out is None:
-                return Response(status_code=499)  # nobody is listening (nginx's "client closed request")
-            if out.last.finish_reason == "error":
-                raise _failed(out.last)
+        def whole_choice(i: int, out: _Collected) -> dict:
             logprobs = completion_logprobs(out.logprobs, 0) if body.logprobs is not None else None
-            return chunk([{"index": 0, "text": out.text, "logprobs": logprobs, "finish_reason": out.last.finish_reason}],
-                         usage=_usage(out.last))
+            return {"index": i, "text": out.text, "logprobs": logprobs, "finish_reason": out.last.finish_reason}
 
-        async def events():
-            delta, offset = first, 0
-            while True:
-                if delta.finish_reason == "error":
-                    yield _sse(_failed(delta).body())
-                    break
-                logprobs = completion_logprobs(delta.logprobs, offset) if body.logprobs is not None else None
-                offset += sum(len(t) for t in logprobs["tokens"]) if logprobs else 0
-                yield _sse(chunk([{"index": 0, "text": delta.text, "logprobs": logprobs,
-                                   "finish_reason": delta.finish_reason}]))
-                if delta.finish_reason is not None:
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield _sse(chunk([], usage=_usage(delta)))
-                    break
-                delta = await rest.__anext__()
-            yield _sse("[DONE]")
+        def part_choice(i: int, delta: StreamDelta) -> dict:
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(delta.logprobs, offsets[i])
+                offsets[i] += sum(len(t) for t in logprobs["tokens"])
+            return {"index": i, "text": delta.text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
 
-        return StreamingResponse(_closing(events(), rest), media_type="text/event-stream")
+        return await respond(request, body, started, sum(map(len, ids)), "cmpl", "text_completion", "text_completion",
+                             whole_choice, part_choice)
 
-    # --- chat completions -------------------------------------------------------------------------------------
     def chat_logprobs(lps: list[TokenLogprob]) -> dict:
         def entry(token_id: int, logprob: float) -> dict:
             text = token_text(token_id)
@@ -359,55 +438,34 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
         adapter = await server.adapter_for(body.model)
         ids = server.chat_prompt(body)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = server.sampling(body, body.max_completion_tokens or body.max_tokens, logprobs, len(ids))
-        first, rest = await server.start(ids, params, adapter, body.model)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        started = await server.start_choices(body, [ids], body.max_completion_tokens or body.max_tokens, logprobs,
+                                             adapter)
 
-        def chunk(choices: list, **extra) -> dict:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": choices, **extra}
+        def whole_choice(i: int, out: _Collected) -> dict:
+            return {"index": i, "message": {"role": "assistant", "content": out.text},
+                    "logprobs": chat_logprobs(out.logprobs) if body.logprobs else None,
+                    "finish_reason": out.last.finish_reason}
 
-        if not body.stream:
-            out = await _unless_disconnected(request, _collect(first, rest))
-            if out is None:
-                return Response(status_code=499)
-            if out.last.finish_reason == "error":
-                raise _failed(out.last)
-            return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                                 "logprobs": chat_logprobs(out.logprobs) if body.logprobs else None,
-                                 "finish_reason": out.last.finish_reason}],
-                    "usage": _usage(out.last)}
+        def part_choice(i: int, delta: StreamDelta) -> dict:
+            return {"index": i, "delta": {"content": delta.text} if delta.text else {},
+                    "logprobs": chat_logprobs(delta.logprobs) if body.logprobs else None,
+                    "finish_reason": delta.finish_reason}
 
-        async def events():
-            yield _sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                               "finish_reason": None}]))
-            delta = first
-            while True:
-                if delta.finish_reason == "error":
-                    yield _sse(_failed(delta).body())
-                    break
-                yield _sse(chunk([{"index": 0, "delta": {"content": delta.text} if delta.text else {},
-                                   "logprobs": chat_logprobs(delta.logprobs) if body.logprobs else None,
-                                   "finish_reason": delta.finish_reason}]))
-                if delta.finish_reason is not None:
-                    if body.stream_options and body.stream_options.include_usage:
-                        yield _sse(chunk([], usage=_usage(delta)))
-                    break
-                delta = await rest.__anext__()
-            yield _sse("[DONE]")
+        def opening(i: int) -> dict:
+            return {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
 
-        return StreamingResponse(_closing(events(), rest), media_type="text/event-stream")
+        return await respond(request, body, started, len(ids), "chatcmpl", "chat.completion", "chat.completion.chunk",
+                             whole_choice, part_choice, opening)
 
     return app
 
 
-async def _closing(events: AsyncIterator[str], deltas: AsyncIterator[StreamDelta]) -> AsyncIterator[str]:
-    """The SSE events; when the response ends early (the client went away: the task is cancelled), the request's
-    delta stream is closed, which aborts the request in the engine."""
+async def _closing(events: AsyncIterator[str], started: _Choices) -> AsyncIterator[str]:
+    """The SSE events; when the response ends early (the client went away: the task is cancelled), the requests'
+    delta streams are closed, which aborts them in the engine."""
     try:
         async for event in events:
             yield event
     finally:
         await events.aclose()
-        await deltas.aclose()
+        await started.close()
