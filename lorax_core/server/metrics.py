@@ -20,7 +20,8 @@ class ModelStats:
     refused: int = 0  # refused when queued (prompt too long, ...)
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    queue_seconds: float = 0.0  # arrival to first scheduled, over finished requests
+    queue_seconds: float = 0.0  # arrival to first scheduled, over finished requests (not aborted ones)
+    queue_count: int = 0
     ttft_seconds: float = 0.0  # arrival to first token, over finished requests that got one
     ttft_count: int = 0
     loads: int = 0  # POST /v1/load_lora_adapter
@@ -34,7 +35,9 @@ class ModelStats:
             return
         self.requests[delta.finish_reason] += 1
         m = delta.metrics
-        self.queue_seconds += m.queue_time or 0.0
+        if m.queue_time is not None:
+            self.queue_seconds += m.queue_time
+            self.queue_count += 1
         if m.time_to_first_token is not None:
             self.ttft_seconds += m.time_to_first_token
             self.ttft_count += 1
@@ -67,7 +70,7 @@ class _Snapshot:
             refused.add_metric([model], s.refused)
             prompt.add_metric([model], s.prompt_tokens)
             generated.add_metric([model], s.generation_tokens)
-            queue.add_metric([model], sum(s.requests.values()), s.queue_seconds)
+            queue.add_metric([model], s.queue_count, s.queue_seconds)
             ttft.add_metric([model], s.ttft_count, s.ttft_seconds)
         yield from (requests, refused, prompt, generated, queue, ttft)
 
