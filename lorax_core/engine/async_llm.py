@@ -85,13 +85,7 @@ class AsyncLLM:
     async def generate(self, prompt: Prompt, params: SamplingParams | None = None, adapter: str | None = None
                        ) -> StreamDelta:
         """The whole output of one request as a single delta (text, token ids, logprobs joined; metrics)."""
-        text, ids, logprobs, last = [], [], [], None
-        async for last in self.stream(prompt, params, adapter):
-            text.append(last.text)
-            ids.extend(last.token_ids)
-            logprobs.extend(last.logprobs or [])
-        return StreamDelta(last.request_id, "".join(text), ids, last.finish_reason,
-                           logprobs if last.logprobs is not None else None, last.error, last.metrics)
+        return StreamDelta.join([delta async for delta in self.stream(prompt, params, adapter)])
 
     def close(self) -> None:
         """Abort what is still running and stop the engine thread (the LLM stays usable from this thread)."""

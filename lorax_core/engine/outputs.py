@@ -53,6 +53,15 @@ class StreamDelta:
     error: str | None = None  # why the request failed (finish_reason "error")
     metrics: RequestMetrics | None = None  # on the last delta
 
+    @classmethod
+    def join(cls, deltas: list[StreamDelta]) -> StreamDelta:
+        """One delta holding the text, token ids and logprobs of `deltas` in order, with the last one's finish
+        reason, error and metrics."""
+        last = deltas[-1]
+        logprobs = [lp for d in deltas for lp in d.logprobs or []] if last.logprobs is not None else None
+        return cls(last.request_id, "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids],
+                   last.finish_reason, logprobs, last.error, last.metrics)
+
 
 class RequestError(ValueError):
     """Some requests of a generate() call were refused; `outputs` holds every request's output (the refused

@@ -50,11 +50,14 @@ class Server:
             raise APIError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>` with the "
                                 "key this server was started with (--api-key)", code="invalid_api_key")
 
+    async def has_adapter(self, name: str) -> bool:
+        return await self.engine.call(lambda: name in self.llm.registry.names)
+
     async def adapter_for(self, model: str) -> str | None:
         """The adapter a request's `model` names (None: the base model); 404 if it names nothing served."""
         if model == self.model_name:
             return None
-        if await self.engine.call(lambda: model in self.llm.registry.names):
+        if await self.has_adapter(model):
             return model
         raise APIError(404, f"the model `{model}` does not exist: use the base model `{self.model_name}` or a loaded "
                             "adapter (GET /v1/models lists them; POST /v1/load_lora_adapter loads one)",
@@ -160,7 +163,8 @@ class _Choices:
     def __len__(self) -> int:
         return len(self.started)
 
-    async def collect(self) -> list[_Collected]:
+    async def collect(self) -> list[StreamDelta]:
+        """Each choice's whole output (StreamDelta.join of its deltas), once all have finished."""
         return list(await asyncio.gather(*(_collect(first, rest) for first, rest in self.started)))
 
     async def merged(self) -> AsyncIterator[tuple[int, StreamDelta]]:
@@ -197,24 +201,12 @@ class _Choices:
             await rest.aclose()
 
 
-@dataclasses.dataclass
-class _Collected:
-    text: str = ""
-    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
-    last: StreamDelta | None = None
-
-
-async def _collect(first: StreamDelta, rest: AsyncIterator[StreamDelta]) -> _Collected:
-    out = _Collected()
-    delta = first
-    while True:
-        out.text += delta.text
-        out.logprobs += delta.logprobs or []
-        out.last = delta
-        if delta.finish_reason is not None:
-            await rest.aclose()
-            return out
-        delta = await rest.__anext__()
+async def _collect(first: StreamDelta, rest: AsyncIterator[StreamDelta]) -> StreamDelta:
+    deltas = [first]
+    while deltas[-1].finish_reason is None:
+        deltas.append(await rest.__anext__())
+    await rest.aclose()
+    return StreamDelta.join(deltas)
 
 
 async def _unless_disconnected(request: Request, work):
@@ -328,7 +320,7 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
 
     @app.post("/v1/unload_lora_adapter", dependencies=auth)
     async def unload_adapter(body: UnloadAdapterRequest):
-        if not await engine.call(lambda: body.lora_name in server.llm.registry.names):
+        if not await server.has_adapter(body.lora_name):
             raise APIError(404, f"no adapter `{body.lora_name}` is loaded", code="model_not_found",
                            param="lora_name")
         try:
@@ -366,11 +358,11 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
             outs = await _unless_disconnected(request, started.collect())
             if outs is None:
                 return Response(status_code=499)  # nobody is listening (nginx's "client closed request")
-            failed = next((o.last for o in outs if o.last.finish_reason == "error"), None)
+            failed = next((o for o in outs if o.finish_reason == "error"), None)
             if failed is not None:
                 raise _failed(failed)
             return envelope(whole, [whole_choice(i, o) for i, o in enumerate(outs)],
-                            usage=usage(sum(o.last.metrics.completion_tokens for o in outs)))
+                            usage=usage(sum(o.metrics.completion_tokens for o in outs)))
 
         async def events():
             if opening is not None:
@@ -411,9 +403,9 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
         started = await server.start_choices(body, ids, body.max_tokens, body.logprobs, adapter)
         offsets = [0] * len(started)  # text_offset of each choice's next streamed token
 
-        def whole_choice(i: int, out: _Collected) -> dict:
+        def whole_choice(i: int, out: StreamDelta) -> dict:
             logprobs = completion_logprobs(out.logprobs, 0) if body.logprobs is not None else None
-            return {"index": i, "text": out.text, "logprobs": logprobs, "finish_reason": out.last.finish_reason}
+            return {"index": i, "text": out.text, "logprobs": logprobs, "finish_reason": out.finish_reason}
 
         def part_choice(i: int, delta: StreamDelta) -> dict:
             logprobs = None
@@ -441,10 +433,10 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
         started = await server.start_choices(body, [ids], body.max_completion_tokens or body.max_tokens, logprobs,
                                              adapter)
 
-        def whole_choice(i: int, out: _Collected) -> dict:
+        def whole_choice(i: int, out: StreamDelta) -> dict:
             return {"index": i, "message": {"role": "assistant", "content": out.text},
                     "logprobs": chat_logprobs(out.logprobs) if body.logprobs else None,
-                    "finish_reason": out.last.finish_reason}
+                    "finish_reason": out.finish_reason}
 
         def part_choice(i: int, delta: StreamDelta) -> dict:
             return {"index": i, "delta": {"content": delta.text} if delta.text else {},
