@@ -52,10 +52,8 @@ import bench_adapters  # noqa: E402  (base and adapter writing, engine sizing, d
 
 @dataclasses.dataclass(frozen=True)
 class Load:
-    setup: bench_adapters.Setup  # model, dtype, device; setup.counts = K values, setup.concurrency = max N
+    setup: bench_adapters.Setup  # model, dtype, device, prompt range, max_tokens; counts = K values, concurrency = max N
     clients: tuple[int, ...]
-    prompt: tuple[int, int]
-    max_tokens: int
     cell_seconds: float
     min_requests: int = 8  # a cell ends after max(2N, min_requests) completed requests (or cell_seconds)
     label: str = ""
@@ -64,12 +62,20 @@ class Load:
     def adapters(self) -> tuple[int, ...]:
         return self.setup.counts
 
+    @property
+    def prompt(self) -> tuple[int, int]:
+        return self.setup.prompt
+
+    @property
+    def max_tokens(self) -> int:
+        return self.setup.max_tokens
+
 
 GPU = Load(bench_adapters.Setup("cuda", torch.bfloat16, (1, 8, 32, 128), 64, 0, (90, 110), 100),
-           clients=(1, 8, 32, 64), prompt=(90, 110), max_tokens=100, cell_seconds=10.0,
+           clients=(1, 8, 32, 64), cell_seconds=10.0,
            label="Mistral-7B shapes, random weights, bfloat16 activations")
 TINY = Load(bench_adapters.Setup("cpu", torch.float32, (1, 8, 32, 128), 64, 0, (12, 20), 16, kv_cache_bytes=2**24),
-            clients=(1, 8, 32, 64), prompt=(12, 20), max_tokens=16, cell_seconds=3.0,
+            clients=(1, 8, 32, 64), cell_seconds=3.0,
             min_requests=32, label="CPU run of the tiny test Llama (hidden 64, 2 layers, float32): not a GPU result")
 SYSTEMS = ("lorax", "hf")
 SYSTEM_NAMES = {"lorax": "lorax-core", "hf": "transformers + PEFT"}
@@ -246,17 +252,17 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99)}
 
 
-async def run_cell(server, load: Load, names: list[str], clients: int, adapters: int, seed: int) -> dict:
+async def run_cell(server, load: Load, names: list[str], vocab: int, clients: int, adapters: int, seed: int
+                   ) -> dict:
     """Closed-loop clients against one server until the cell's request count or time is reached."""
     rng = random.Random(seed)
-    vocab_low, vocab_high = 3, load_vocab(server)
     target = max(2 * clients, load.min_requests)
     ttft, itl, received, completed = [], [], [0], [0]
     enough = asyncio.Event()
 
     async def client():
         while True:
-            prompt = [rng.randrange(vocab_low, vocab_high) for _ in range(rng.randint(*load.prompt))]
+            prompt = bench_adapters.random_prompt(rng, load.setup, vocab)
             adapter = rng.choice(names[:adapters])
             sent = last = time.perf_counter()
             count = 0
@@ -288,21 +294,14 @@ async def run_cell(server, load: Load, names: list[str], clients: int, adapters:
                 tokens_per_s=received[0] / seconds, ttft_ms=percentiles(ttft), itl_ms=percentiles(itl))
 
 
-def load_vocab(server) -> int:
-    if isinstance(server, LoraxServer):
-        return server.engine.llm.model.config.vocab_size
-    return server.model.config.vocab_size
-
-
-async def run_system(server, load: Load, names: list[str], log) -> list[dict]:
+async def run_system(server, load: Load, names: list[str], vocab: int, log) -> list[dict]:
     rng = random.Random(-1)
-    vocab = load_vocab(server)
-    warm = [[rng.randrange(3, vocab) for _ in range(rng.randint(*load.prompt))] for _ in names]
+    warm = [bench_adapters.random_prompt(rng, load.setup, vocab) for _ in names]
     await server.warm_up(warm, names)
     rows = []
     for k in load.adapters:
         for n in load.clients:
-            row = await run_cell(server, load, names, n, k, seed=1000 * k + n)
+            row = await run_cell(server, load, names, vocab, n, k, seed=1000 * k + n)
             log(f"  K={k:4d} N={n:3d}: {row['tokens_per_s']:9.1f} tok/s, TTFT p50 {_fmt(row['ttft_ms']['p50'])} ms, "
                 f"ITL p50 {_fmt(row['itl_ms']['p50'])} ms, {row['completed']} completed in {row['seconds']:.1f} s")
             rows.append(row)
@@ -320,7 +319,7 @@ def run(work: Path, load: Load, quantize: str | None, systems: tuple[str, ...], 
         server = (LoraxServer if system == "lorax" else HFServer)(work / "base", adapters, load, quantize, config)
         log(f"  ready in {time.perf_counter() - started:.1f} s")
         try:
-            results[system] = asyncio.run(run_system(server, load, names, log))
+            results[system] = asyncio.run(run_system(server, load, names, config.vocab_size, log))
         finally:
             server.close()
             del server
