@@ -42,6 +42,14 @@ TORCH_LIBRARY(lorax_core, m) {
   m.def(
       "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
       "float scale, int sliding_window) -> Tensor");
+
+  // The small per-layer ops, fused (csrc/layers/layers.h has the math and its rounding): RMSNorm, RMSNorm after
+  // the residual add (returns the normalized rows and the new residual), rotary embeddings of q and k in place
+  // (cos / sin tables [positions, head_dim] indexed by each token's position), and SwiGLU's silu(gate) * up.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor out, Tensor residual_out)");
+  m.def("rotary_embedding(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor positions) -> ()");
+  m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
 }
 
 namespace {

@@ -28,7 +28,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.heads, self.head_dim)
         k = k.view(-1, self.kv_heads, self.head_dim)
         v = v.view(-1, self.kv_heads, self.head_dim)
-        q, k = self.rotary(q, k, ctx.positions)
+        self.rotary(q, k, ctx.positions)
         kv_cache_write(self.k_cache, self.v_cache, k, v, ctx.slot_mapping)
         p = ctx.num_prefill_tokens
         if p == 0:

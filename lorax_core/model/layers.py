@@ -5,18 +5,22 @@ import torch
 from torch import nn
 
 from lorax_core.model.context import ForwardContext
+from lorax_core.ops import add_rms_norm, rms_norm, rotary_embedding
 
 
 class RMSNorm(nn.Module):
+    """transformers' RMSNorm (normalize in fp32, scale in x's dtype), with the residual add before it fused in."""
+
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # as transformers: normalize in fp32, scale in x's dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with a residual: (norm(x + residual), x + residual)."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -31,15 +35,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (emb.cos() * scaling).to(device, dtype), persistent=False)
         self.register_buffer("sin", (emb.sin() * scaling).to(device, dtype), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
-        """q [T, heads, D], k [T, kv_heads, D], positions [T] -> rotated q, k."""
-        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
+        """Rotate q [T, heads, D] and k [T, kv_heads, D] in place by positions [T]."""
+        rotary_embedding(q, k, self.cos, self.sin, positions)
 
 
 def rope_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:

@@ -13,6 +13,7 @@ from lorax_core.model.context import ForwardContext
 from lorax_core.model.attention import Attention
 from lorax_core.model.config import ModelConfig
 from lorax_core.model.layers import Projection, RMSNorm
+from lorax_core.ops import silu_mul
 
 
 class MLP(nn.Module):
@@ -24,7 +25,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         gate, up = self.gate_up(x, ctx)
-        return self.down(F.silu(gate) * up, ctx)[0]
+        return self.down(silu_mul(gate, up), ctx)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -32,9 +33,16 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.attn, self.mlp, self.input_norm, self.post_norm = attn, mlp, input_norm, post_norm
 
-    def forward(self, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.attn(self.input_norm(h), ctx)
-        return h + self.mlp(self.post_norm(h), ctx)
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext):
+        """h: the previous layer's MLP output, residual: the hidden state before it (None for the first layer,
+        whose h is the embedding). Returns this layer's (MLP output, residual): each residual add is fused into
+        the norm that follows it."""
+        if residual is None:
+            x, residual = self.input_norm(h), h
+        else:
+            x, residual = self.input_norm(h, residual)
+        x, residual = self.post_norm(self.attn(x, ctx), residual)
+        return self.mlp(x, ctx), residual
 
 
 class CausalLM(nn.Module):
@@ -49,10 +57,10 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """input_ids [T] -> final hidden states [T, hidden]."""
-        h = self.embed(input_ids)
+        h, residual = self.embed(input_ids), None
         for layer in self.layers:
-            h = layer(h, ctx)
-        return self.norm(h)
+            h, residual = layer(h, residual, ctx)
+        return self.norm(h, residual)[0] if residual is not None else self.norm(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head).float()

@@ -62,3 +62,23 @@ def _kv_cache_write(k_cache, v_cache, k, v, slot_mapping):
 @torch.library.register_fake("lorax_core::paged_attention_decode")
 def _paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window):
     return torch.empty_like(q)
+
+
+@torch.library.register_fake("lorax_core::rms_norm")
+def _rms_norm(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("lorax_core::add_rms_norm")
+def _add_rms_norm(x, residual, weight, eps):
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+@torch.library.register_fake("lorax_core::rotary_embedding")
+def _rotary_embedding(q, k, cos, sin, positions):
+    return None
+
+
+@torch.library.register_fake("lorax_core::silu_mul")
+def _silu_mul(gate, up):
+    return gate.new_empty(gate.shape)

@@ -136,3 +136,30 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         probs = torch.softmax(torch.einsum("hd,lhd->hl", q[b].float() * scale, keys), dim=-1)
         out[b] = torch.einsum("hl,lhd->hd", probs, values).to(q.dtype)
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalize in fp32, round to x's dtype, then scale by the weight."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(x + residual), x + residual): the residual add that precedes each norm in a decoder layer."""
+    s = x + residual
+    return rms_norm(s, weight, eps), s
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     positions: torch.Tensor) -> None:
+    """transformers' apply_rotary_pos_emb (rotate_half layout) on q, k [T, heads, D], in place."""
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    for x in (q, k):
+        x1, x2 = x.chunk(2, dim=-1)
+        x.copy_(x * c + torch.cat((-x2, x1), dim=-1) * s)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation as transformers computes it: silu(gate) * up in the activation dtype."""
+    return torch.nn.functional.silu(gate) * up

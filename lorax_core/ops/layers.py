@@ -1,0 +1,62 @@
+"""Fused per-layer op wrappers: RMSNorm (after the residual add), rotary embeddings, SwiGLU's activation.
+
+Each rounds to the activation dtype where transformers' eager code does (csrc/layers/layers.h), so results
+match transformers in every dtype, up to the order of RMSNorm's fp32 sum.
+"""
+from __future__ import annotations
+
+import torch
+
+from lorax_core.ops import reference
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Root-mean-square norm of each row.
+
+    Semantics:
+        out[t] = weight * T(x[t] * rsqrt(mean(x[t]^2) + eps))      fp32 math, T(): round to x's dtype
+    Shapes: x [T, n] (rows may be strided), weight [n] in x's dtype -> out [T, n] contiguous.
+    """
+    return torch.ops.lorax_core.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the norm after it, in one pass.
+
+    Semantics:
+        s = T(x + residual);  return rms_norm(s, weight, eps), s
+    Shapes: x, residual [T, n] -> ([T, n], [T, n]).
+    """
+    return torch.ops.lorax_core.add_rms_norm(x, residual, weight, eps)
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     positions: torch.Tensor) -> None:
+    """Rotate q and k in place by each token's position (the rotate_half layout of Llama / Mistral / Qwen2).
+
+    Semantics:
+        c, s = cos[positions[t]], sin[positions[t]];  for x in q[t, h], k[t, h], i < D / 2:
+            x[i], x[i + D/2] = T(T(x[i] c[i]) - T(x[i + D/2] s[i])),  T(T(x[i + D/2] c[i + D/2]) + T(x[i] s[i + D/2]))
+    Shapes: q [T, heads, D], k [T, kv_heads, D] (head_dim contiguous; rows and heads may be strided),
+    cos / sin [positions, D] in q's dtype, positions int64 [T].
+    """
+    torch.ops.lorax_core.rotary_embedding(q, k, cos, sin, positions)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's activation.
+
+    Semantics:
+        out = T(T(gate / (1 + exp(-gate))) * up)
+    Shapes: gate, up [T, n] (rows may be strided) -> out [T, n] contiguous.
+    """
+    return torch.ops.lorax_core.silu_mul(gate, up)
+
+
+# The CUDA kernels of these four ops are written but have not run on a GPU yet (branch gpu-pending/decode-kernels);
+# until they pass their tests there, CUDA runs the references: transformers' own arithmetic, several ATen
+# kernels each, exactly what the model ran before the ops existed.
+if not torch._C._dispatch_has_kernel_for_dispatch_key("lorax_core::rms_norm", "CUDA"):
+    for _name in ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_mul"):
+        torch.library.register_kernel(f"lorax_core::{_name}", "cuda", getattr(reference, _name))
