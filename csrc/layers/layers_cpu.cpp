@@ -100,27 +100,11 @@ void rotary_embedding_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, c
   });
 }
 
+// ATen's own vectorized silu, then the product: the same roundings as layers.h, and faster on the CPU than a
+// scalar loop over exp.
 at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
-  const Rows r = check_silu_mul(gate, up);
-  at::Tensor out = at::empty({r.rows, r.cols}, gate.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate.scalar_type(), "silu_mul_cpu", [&] {
-    const scalar_t* gp = gate.const_data_ptr<scalar_t>();
-    const scalar_t* upp = up.const_data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, r.rows, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const scalar_t* g = gp + t * gate.stride(0);
-        const scalar_t* u = upp + t * up.stride(0);
-        scalar_t* o = op + t * r.cols;
-        for (int64_t i = 0; i < r.cols; ++i) {
-          const float gi = static_cast<float>(g[i]);
-          const float silu = static_cast<float>(static_cast<scalar_t>(gi / (1.0f + std::exp(-gi))));
-          o[i] = static_cast<scalar_t>(silu * static_cast<float>(u[i]));
-        }
-      }
-    });
-  });
-  return out;
+  check_silu_mul(gate, up);
+  return at::silu(gate).mul_(up);
 }
 
 }  // namespace
