@@ -19,22 +19,24 @@ TORCH_LIBRARY(lorax_core, m) {
       "nf4_linear(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, float offset, "
       "int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias) -> Tensor");
 
-  // Multi-adapter LoRA through the paged adapter pool (csrc/lora/lora.h has the layout). Shrink: v [T, max_rank]
-  // fp32 = x @ A[a(t)].T; expand (in place): y += scales[a(t)] * v @ B[a(t)].T. SGMV takes segments of tokens
-  // sharing an adapter (they should cover the rows; v rows outside every segment are zero on the CPU and
-  // unspecified on CUDA), BGMV one adapter index per token (-1: none; on CUDA, indices outside the pool too).
+  // Multi-adapter LoRA through the paged adapter pool (csrc/lora/lora.h has the layout). One call serves the
+  // modules of a fused projection, which share x. Shrink: v [T, modules * max_rank] fp32, module i's block =
+  // x @ A_i[a(t)].T; expand (in place): y[:, columns[i] : columns[i + 1]] += scales[a(t)] * v_i @ B_i[a(t)].T.
+  // SGMV takes segments of tokens sharing an adapter (they should cover the rows; v rows outside every segment
+  // are zero on the CPU and unspecified on CUDA), BGMV one adapter index per token (-1: none; on CUDA, indices
+  // outside the pool too).
   m.def(
       "sgmv_shrink(Tensor x, Tensor arena, Tensor page_table, Tensor ranks, Tensor seg_starts, Tensor seg_adapters, "
-      "int layer, int module, int page_size) -> Tensor");
+      "int layer, int[] modules, int page_size) -> Tensor");
   m.def(
       "bgmv_shrink(Tensor x, Tensor arena, Tensor page_table, Tensor ranks, Tensor adapter_indices, int layer, "
-      "int module, int page_size) -> Tensor");
+      "int[] modules, int page_size) -> Tensor");
   m.def(
       "sgmv_expand(Tensor(a!) y, Tensor v, Tensor arena, Tensor page_table, Tensor ranks, Tensor scales, "
-      "Tensor seg_starts, Tensor seg_adapters, int layer, int module, int page_size) -> ()");
+      "Tensor seg_starts, Tensor seg_adapters, int layer, int[] modules, int[] columns, int page_size) -> ()");
   m.def(
       "bgmv_expand(Tensor(a!) y, Tensor v, Tensor arena, Tensor page_table, Tensor ranks, Tensor scales, "
-      "Tensor adapter_indices, int layer, int module, int page_size) -> ()");
+      "Tensor adapter_indices, int layer, int[] modules, int[] columns, int page_size) -> ()");
 
   // Paged KV cache (csrc/attention/attention.h has the layout): store the new tokens' keys and values in their
   // slots, and decode attention of one query token per sequence over its blocks (GQA, optional sliding window).

@@ -97,8 +97,8 @@ def test_bgmv_cuda_writes_every_element_of_v(pools):
     m = gpu.module_index("q_proj")
     garbage = torch.full((7, gpu.page_table.shape[4]), float("nan"), device="cuda")
     del garbage  # the allocator hands this block to v next
-    v_gpu = torch.ops.lorax_core.bgmv_shrink(x.cuda(), *common_gpu, slots.cuda(), 0, m, gpu.page_size)
-    v_cpu = torch.ops.lorax_core.bgmv_shrink(x, *common_cpu, slots, 0, m, cpu.page_size)
+    v_gpu = torch.ops.lorax_core.bgmv_shrink(x.cuda(), *common_gpu, slots.cuda(), 0, [m], gpu.page_size)
+    v_cpu = torch.ops.lorax_core.bgmv_shrink(x, *common_cpu, slots, 0, [m], cpu.page_size)
     assert_close(v_gpu.cpu(), v_cpu, dtype=dtype, scale=4)
 
 
@@ -115,7 +115,27 @@ def test_opcheck_cuda(pools):
     slots = torch.tensor([0, -1, 3, 3, 1, 4], dtype=torch.int32, device="cuda")
     common = (gpu.arena, gpu.page_table, gpu.ranks)
     m = gpu.module_index("k_proj")
-    v = torch.ops.lorax_core.bgmv_shrink(x, *common, slots, 0, m, gpu.page_size)
-    torch.library.opcheck(torch.ops.lorax_core.bgmv_shrink.default, (x, *common, slots, 0, m, gpu.page_size))
+    v = torch.ops.lorax_core.bgmv_shrink(x, *common, slots, 0, [m], gpu.page_size)
+    torch.library.opcheck(torch.ops.lorax_core.bgmv_shrink.default, (x, *common, slots, 0, [m], gpu.page_size))
     torch.library.opcheck(torch.ops.lorax_core.bgmv_expand.default,
-                          (y, v, *common, gpu.scales, slots, 0, m, gpu.page_size))
+                          (y, v, *common, gpu.scales, slots, 0, [m], [0, 1024], gpu.page_size))
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 33, 300])
+@pytest.mark.parametrize("popularity", POPULARITY)
+def test_fused_modules_cuda_equal_cpu(pools, tokens, popularity):
+    """q | k | v of a fused projection in one call (three modules, outputs side by side), SGMV and BGMV."""
+    cpu, gpu, dtype = pools
+    names = ["q_proj", "k_proj", "k_proj"]  # k twice stands in for v: same shape, a second column block
+    slots = torch.tensor(token_slots(tokens, list(range(len(RANKS))), popularity, base_every=5), dtype=torch.int32)
+    x, y = torch.randn(tokens, 4096).to(dtype), torch.randn(tokens, 4096 + 2 * 1024).to(dtype)
+    expected = bgmv(y.clone(), x, cpu, 0, names, slots)
+    assert_close(bgmv(y.cuda(), x.cuda(), gpu, 0, names, slots.cuda()).cpu(), expected, scale=4)
+    order = torch.argsort(slots, stable=True)  # SGMV: rows grouped by adapter, one segment per adapter
+    sorted_slots = slots[order]
+    change = torch.nonzero(sorted_slots[1:] != sorted_slots[:-1]).flatten() + 1
+    starts = torch.cat([torch.tensor([0]), change, torch.tensor([tokens])]).int()
+    seg = sorted_slots[starts[:-1].long()].int()
+    expected = sgmv(y[order].clone(), x[order], cpu, 0, names, starts, seg)
+    got = sgmv(y[order].cuda(), x[order].cuda(), gpu, 0, names, starts.cuda(), seg.cuda())
+    assert_close(got.cpu(), expected, scale=4)

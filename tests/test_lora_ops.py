@@ -87,6 +87,26 @@ def test_expand_into_a_column_slice(loaded):
     assert torch.equal(fused, expected)
 
 
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("num_tokens", [1, 9])
+def test_fused_modules_equal_one_call_per_module(loaded, popularity, num_tokens):
+    """A fused projection (q | k in one y) in one call: each module's columns get exactly what a call of its own
+    gives, for BGMV and SGMV, with an adapter that targets only q among the others."""
+    pool, adapters = loaded
+    only_q = pool.load("q_only", random_adapter(MODULES, [8], only={"q_proj"}), 1.5)
+    slots = token_slots(num_tokens, [*sorted(adapters), only_q], popularity, base_every=4)
+    x, fused = torch.randn(num_tokens, 64), torch.randn(num_tokens, 80)
+    expected = fused.clone()
+    indices = torch.tensor(slots, dtype=torch.int32)
+    bgmv(expected[:, :64], x, pool, 1, "q_proj", indices)
+    bgmv(expected[:, 64:], x, pool, 1, "k_proj", indices)
+    got = bgmv(fused.clone(), x, pool, 1, ["q_proj", "k_proj"], indices)
+    assert torch.equal(got, expected)
+    starts = torch.arange(num_tokens + 1, dtype=torch.int32)  # a segment per token
+    assert torch.equal(sgmv(fused.clone(), x, pool, 1, ["q_proj", "k_proj"], starts, indices), expected)
+    pool.evict("q_only")
+
+
 def test_adapter_of_some_modules_leaves_others_alone():
     pool = make_pool(MODULES)
     slot = pool.load("q_only", random_adapter(MODULES, [8], only={"q_proj"}), 1.0)
@@ -109,13 +129,25 @@ def test_bad_inputs_get_clear_errors(loaded):
     pool, adapters = loaded
     slots = torch.zeros(2, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="unsupported shape: in features 4096 exceed the pool's widest row"):
-        torch.ops.lorax_core.bgmv_shrink(torch.randn(2, 4096), pool.arena, pool.page_table, pool.ranks, slots, 0, 0,
+        torch.ops.lorax_core.bgmv_shrink(torch.randn(2, 4096), pool.arena, pool.page_table, pool.ranks, slots, 0, [0],
                                          pool.page_size)
     with pytest.raises(RuntimeError, match="activations are BFloat16, the adapter pool holds Float"):
         bgmv(torch.randn(2, 64, dtype=torch.bfloat16), torch.randn(2, 64, dtype=torch.bfloat16), pool, 0, "q_proj",
              slots)
     with pytest.raises(ValueError, match="module 'o_proj' is not in this pool"):
         bgmv(torch.randn(2, 64), torch.randn(2, 64), pool, 0, "o_proj", slots)
+    with pytest.raises(ValueError, match=r"y has 64 columns; the outputs of \['q_proj', 'k_proj'\] take 80"):
+        bgmv(torch.randn(2, 64), torch.randn(2, 64), pool, 0, ["q_proj", "k_proj"], slots)
+    common = (pool.arena, pool.page_table, pool.ranks)
+    v = torch.ops.lorax_core.bgmv_shrink(torch.randn(2, 64), *common, slots, 0, [0, 1], pool.page_size)
+    with pytest.raises(RuntimeError, match="columns must not decrease"):
+        torch.ops.lorax_core.bgmv_expand(torch.randn(2, 80), v, *common, pool.scales, slots, 0, [0, 1], [0, 64, 16],
+                                         pool.page_size)
+    with pytest.raises(RuntimeError, match="columns must hold 3 offsets"):
+        torch.ops.lorax_core.bgmv_expand(torch.randn(2, 80), v, *common, pool.scales, slots, 0, [0, 1], [0, 64],
+                                         pool.page_size)
+    with pytest.raises(RuntimeError, match="1 to 4 modules per call, got 5"):
+        torch.ops.lorax_core.bgmv_shrink(torch.randn(2, 64), *common, slots, 0, [0] * 5, pool.page_size)
 
 
 def test_opcheck(loaded):
@@ -124,12 +156,15 @@ def test_opcheck(loaded):
     slots = torch.tensor(token_slots(6, sorted(adapters), "uniform", base_every=4), dtype=torch.int32)
     starts, seg = torch.tensor([0, 2, 6], dtype=torch.int32), torch.tensor([1, -1], dtype=torch.int32)
     common = (pool.arena, pool.page_table, pool.ranks)
-    v = torch.ops.lorax_core.bgmv_shrink(x, *common, slots, 0, 0, pool.page_size)
+    v = torch.ops.lorax_core.bgmv_shrink(x, *common, slots, 0, [0], pool.page_size)
+    qk = torch.randn(6, 80)  # q_proj | k_proj
+    v2 = torch.ops.lorax_core.bgmv_shrink(x, *common, slots, 0, [0, 1], pool.page_size)
     cases = [
-        ("sgmv_shrink", (x, *common, starts, seg, 0, 0, pool.page_size)),
-        ("bgmv_shrink", (x, *common, slots, 0, 0, pool.page_size)),
-        ("sgmv_expand", (y, v, *common, pool.scales, starts, seg, 0, 0, pool.page_size)),
-        ("bgmv_expand", (y, v, *common, pool.scales, slots, 0, 0, pool.page_size)),
+        ("sgmv_shrink", (x, *common, starts, seg, 0, [0], pool.page_size)),
+        ("bgmv_shrink", (x, *common, slots, 0, [0, 1], pool.page_size)),
+        ("sgmv_expand", (y, v, *common, pool.scales, starts, seg, 0, [0], [0, 64], pool.page_size)),
+        ("bgmv_expand", (y, v, *common, pool.scales, slots, 0, [0], [0, 64], pool.page_size)),
+        ("sgmv_expand", (qk, v2, *common, pool.scales, starts, seg, 0, [0, 1], [0, 64, 80], pool.page_size)),
     ]
     for op, args in cases:
         torch.library.opcheck(getattr(torch.ops.lorax_core, op).default, args)

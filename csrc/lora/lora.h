@@ -12,31 +12,39 @@
 // adapter (each backend has its own `Group` function), so each distinct adapter's weights are read once per call.
 // Shrink writes every element of v (zeros past an adapter's rank and for rows without one), so v needs no
 // initialization; expand updates y in place and accepts y with a row stride (a column slice of a fused output).
+// One call serves the modules of a fused projection (q, k, v or gate, up), which share their input x: v is
+// [tokens, modules * max_rank] (module i's rows at columns [i * max_rank, (i + 1) * max_rank)), and module i's
+// delta goes to y's columns [columns[i], columns[i + 1]).
 #pragma once
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace lorax::lora {
+
+constexpr size_t kMaxModules = 4;  // modules per call: a fused projection has at most three (q, k, v)
 
 struct PoolView {
   at::Tensor arena, page_table, ranks;
-  int64_t layer, module, page_size;
+  int64_t layer;
+  std::vector<int64_t> modules;
+  int64_t page_size;
 };
 
 struct Groups {
   at::Tensor starts, adapters, order;  // order may be undefined (identity)
 };
 
-void check_pool(const PoolView& p, int64_t in_dim, int64_t ab, const char* op);
-// Activations [tokens, dim] with the arena's dtype and device; for expand also v fp32 [tokens, max_rank] and
-// scales fp32 [slots].
+// The pool's tensors, the layer and modules; dims[i]: module i's row length (in for A, out for B^T: ab = 0 / 1).
+void check_pool(const PoolView& p, const std::vector<int64_t>& dims, int64_t ab, const char* op);
+// Activations [tokens, dim] with the arena's dtype and device; for expand also v fp32 [tokens, modules *
+// max_rank], scales fp32 [slots] and the column offsets [modules + 1] within y.
 void check_activations(const at::Tensor& act, const PoolView& p, const char* op);
 void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Tensor& scales, const PoolView& p,
-                         const char* op);
+                         const std::vector<int64_t>& columns, const char* op);
 Groups groups_from_segments(const at::Tensor& seg_starts, const at::Tensor& seg_adapters);
 Groups groups_from_indices(const at::Tensor& adapter_indices, int64_t slots);  // ATen ops (the CPU's)
 
-void shrink_cpu(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v);
-void expand_cpu(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales, const Groups& g);
 
 }  // namespace lorax::lora
 
@@ -45,31 +53,36 @@ namespace lorax::lora {
 
 using ShrinkKernel = void (*)(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v);
 using ExpandKernel = void (*)(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales,
-                              const Groups& g);
+                              const Groups& g, const std::vector<int64_t>& columns);
 using GroupFn = Groups (*)(const at::Tensor& adapter_indices, int64_t slots);
+
+inline at::Tensor shrink_output(const at::Tensor& x, const PoolView& p) {  // v [T, modules * max_rank]
+  return at::empty({x.size(0), static_cast<int64_t>(p.modules.size()) * p.page_table.size(4)},
+                   x.options().dtype(at::kFloat));
+}
 
 template <ShrinkKernel Shrink>
 at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& arena, const at::Tensor& page_table,
                        const at::Tensor& ranks, const at::Tensor& seg_starts, const at::Tensor& seg_adapters,
-                       int64_t layer, int64_t module, int64_t page_size) {
-  PoolView p{arena, page_table, ranks, layer, module, page_size};
+                       int64_t layer, at::IntArrayRef modules, int64_t page_size) {
+  PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
   check_activations(x, p, "sgmv_shrink");
-  check_pool(p, x.size(1), 0, "sgmv_shrink");
-  at::Tensor v = at::empty({x.size(0), page_table.size(4)}, x.options().dtype(at::kFloat));  // [T, max_rank]
+  check_pool(p, std::vector<int64_t>(modules.size(), x.size(1)), 0, "sgmv_shrink");
+  at::Tensor v = shrink_output(x, p);
   Shrink(x.contiguous(), p, groups_from_segments(seg_starts, seg_adapters), v);
   return v;
 }
 
 template <ShrinkKernel Shrink, GroupFn Group>
 at::Tensor bgmv_shrink(const at::Tensor& x, const at::Tensor& arena, const at::Tensor& page_table,
-                       const at::Tensor& ranks, const at::Tensor& adapter_indices, int64_t layer, int64_t module,
-                       int64_t page_size) {
-  PoolView p{arena, page_table, ranks, layer, module, page_size};
+                       const at::Tensor& ranks, const at::Tensor& adapter_indices, int64_t layer,
+                       at::IntArrayRef modules, int64_t page_size) {
+  PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
   check_activations(x, p, "bgmv_shrink");
-  check_pool(p, x.size(1), 0, "bgmv_shrink");
+  check_pool(p, std::vector<int64_t>(modules.size(), x.size(1)), 0, "bgmv_shrink");
   TORCH_CHECK(adapter_indices.numel() == x.size(0), "bgmv_shrink: ", adapter_indices.numel(),
               " adapter indices for ", x.size(0), " tokens");
-  at::Tensor v = at::empty({x.size(0), page_table.size(4)}, x.options().dtype(at::kFloat));
+  at::Tensor v = shrink_output(x, p);
   Shrink(x.contiguous(), p, Group(adapter_indices, page_table.size(0)), v);
   return v;
 }
@@ -77,21 +90,22 @@ at::Tensor bgmv_shrink(const at::Tensor& x, const at::Tensor& arena, const at::T
 template <ExpandKernel Expand>
 void sgmv_expand(at::Tensor& y, const at::Tensor& v, const at::Tensor& arena, const at::Tensor& page_table,
                  const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& seg_starts,
-                 const at::Tensor& seg_adapters, int64_t layer, int64_t module, int64_t page_size) {
-  PoolView p{arena, page_table, ranks, layer, module, page_size};
-  check_expand_inputs(y, v, scales, p, "sgmv_expand");
-  Expand(y, v.contiguous(), p, scales.contiguous(), groups_from_segments(seg_starts, seg_adapters));
+                 const at::Tensor& seg_adapters, int64_t layer, at::IntArrayRef modules, at::IntArrayRef columns,
+                 int64_t page_size) {
+  PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
+  check_expand_inputs(y, v, scales, p, columns.vec(), "sgmv_expand");
+  Expand(y, v.contiguous(), p, scales.contiguous(), groups_from_segments(seg_starts, seg_adapters), columns.vec());
 }
 
 template <ExpandKernel Expand, GroupFn Group>
 void bgmv_expand(at::Tensor& y, const at::Tensor& v, const at::Tensor& arena, const at::Tensor& page_table,
                  const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& adapter_indices,
-                 int64_t layer, int64_t module, int64_t page_size) {
-  PoolView p{arena, page_table, ranks, layer, module, page_size};
-  check_expand_inputs(y, v, scales, p, "bgmv_expand");
+                 int64_t layer, at::IntArrayRef modules, at::IntArrayRef columns, int64_t page_size) {
+  PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
+  check_expand_inputs(y, v, scales, p, columns.vec(), "bgmv_expand");
   TORCH_CHECK(adapter_indices.numel() == y.size(0), "bgmv_expand: ", adapter_indices.numel(),
               " adapter indices for ", y.size(0), " tokens");
-  Expand(y, v.contiguous(), p, scales.contiguous(), Group(adapter_indices, page_table.size(0)));
+  Expand(y, v.contiguous(), p, scales.contiguous(), Group(adapter_indices, page_table.size(0)), columns.vec());
 }
 
 #define LORAX_REGISTER_LORA_OPS(m, shrink, expand, group)                  \

@@ -6,7 +6,7 @@
 
 namespace lorax::lora {
 
-void check_pool(const PoolView& p, int64_t dim, int64_t ab, const char* op) {
+void check_pool(const PoolView& p, const std::vector<int64_t>& dims, int64_t ab, const char* op) {
   CHECK_DIM(2, p.arena);       // [pages, page_size]
   CHECK_DIM(6, p.page_table);  // [slots, layers, modules, 2, max_rank, chunks]
   CHECK_DTYPE(p.page_table, at::kInt);
@@ -21,11 +21,16 @@ void check_pool(const PoolView& p, int64_t dim, int64_t ab, const char* op) {
               ": page_size must be the arena's row length, a power of two; got ", p.page_size);
   TORCH_CHECK(p.layer >= 0 && p.layer < p.page_table.size(1), op, ": layer ", p.layer, " outside the pool's ",
               p.page_table.size(1), " layers");
-  TORCH_CHECK(p.module >= 0 && p.module < p.page_table.size(2), op, ": module ", p.module, " outside the pool's ",
-              p.page_table.size(2), " modules");
-  TORCH_CHECK(dim <= p.page_table.size(5) * p.page_size, op, ": unsupported shape: ", ab == 0 ? "in" : "out",
-              " features ", dim, " exceed the pool's widest row (", p.page_table.size(5), " pages of ", p.page_size,
-              " = ", p.page_table.size(5) * p.page_size, "); build the pool with max_dim >= ", dim);
+  TORCH_CHECK(!p.modules.empty() && p.modules.size() <= kMaxModules, op, ": 1 to ", kMaxModules,
+              " modules per call, got ", p.modules.size());
+  for (size_t i = 0; i < p.modules.size(); ++i) {
+    const int64_t m = p.modules[i], dim = dims[i];
+    TORCH_CHECK(m >= 0 && m < p.page_table.size(2), op, ": module ", m, " outside the pool's ", p.page_table.size(2),
+                " modules");
+    TORCH_CHECK(dim <= p.page_table.size(5) * p.page_size, op, ": unsupported shape: ", ab == 0 ? "in" : "out",
+                " features ", dim, " exceed the pool's widest row (", p.page_table.size(5), " pages of ", p.page_size,
+                " = ", p.page_table.size(5) * p.page_size, "); build the pool with max_dim >= ", dim);
+  }
   CHECK_SAME_DEVICE(p.arena, p.page_table);
   CHECK_SAME_DEVICE(p.arena, p.ranks);
 }
@@ -39,15 +44,23 @@ void check_activations(const at::Tensor& act, const PoolView& p, const char* op)
 }
 
 void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Tensor& scales, const PoolView& p,
-                         const char* op) {
+                         const std::vector<int64_t>& columns, const char* op) {
   check_activations(y, p, op);
-  check_pool(p, y.size(1), 1, op);
+  TORCH_CHECK(columns.size() == p.modules.size() + 1 && columns.front() >= 0 && columns.back() <= y.size(1), op,
+              ": columns must hold ", p.modules.size() + 1, " offsets within y's ", y.size(1),
+              " columns (module i adds to columns [columns[i], columns[i + 1])), got ", columns);
+  std::vector<int64_t> outs;
+  for (size_t i = 0; i + 1 < columns.size(); ++i) {
+    TORCH_CHECK(columns[i] <= columns[i + 1], op, ": columns must not decrease, got ", columns);
+    outs.push_back(columns[i + 1] - columns[i]);
+  }
+  check_pool(p, outs, 1, op);
   TORCH_CHECK(y.stride(1) == 1 && y.stride(0) >= y.size(1), op,
               ": y's rows must be contiguous (it is updated in place; a column slice of a wider tensor is fine), got "
               "strides ", y.strides());
-  TORCH_CHECK(v.dim() == 2 && v.size(0) == y.size(0) && v.size(1) == p.page_table.size(4) &&
-                  v.scalar_type() == at::kFloat,
-              op, ": v must be float32 [", y.size(0), ", ", p.page_table.size(4), "] (tokens, the pool's max rank), got ",
+  const int64_t width = static_cast<int64_t>(p.modules.size()) * p.page_table.size(4);
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == y.size(0) && v.size(1) == width && v.scalar_type() == at::kFloat, op,
+              ": v must be float32 [", y.size(0), ", ", width, "] (tokens, modules x the pool's max rank), got ",
               v.scalar_type(), " ", v.sizes());
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == p.page_table.size(0), op,
               ": scales must be float32 [slots] with ", p.page_table.size(0), " entries");

@@ -16,9 +16,9 @@ struct RowPages {
   int32_t page_of(int64_t row, int64_t chunk) const { return table[row * chunks + chunk]; }
 };
 
-RowPages row_pages(const PoolView& p, int64_t adapter, int64_t ab) {
+RowPages row_pages(const PoolView& p, int64_t adapter, int64_t module, int64_t ab) {
   const auto s = p.page_table.sizes();  // [slots, layers, modules, 2, max_rank, chunks]
-  const int64_t lm = (adapter * s[1] + p.layer) * s[2] + p.module;
+  const int64_t lm = (adapter * s[1] + p.layer) * s[2] + module;
   return {p.page_table.data_ptr<int32_t>() + (lm * 2 + ab) * s[4] * s[5], s[5], p.ranks.data_ptr<int32_t>()[lm]};
 }
 
@@ -37,42 +37,48 @@ void for_each_token(const Groups& g, Fn fn) {
 }
 
 void shrink_kernel(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v) {
-  const int64_t in = x.size(1), max_rank = v.size(1), page = p.page_size;
+  const int64_t in = x.size(1), width = v.size(1), max_rank = p.page_table.size(4), page = p.page_size;
   v.zero_();
   float* vp = v.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sgmv_shrink_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* arena = p.arena.data_ptr<scalar_t>();
     for_each_token(g, [&](int64_t a, int64_t t) {
-      const RowPages rows = row_pages(p, a, 0);
-      for (int64_t i = 0; i < rows.rank; ++i) {  // v[t, i] = x[t] . A[a][i]
-        float acc = 0.0f;
-        for (int64_t k0 = 0, c = 0; k0 < in; k0 += page, ++c) {
-          const scalar_t* w = arena + int64_t{rows.page_of(i, c)} * page;
-          for (int64_t k = k0; k < std::min(k0 + page, in); ++k)
-            acc += static_cast<float>(xp[t * in + k]) * static_cast<float>(w[k - k0]);
+      for (size_t m = 0; m < p.modules.size(); ++m) {
+        const RowPages rows = row_pages(p, a, p.modules[m], 0);
+        for (int64_t i = 0; i < rows.rank; ++i) {  // v[t, m * max_rank + i] = x[t] . A_m[a][i]
+          float acc = 0.0f;
+          for (int64_t k0 = 0, c = 0; k0 < in; k0 += page, ++c) {
+            const scalar_t* w = arena + int64_t{rows.page_of(i, c)} * page;
+            for (int64_t k = k0; k < std::min(k0 + page, in); ++k)
+              acc += static_cast<float>(xp[t * in + k]) * static_cast<float>(w[k - k0]);
+          }
+          vp[t * width + static_cast<int64_t>(m) * max_rank + i] = acc;
         }
-        vp[t * max_rank + i] = acc;
       }
     });
   });
 }
 
-void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales,
-                   const Groups& g) {
-  const int64_t out = y.size(1), ld = y.stride(0), max_rank = v.size(1), page = p.page_size;
+void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales, const Groups& g,
+                   const std::vector<int64_t>& columns) {
+  const int64_t ld = y.stride(0), width = v.size(1), max_rank = p.page_table.size(4), page = p.page_size;
   const float* vp = v.data_ptr<float>();
   const float* sp = scales.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "sgmv_expand_cpu", [&] {
     scalar_t* yp = y.data_ptr<scalar_t>();
     const scalar_t* arena = p.arena.data_ptr<scalar_t>();
     for_each_token(g, [&](int64_t a, int64_t t) {
-      const RowPages rows = row_pages(p, a, 1);
-      for (int64_t o = 0; o < out; ++o) {  // y[t, o] += scale * sum_i v[t, i] * B[a][o][i]
-        float acc = 0.0f;
-        for (int64_t i = 0; i < rows.rank; ++i)
-          acc += vp[t * max_rank + i] * static_cast<float>(arena[int64_t{rows.page_of(i, o / page)} * page + o % page]);
-        yp[t * ld + o] = static_cast<scalar_t>(static_cast<float>(yp[t * ld + o]) + sp[a] * acc);
+      for (size_t m = 0; m < p.modules.size(); ++m) {
+        const RowPages rows = row_pages(p, a, p.modules[m], 1);
+        const float* vt = vp + t * width + static_cast<int64_t>(m) * max_rank;
+        scalar_t* yt = yp + t * ld + columns[m];
+        for (int64_t o = 0; o < columns[m + 1] - columns[m]; ++o) {  // y[t, o] += scale * sum_i v[t, i] B_m[a][o][i]
+          float acc = 0.0f;
+          for (int64_t i = 0; i < rows.rank; ++i)
+            acc += vt[i] * static_cast<float>(arena[int64_t{rows.page_of(i, o / page)} * page + o % page]);
+          yt[o] = static_cast<scalar_t>(static_cast<float>(yt[o]) + sp[a] * acc);
+        }
       }
     });
   });

@@ -19,9 +19,9 @@ class LoraBatch:
     seg_starts: torch.Tensor  # int32 [S + 1]: segment s is rows [seg_starts[s], seg_starts[s + 1])
     seg_slots: torch.Tensor  # int32 [S]: its pool slot, -1 = base model
 
-    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str) -> None:
-        """y += each row's LoRA delta for (layer, module), in place."""
-        sgmv(y, x, self.pool, layer, module, self.seg_starts, self.seg_slots)
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer: int, modules: list[str]) -> None:
+        """y += each row's LoRA delta for (layer, each module), in place; y holds the modules' outputs side by side."""
+        sgmv(y, x, self.pool, layer, modules, self.seg_starts, self.seg_slots)
 
 
 @dataclasses.dataclass

@@ -71,12 +71,11 @@ class Projection(nn.Module):
         super().__init__()
         self.base = base
         self.parts = parts  # PEFT module name -> output features, in output order
+        self.module_names = list(parts)
         self.layer = layer
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> list[torch.Tensor]:
         y = self.base(x)
-        outs = list(y.split(list(self.parts.values()), dim=-1)) if len(self.parts) > 1 else [y]
-        if ctx.lora is not None:  # the LoRA ops update each part's columns of y in place (rows may be strided)
-            for name, out in zip(self.parts, outs):
-                ctx.lora.apply(out, x, self.layer, name)
-        return outs
+        if ctx.lora is not None:  # one shrink and one expand for all parts, updating y's columns in place
+            ctx.lora.apply(y, x, self.layer, self.module_names)
+        return list(y.split(list(self.parts.values()), dim=-1)) if len(self.parts) > 1 else [y]

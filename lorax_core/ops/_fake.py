@@ -35,22 +35,23 @@ def _nf4_linear(x, codes, absmax, nested_code, nested_absmax, offset, blocksize,
 
 
 @torch.library.register_fake("lorax_core::sgmv_shrink")
-def _sgmv_shrink(x, arena, page_table, ranks, seg_starts, seg_adapters, layer, module, page_size):
-    return x.new_empty((x.shape[0], page_table.shape[4]), dtype=torch.float32)
+def _sgmv_shrink(x, arena, page_table, ranks, seg_starts, seg_adapters, layer, modules, page_size):
+    return x.new_empty((x.shape[0], len(modules) * page_table.shape[4]), dtype=torch.float32)
 
 
 @torch.library.register_fake("lorax_core::bgmv_shrink")
-def _bgmv_shrink(x, arena, page_table, ranks, adapter_indices, layer, module, page_size):
-    return x.new_empty((x.shape[0], page_table.shape[4]), dtype=torch.float32)
+def _bgmv_shrink(x, arena, page_table, ranks, adapter_indices, layer, modules, page_size):
+    return x.new_empty((x.shape[0], len(modules) * page_table.shape[4]), dtype=torch.float32)
 
 
 @torch.library.register_fake("lorax_core::sgmv_expand")
-def _sgmv_expand(y, v, arena, page_table, ranks, scales, seg_starts, seg_adapters, layer, module, page_size):
+def _sgmv_expand(y, v, arena, page_table, ranks, scales, seg_starts, seg_adapters, layer, modules, columns,
+                 page_size):
     return None
 
 
 @torch.library.register_fake("lorax_core::bgmv_expand")
-def _bgmv_expand(y, v, arena, page_table, ranks, scales, adapter_indices, layer, module, page_size):
+def _bgmv_expand(y, v, arena, page_table, ranks, scales, adapter_indices, layer, modules, columns, page_size):
     return None
 
 

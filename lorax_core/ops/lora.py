@@ -1,6 +1,8 @@
 """Multi-adapter LoRA op wrappers (SGMV for prefill segments, BGMV for per-token decode) over an AdapterPool."""
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,31 +15,43 @@ def _pool_args(pool: AdapterPool):
     return pool.arena, pool.page_table, pool.ranks
 
 
-def sgmv(y: torch.Tensor, x: torch.Tensor, pool: AdapterPool, layer: int, module: str,
+def _modules(pool: AdapterPool, y: torch.Tensor, modules: str | Sequence[str]) -> tuple[list[int], list[int]]:
+    """Pool indices of the modules and their column offsets in y, which holds their outputs side by side."""
+    names = [modules] if isinstance(modules, str) else list(modules)
+    indices = [pool.module_index(n) for n in names]
+    columns = list(itertools.accumulate((pool.config.modules[n][1] for n in names), initial=0))
+    if columns[-1] != y.shape[-1]:
+        raise ValueError(f"y has {y.shape[-1]} columns; the outputs of {names} take {columns[-1]}")
+    return indices, columns
+
+
+def sgmv(y: torch.Tensor, x: torch.Tensor, pool: AdapterPool, layer: int, modules: str | Sequence[str],
          seg_starts: torch.Tensor, seg_slots: torch.Tensor) -> torch.Tensor:
     """Add the LoRA delta of each segment's adapter to y, in place (prefill).
 
     Semantics:
-        for segment s, tokens t in [seg_starts[s], seg_starts[s + 1]), a = seg_slots[s] (-1: skip):
-            y[t] += scale[a] * (x[t] @ A[a].T) @ B[a].T      A[a] [r_a, in], B[a] [out, r_a]
-    Shapes: x [T, in], y [T, out] (same dtype as the pool), seg_starts [S + 1], seg_slots [S]. Returns y.
+        for segment s, tokens t in [seg_starts[s], seg_starts[s + 1]), a = seg_slots[s] (-1: skip), module i:
+            y[t, c_i : c_i + out_i] += scale[a] * (x[t] @ A_i[a].T) @ B_i[a].T      A_i [r, in], B_i [out_i, r]
+        c_i = out_0 + ... + out_(i-1): y holds the modules' outputs side by side (a fused projection: q, k, v)
+    Shapes: x [T, in], y [T, sum(out_i)] (same dtype as the pool), seg_starts [S + 1], seg_slots [S]. Returns y.
     """
-    m = pool.module_index(module)
+    m, columns = _modules(pool, y, modules)
     v = torch.ops.lorax_core.sgmv_shrink(x, *_pool_args(pool), seg_starts, seg_slots, layer, m, pool.page_size)
-    torch.ops.lorax_core.sgmv_expand(y, v, *_pool_args(pool), pool.scales, seg_starts, seg_slots, layer, m,
+    torch.ops.lorax_core.sgmv_expand(y, v, *_pool_args(pool), pool.scales, seg_starts, seg_slots, layer, m, columns,
                                      pool.page_size)
     return y
 
 
-def bgmv(y: torch.Tensor, x: torch.Tensor, pool: AdapterPool, layer: int, module: str,
+def bgmv(y: torch.Tensor, x: torch.Tensor, pool: AdapterPool, layer: int, modules: str | Sequence[str],
          slots: torch.Tensor) -> torch.Tensor:
     """Add each token's LoRA delta to y, in place (decode); tokens sharing an adapter read its weights once.
 
     Semantics:
-        for token t with a = slots[t] >= 0:  y[t] += scale[a] * (x[t] @ A[a].T) @ B[a].T ;  slots[t] = -1: unchanged
-    Shapes: x [T, in], y [T, out] (same dtype as the pool), slots [T] int. Returns y.
+        for token t with a = slots[t] >= 0, module i:  y[t, c_i : c_i + out_i] += scale[a] * (x[t] @ A_i[a].T) @ B_i[a].T
+        slots[t] = -1: unchanged; c_i as in sgmv
+    Shapes: x [T, in], y [T, sum(out_i)] (same dtype as the pool), slots [T] int. Returns y.
     """
-    m = pool.module_index(module)
+    m, columns = _modules(pool, y, modules)
     v = torch.ops.lorax_core.bgmv_shrink(x, *_pool_args(pool), slots, layer, m, pool.page_size)
-    torch.ops.lorax_core.bgmv_expand(y, v, *_pool_args(pool), pool.scales, slots, layer, m, pool.page_size)
+    torch.ops.lorax_core.bgmv_expand(y, v, *_pool_args(pool), pool.scales, slots, layer, m, columns, pool.page_size)
     return y
