@@ -45,7 +45,6 @@ void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Ten
 Groups groups_from_segments(const at::Tensor& seg_starts, const at::Tensor& seg_adapters);
 Groups groups_from_indices(const at::Tensor& adapter_indices, int64_t slots);  // ATen ops (the CPU's)
 
-
 }  // namespace lorax::lora
 
 // ---- the ops, written once for every backend: `Shrink` / `Expand` are the backend's kernels ----------------
