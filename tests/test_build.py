@@ -8,11 +8,13 @@ import torch
 import lorax_core
 from lorax_core import _library
 
-NF4_OPS = ["nf4_quantize", "nf4_quantize_absmax", "nf4_dequantize_absmax", "nf4_dequantize", "nf4_linear"]
+OPS = ["nf4_quantize", "nf4_quantize_absmax", "nf4_dequantize_absmax", "nf4_dequantize", "nf4_linear",
+       "sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand", "kv_cache_write", "paged_attention_decode",
+       "rms_norm", "add_rms_norm", "rotary_embedding", "silu_mul"]
 
 
 def test_ops_have_cpu_kernels():
-    for op in NF4_OPS:
+    for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lorax_core::{op}", "CPU"), op
 
 
@@ -20,7 +22,7 @@ def test_cuda_kernels_registered_when_built_with_cuda():
     if not _library.built_with_cuda():
         assert not _library.has_cuda_kernel("nf4_linear")
         return
-    for op in NF4_OPS:
+    for op in OPS:
         assert _library.has_cuda_kernel(op), op
 
 
