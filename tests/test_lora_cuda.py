@@ -132,10 +132,8 @@ def test_fused_modules_cuda_equal_cpu(pools, tokens, popularity):
     expected = bgmv(y.clone(), x, cpu, 0, names, slots)
     assert_close(bgmv(y.cuda(), x.cuda(), gpu, 0, names, slots.cuda()).cpu(), expected, scale=4)
     order = torch.argsort(slots, stable=True)  # SGMV: rows grouped by adapter, one segment per adapter
-    sorted_slots = slots[order]
-    change = torch.nonzero(sorted_slots[1:] != sorted_slots[:-1]).flatten() + 1
-    starts = torch.cat([torch.tensor([0]), change, torch.tensor([tokens])]).int()
-    seg = sorted_slots[starts[:-1].long()].int()
+    seg, counts = torch.unique_consecutive(slots[order], return_counts=True)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
     expected = sgmv(y[order].clone(), x[order], cpu, 0, names, starts, seg)
     got = sgmv(y[order].cuda(), x[order].cuda(), gpu, 0, names, starts.cuda(), seg.cuda())
     assert_close(got.cpu(), expected, scale=4)
