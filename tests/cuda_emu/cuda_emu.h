@@ -1,0 +1,306 @@
+// A CPU emulator for our CUDA kernels, for tests on machines without a GPU (tests/cuda_emu/build.py).
+//
+// tests/cuda_emu/build.py compiles the .cu files as C++ with this header first, after rewriting each
+// `kernel<<<grid, block, smem, stream>>>(args)` into `::emu::launch(grid, block, smem, stream, [&] { kernel(args); })`
+// and each `extern __shared__ T name[];` into a pointer to the launch's dynamic shared memory.
+//
+// Execution model: the blocks of a launch run one after another. The threads of a block are fibers on the
+// calling thread: each runs until it waits at a barrier (__syncthreads, __syncwarp, a warp shuffle) or
+// returns, then the next one runs, in thread order for even blocks and reverse order for odd ones. So a read of
+// another thread's write with no barrier between them sees the old value in one of the two orders: a missing
+// __syncthreads shows up as a wrong result. A thread that returns leaves the barriers (as on Volta and later).
+// Static __shared__ variables become function statics (one copy, owned by the one running block). Dynamic
+// shared memory is a heap buffer of exactly the launch's size, filled with 0xff bytes (NaN as floats) before
+// each block, so AddressSanitizer catches overruns and a read of shared memory nobody wrote shows in results.
+//
+// It fails loudly on what a GPU would refuse or leave undefined and the CPU would not notice: blocks over 1024
+// threads, grid y / z over 65535, dynamic shared memory over 48 KiB, a full-mask shuffle after lanes of the
+// warp returned, a barrier that can never complete (deadlock).
+//
+// It does not model: warps running in lockstep (code that relies on it without __syncwarp is not caught), the
+// memory model beyond the barriers, FMA contraction (the kernels are compiled with -ffp-contract=off, so a*b+c
+// may differ from nvcc's code by an ulp), timing.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>  // before the macros below: it names parameters gridDim, blockDim
+#include <vector_functions.h>
+
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+namespace emu {
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "cuda_emu: %s\n", what);
+  std::fflush(stderr);
+  std::abort();
+}
+
+class Barrier;
+
+using JumpBuffer = void*[5];
+
+// The switches are not instrumented: AddressSanitizer would unpoison the whole stack before each jump (a system
+// call and a memset every time). __builtin_longjmp may not be called from the function that calls
+// __builtin_setjmp.
+#define EMU_SWITCH __attribute__((noinline, no_sanitize_address))
+EMU_SWITCH inline void jump(JumpBuffer& to) { __builtin_longjmp(to, 1); }
+
+// One CUDA thread: a fiber (its own stack) that runs the kernel until it waits at a barrier. A fiber is entered
+// through makecontext once per launch; every later switch is GCC's __builtin_setjmp / __builtin_longjmp, which
+// save and restore only the registers: no system call for the signal mask (swapcontext), no interceptor that
+// clears AddressSanitizer's shadow of the stack (longjmp).
+struct Fiber {
+  ucontext_t entry;
+  JumpBuffer resume;
+  void* stack = nullptr;
+  uint3 index{};
+  bool started = false, done = false;
+  const Barrier* waiting_on = nullptr;
+  uint64_t waiting_phase = 0;
+};
+
+constexpr size_t kStackSize = size_t{1} << 16;  // a kernel's frames, with AddressSanitizer's redzones
+
+inline JumpBuffer scheduler;
+inline ucontext_t scheduler_context;  // written by the makecontext entry, never resumed
+inline Fiber* current = nullptr;
+inline std::function<void()>* current_body = nullptr;
+
+// Back to the scheduler; returns when the scheduler runs this fiber again.
+EMU_SWITCH inline void yield() {
+  if (__builtin_setjmp(current->resume) == 0) {
+    jump(scheduler);
+  }
+}
+
+// A barrier for a group of threads that may shrink: a thread that returns from the kernel leaves it.
+class Barrier {
+ public:
+  void reset(int expected) {
+    expected_ = expected;
+    arrived_ = 0;
+  }
+  int expected() const { return expected_; }
+  uint64_t phase() const { return phase_; }
+
+  void wait() {
+    if (++arrived_ == expected_) return release();
+    current->waiting_on = this;
+    current->waiting_phase = phase_;
+    yield();  // the scheduler resumes this fiber once the phase has moved on
+    current->waiting_on = nullptr;
+  }
+
+  void leave() {
+    --expected_;
+    if (arrived_ > 0 && arrived_ == expected_) release();
+  }
+
+ private:
+  void release() {
+    arrived_ = 0;
+    ++phase_;
+  }
+
+  int expected_ = 0, arrived_ = 0;
+  uint64_t phase_ = 0;
+};
+
+struct Warp {
+  Barrier barrier;
+  alignas(16) unsigned char lanes[32][16];  // shuffle exchange: each lane's value
+};
+
+// The state of the block that is running; one block runs at a time.
+struct Block {
+  Barrier barrier;
+  std::vector<Warp> warps;
+  std::vector<unsigned char> shared;  // dynamic shared memory
+};
+
+inline dim3 grid_dim, block_dim;
+inline uint3 thread_idx, block_idx;
+inline Block* block = nullptr;
+
+inline int linear_thread() { return thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z); }
+inline Warp& my_warp() { return block->warps[linear_thread() / 32]; }
+
+template <typename T>
+T* dynamic_shared() {
+  return reinterpret_cast<T*>(block->shared.data());
+}
+
+// A fiber runs the kernel once per block: after each run it waits for the scheduler to start the next block.
+inline void fiber_main() {
+  for (;;) {
+    (*current_body)();
+    my_warp().barrier.leave();
+    block->barrier.leave();
+    current->done = true;
+    yield();  // never resumed after the last block: the next launch enters the stack afresh
+  }
+}
+
+// Fiber stacks, kept for the next launch (mmap: untouched pages cost nothing).
+inline std::vector<void*>& stacks(size_t n) {
+  static std::vector<void*> pool;
+  while (pool.size() < n) {
+    void* s = mmap(nullptr, kStackSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (s == MAP_FAILED) fail("mmap of a fiber stack failed");
+    pool.push_back(s);
+  }
+  return pool;
+}
+
+// Runs fiber f until it waits or returns.
+EMU_SWITCH inline void run(Fiber& f) {
+  current = &f;
+  thread_idx = f.index;
+  if (__builtin_setjmp(scheduler) == 0) {
+    if (f.started) jump(f.resume);
+    f.started = true;
+    swapcontext(&scheduler_context, &f.entry);
+  }
+}
+
+// Runs `body` (one thread's kernel call) for every thread of every block of the grid.
+inline void launch(dim3 grid, dim3 threads, size_t shared_bytes, cudaStream_t /*stream*/, std::function<void()> body) {
+  const long n = long{threads.x} * threads.y * threads.z;
+  if (n < 1 || n > 1024) fail("a block of more than 1024 (or 0) threads: the launch fails on a GPU");
+  if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 || grid.z > 65535)
+    fail("grid dimensions out of range (x >= 1, 1 <= y, z <= 65535)");
+  if (shared_bytes > 48 * 1024) fail("more than 48 KiB of dynamic shared memory without opting in");
+  grid_dim = grid;
+  block_dim = threads;
+  Block state;
+  state.warps = std::vector<Warp>((n + 31) / 32);
+  state.shared.resize(shared_bytes);
+  block = &state;
+  current_body = &body;
+
+  std::vector<Fiber> fibers(n);
+  for (long t = 0; t < n; ++t) {
+    Fiber& f = fibers[t];
+    f.index = uint3{static_cast<unsigned>(t % threads.x), static_cast<unsigned>(t / threads.x % threads.y),
+                    static_cast<unsigned>(t / threads.x / threads.y)};
+    f.stack = stacks(n)[t];
+    getcontext(&f.entry);
+    f.entry.uc_stack.ss_sp = f.stack;
+    f.entry.uc_stack.ss_size = kStackSize;
+    f.entry.uc_link = nullptr;
+    makecontext(&f.entry, fiber_main, 0);
+  }
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        block_idx = uint3{x, y, z};
+        state.barrier.reset(static_cast<int>(n));
+        for (size_t w = 0; w < state.warps.size(); ++w)
+          state.warps[w].barrier.reset(static_cast<int>(std::min<long>(32, n - 32 * static_cast<long>(w))));
+        std::fill(state.shared.begin(), state.shared.end(), 0xff);
+        for (Fiber& f : fibers) {
+          f.done = false;
+          f.waiting_on = nullptr;
+        }
+        // round robin: run each fiber that is not waiting until it waits or returns
+        const bool reverse = (x + y + z) % 2 == 1;
+        for (long remaining = n; remaining > 0;) {
+          bool progressed = false;
+          for (long i = 0; i < n; ++i) {
+            Fiber& f = fibers[reverse ? n - 1 - i : i];
+            if (f.done || (f.waiting_on != nullptr && f.waiting_on->phase() == f.waiting_phase)) continue;
+            run(f);
+            progressed = true;
+            if (f.done) --remaining;
+          }
+          if (!progressed) fail("every thread of the block waits at a barrier that cannot complete: a deadlock");
+        }
+      }
+  block = nullptr;
+  current = nullptr;
+}
+
+inline void syncthreads() { block->barrier.wait(); }
+inline void syncwarp() { my_warp().barrier.wait(); }
+
+template <typename T>
+T shfl_xor(unsigned mask, T v, int lane_mask) {
+  static_assert(sizeof(T) <= 16, "shuffle of a type over 16 bytes");
+  if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask is not emulated");
+  Warp& w = my_warp();
+  if (w.barrier.expected() != 32)
+    fail("__shfl_xor_sync with a full mask in a warp of fewer than 32 live threads (returned lanes, partial warp)");
+  const int lane = linear_thread() % 32;
+  std::memcpy(w.lanes[lane], &v, sizeof(T));
+  w.barrier.wait();
+  T out;
+  std::memcpy(&out, w.lanes[lane ^ (lane_mask & 31)], sizeof(T));
+  w.barrier.wait();
+  return out;
+}
+
+}  // namespace emu
+
+// The CUDA names the kernels use.
+#undef __global__
+#define __global__
+#undef __shared__
+#define __shared__ static
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#undef threadIdx
+#define threadIdx (::emu::thread_idx)
+#undef blockIdx
+#define blockIdx (::emu::block_idx)
+#undef blockDim
+#define blockDim (::emu::block_dim)
+#undef gridDim
+#define gridDim (::emu::grid_dim)
+
+inline void __syncthreads() { emu::syncthreads(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
+  return emu::shfl_xor(mask, v, lane_mask);
+}
+
+// Rounded arithmetic: with -ffp-contract=off, plain float operations round each step as these do.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __uint_as_float(unsigned v) { return std::bit_cast<float>(v); }
+inline unsigned __float_as_uint(float v) { return std::bit_cast<unsigned>(v); }
+
+template <typename T>
+T __ldg(const T* p) {
+  return *p;
+}
+template <typename T>
+T __ldcs(const T* p) {
+  return *p;
+}
+
+// One thread runs at a time, and only a barrier switches threads: a read-modify-write is atomic.
+template <typename T>
+T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
+
+using std::max;
+using std::min;

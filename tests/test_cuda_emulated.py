@@ -1,0 +1,287 @@
+"""Our CUDA kernels run on the CPU by the emulator in tests/cuda_emu, against the CPU ops.
+
+CI has no GPU, and some kernels are written in sessions that have none. The emulator compiles the kernels and
+their host code (unchanged but for the launch syntax) as C++, runs each CUDA thread as a fiber, and builds them with
+AddressSanitizer. It catches indexing errors and wrong results, loads and stores out of bounds, a missing
+__syncthreads that a reversed thread order exposes, deadlocks, and launch shapes a GPU refuses; not timing,
+lockstep warps or the memory model (tests/cuda_emu/cuda_emu.h says what it models).
+
+`test_emulated_kernels` runs the tests marked `emulated` in a subprocess with libasan preloaded. To run them here
+without AddressSanitizer: LORAX_EMU=1 python -m pytest tests/test_cuda_emulated.py -m emulated
+"""
+import contextlib
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FLOAT_DTYPES, HAS_CUDA, assert_close
+from cuda_emu import build
+from lora_helpers import POPULARITY, make_pool, random_adapter, token_slots
+from lorax_core.ops import bgmv, kv_cache_write, paged_attention_decode, sgmv
+from test_attention_ops import random_cache
+
+MODE = os.environ.get("LORAX_EMU")  # "asan" inside test_emulated_kernels' subprocess
+emulated = pytest.mark.emulated
+
+
+def test_emulated_kernels():
+    """Runs this file's emulated tests under AddressSanitizer in a subprocess (libasan must come first)."""
+    if HAS_CUDA:
+        pytest.skip("a GPU runs the kernels themselves (pytest -m cuda)")
+    if MODE:
+        pytest.skip("this is the subprocess")
+    env = build.asan_env()
+    if env is None or not build.cuda_include_dirs():
+        pytest.skip("needs gcc's libasan and the CUDA headers")
+    env["LORAX_EMU"] = "asan"
+    # -s: an AddressSanitizer or emulator report goes to stderr just before the process aborts
+    cmd = [sys.executable, "-m", "pytest", __file__, "-m", "emulated", "-q", "-s", "-p", "no:cacheprovider", "-rfE",
+           "--tb=short"]
+    result = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True,
+                            timeout=1800)
+    print(result.stdout[-3000:])
+    report = max(result.stderr.find("ERROR: AddressSanitizer"), result.stderr.find("cuda_emu: "))
+    stderr = result.stderr[report:report + 8000] if report >= 0 else result.stderr[-8000:]
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-12000:]}\n{stderr}"
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """A context manager: inside it, torch.ops.lorax_core.<op> runs the emulated CUDA kernel of each op that
+    has one (so the lorax_core.ops wrappers and the model run them); outside, the CPU kernels."""
+    if not MODE:
+        pytest.skip("run by test_emulated_kernels (or set LORAX_EMU=1)")
+    build.load(asan=MODE == "asan")
+    names = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("lorax_emu::")]
+    ops = {n: getattr(torch.ops.lorax_emu, n) for n in names
+           if torch._C._dispatch_has_kernel_for_dispatch_key(f"lorax_emu::{n}", "CPU")}
+
+    @contextlib.contextmanager
+    def on_emulator():
+        saved = {n: getattr(torch.ops.lorax_core, n) for n in ops}
+        for n, op in ops.items():
+            setattr(torch.ops.lorax_core, n, op)
+        try:
+            yield
+        finally:
+            for n, op in saved.items():
+                setattr(torch.ops.lorax_core, n, op)
+
+    on_emulator.ops = set(ops)
+    return on_emulator
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA
+
+MODULES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "gate_proj": (4096, 14336), "down_proj": (14336, 4096),
+           "odd": (100, 52)}
+RANKS = [[8], [16], [1, 128], [4, 32]]
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16, torch.float16], ids=str)
+def pool(request):
+    gen = torch.Generator().manual_seed(0)
+    pool = make_pool(MODULES, num_layers=1, budget_pages=6000, page_size=512, dtype=request.param)
+    for i, ranks in enumerate(RANKS):
+        pool.load(f"a{i}", random_adapter(MODULES, ranks, num_layers=1, gen=gen), 0.5 + i)
+    return pool
+
+
+def _lora_inputs(pool, tokens, n_in, n_out, popularity, seed=0):
+    slots = token_slots(tokens, list(range(len(RANKS))), popularity, base_every=5, rng=random.Random(seed))
+    x, y = torch.randn(tokens, n_in).to(pool.config.dtype), torch.randn(tokens, n_out).to(pool.config.dtype)
+    return x, y, torch.tensor(slots, dtype=torch.int32)
+
+
+@emulated
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("module,tokens", [("k_proj", 33), ("q_proj", 1), ("gate_proj", 5), ("down_proj", 3),
+                                           ("odd", 70)])
+def test_bgmv(emu, pool, popularity, module, tokens):
+    x, y, slots = _lora_inputs(pool, tokens, *MODULES[module], popularity)
+    expected = bgmv(y.clone(), x, pool, 0, module, slots)
+    with emu():
+        assert_close(bgmv(y.clone(), x, pool, 0, module, slots), expected, scale=4)
+
+
+@emulated
+@pytest.mark.parametrize("lengths", [[40], [30, 0, 21], [1, 2, 3, 70], [9] * 5])
+def test_sgmv(emu, pool, lengths):
+    seg = torch.tensor([i % len(RANKS) - (i == 2) * 10 for i in range(len(lengths))], dtype=torch.int32).clamp(-1)
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    x, y, _ = _lora_inputs(pool, sum(lengths), 4096, 1024, "uniform")
+    expected = sgmv(y.clone(), x, pool, 0, "k_proj", starts, seg)
+    with emu():
+        assert_close(sgmv(y.clone(), x, pool, 0, "k_proj", starts, seg), expected, scale=4)
+
+
+@emulated
+@pytest.mark.parametrize("tokens", [1, 6, 33])
+def test_fused_modules_into_column_slices(emu, pool, tokens):
+    """q | k | v in one call, written into the middle columns of a wider tensor; SGMV and BGMV."""
+    names, width = ["q_proj", "k_proj", "k_proj"], 4096 + 2 * 1024
+    x, wide, slots = _lora_inputs(pool, tokens, 4096, width + 24, "skewed", seed=tokens)
+    expected = wide.clone()
+    bgmv(expected[:, 8:8 + width], x, pool, 0, names, slots)
+    got = wide.clone()
+    with emu():
+        bgmv(got[:, 8:8 + width], x, pool, 0, names, slots)
+    assert_close(got, expected, scale=4)
+    order = torch.argsort(slots, stable=True)
+    seg, counts = torch.unique_consecutive(slots[order], return_counts=True)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
+    expected = wide[order].clone()
+    sgmv(expected[:, 8:8 + width], x[order], pool, 0, names, starts, seg)
+    got = wide[order].clone()
+    with emu():
+        sgmv(got[:, 8:8 + width], x[order], pool, 0, names, starts, seg)
+    assert_close(got, expected, scale=4)
+
+
+@emulated
+def test_bgmv_shrink_writes_all_of_v(emu, pool):
+    """v comes from an uninitialised allocation: base rows and columns past a rank must still come out zero."""
+    x, _, _ = _lora_inputs(pool, 7, 4096, 1, "uniform")
+    slots = torch.tensor([0, -1, 3, 1, -1, 2, 2], dtype=torch.int32)
+    args = (pool.arena, pool.page_table, pool.ranks, slots, 0, [pool.module_index("q_proj")], pool.page_size)
+    expected = torch.ops.lorax_core.bgmv_shrink(x, *args)
+    with emu():
+        assert_close(torch.ops.lorax_core.bgmv_shrink(x, *args), expected, dtype=pool.config.dtype, scale=4)
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+@emulated
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim,group,window", [(128, 4, 0), (64, 1, 37), (256, 8, 0), (80, 2, 0), (128, 16, 5),
+                                                   (32, 3, 0)])
+def test_decode_attention(emu, dtype, head_dim, group, window):
+    """Split kernel (16-byte loads: 8, 16 or 32 threads per position) with several splits, and general kernel
+    (head sizes 16-byte loads do not tile, GQA groups over 8)."""
+    k, v, tables, lens = random_cache([5, 300, 17, 129], 16, 2, head_dim, dtype, seed=head_dim)
+    q = torch.randn(4, 2 * group, head_dim).to(dtype)
+    expected = paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window)
+    with emu():
+        assert_close(paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window), expected)
+
+
+@emulated
+def test_decode_attention_layer_views_and_one_split(emu):
+    """Caches as views of one [layers, 2, ...] tensor (how the engine holds them), and a batch big enough for
+    one split per CTA."""
+    cache = torch.randn(2, 2, 40, 16, 2, 128).bfloat16()
+    tables = torch.randperm(40)[:36].view(36, 1).int()
+    lens = torch.randint(1, 17, (36,)).int()
+    q = torch.randn(36, 8, 128).bfloat16()
+    expected = paged_attention_decode(q, cache[1, 0], cache[1, 1], tables, lens, 0.088)
+    with emu():
+        assert_close(paged_attention_decode(q, cache[1, 0], cache[1, 1], tables, lens, 0.088), expected)
+
+
+@emulated
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_kv_cache_write_strided_rows(emu, dtype):
+    """k and v as column slices of a qkv output (strided rows); slot -1 skips a token."""
+    qkv = torch.randn(9, (8 + 2 + 2) * 64).to(dtype)
+    k, v = qkv[:, 512:640].view(9, 2, 64), qkv[:, 640:].view(9, 2, 64)
+    slots = torch.tensor([3, 0, -1, 17, 5, 30, 31, 8, 9])
+    caches = [torch.randn(4, 8, 2, 64).to(dtype) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    kv_cache_write(*expected, k, v, slots)
+    with emu():
+        kv_cache_write(*caches, k, v, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+# ---------------------------------------------------------------------------------------------- layer ops
+
+def _needs(emu, op):
+    if op not in emu.ops:
+        pytest.skip(f"{op} has no CUDA kernel in this build")
+
+
+@emulated
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("rows,cols", [(1, 4096), (5, 100), (3, 14336)])
+def test_norms_and_silu_mul(emu, dtype, rows, cols):
+    from lorax_core.ops import add_rms_norm, rms_norm, silu_mul
+
+    for op in ("rms_norm", "add_rms_norm", "silu_mul"):
+        _needs(emu, op)
+    wide = torch.randn(rows, 2 * cols + 8).to(dtype)
+    x, residual = wide[:, :cols], wide[:, cols + 8:]  # strided rows
+    w = (1 + 0.1 * torch.randn(cols)).to(dtype)
+    expected = rms_norm(x, w, 1e-5), add_rms_norm(x, residual, w, 1e-5), silu_mul(x, residual)
+    with emu():
+        got = rms_norm(x, w, 1e-5), add_rms_norm(x, residual, w, 1e-5), silu_mul(x, residual)
+    assert_close(got[0], expected[0])
+    assert_close(got[1][0], expected[1][0])
+    assert torch.equal(got[1][1], expected[1][1])  # the residual sum rounds once, as on the CPU
+    assert_close(got[2], expected[2])
+
+
+@emulated
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 2, 128), (4, 4, 64), (3, 1, 80)])
+def test_rotary_embedding_in_place(emu, dtype, heads, kv_heads, head_dim):
+    """On the q and k column slices of a qkv output, as the model calls it: bit-identical to the CPU kernel."""
+    from lorax_core.ops import rotary_embedding
+
+    _needs(emu, "rotary_embedding")
+    tokens, positions = 7, torch.tensor([0, 5, 9, 2, 31, 31, 17])
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    angles = torch.arange(32).float()[:, None] * torch.linspace(0.01, 1, head_dim // 2)
+    cos, sin = [f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin)]
+
+    def parts(t):
+        return (t[:, :heads * head_dim].view(tokens, heads, head_dim),
+                t[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim))
+
+    expected, got = qkv.clone(), qkv.clone()
+    rotary_embedding(*parts(expected), cos, sin, positions)
+    with emu():
+        rotary_embedding(*parts(got), cos, sin, positions)
+    assert torch.equal(got, expected)
+
+
+# ------------------------------------------------------------------------------------------- the whole model
+
+@emulated
+@pytest.mark.parametrize("kind", ["mistral"])  # its sliding window (8) is shorter than most prompts
+def test_model_on_emulated_kernels_matches_peft(emu, kind, tmp_path):
+    """The engine's logits with every emulated kernel in the model (LoRA, KV cache write, decode attention, the
+    layer ops where built) equal transformers + PEFT row by row: prefill then decode steps of a mixed batch.
+    head_dim 32 in fp32 takes the split attention kernel."""
+    from model_helpers import ADAPTERS, hf_logits, hf_peft_model, save_adapter, save_model
+
+    from lorax_core import LLM, SamplingParams
+
+    base = save_model(tmp_path / "base", kind, tokenizer=False, hidden_size=128)
+    adapters = {n: save_adapter(base, tmp_path / n, seed=i, **c) for i, (n, c) in enumerate(ADAPTERS.items())}
+    llm = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_active_adapters=4, adapter_loader_threads=0)
+    for name, path in adapters.items():
+        llm.load_adapter(name, path)
+    hf = hf_peft_model(base, adapters)
+    rows = ["r4_qv", None, "r8_all", "r16_rslora", "r8_pattern"]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 300) for _ in range(rng.randrange(3, 20))] for _ in rows]
+    seqs = [llm.add_request(p, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), a)
+            for p, a in zip(prompts, rows)]
+    for step in range(3):
+        batch = llm.scheduler.schedule()
+        with emu():
+            logits = llm.runner.run(batch)
+        for seq, row in zip(batch, logits):
+            expected = hf_logits(hf, seq.token_ids, seq.adapter)[-1]
+            where = f"{seq.adapter}, step {step}"
+            torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-4, msg=lambda m, where=where: f"{where}: {m}")
+        for seq, row in zip(batch, logits):
+            seq.num_computed_tokens, seq.chunk = len(seq), 0
+            seq.append(int(row.argmax()))
+    for seq in seqs:
+        llm.abort(seq)
