@@ -9,7 +9,7 @@ The sources of csrc/{lora,attention,layers} are copied and rewritten, never edit
 So `torch.ops.lorax_emu.<op>(cpu tensors)` runs the same host code and kernels as `torch.ops.lorax_core.<op>`
 on a GPU. NF4 is left out: its kernels use inline PTX (mma), and they have run on GPUs.
 
-With `asan=True` the library is built with AddressSanitizer; the process must then have libasan preloaded
+With `asan=True` the library is built with AddressSanitizer and UndefinedBehaviorSanitizer; the process must then have libasan preloaded
 (`asan_env()` gives the environment for a subprocess). Builds go to ~/.cache/lorax_core/<checkout>/ (or
 $LORAX_EMU_BUILD_DIR) and are reused while the sources stay the same.
 """
@@ -167,8 +167,10 @@ def load(asan: bool = False, verbose: bool = False):
     flags = ["-O1", "-g", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
     ldflags = []
     if asan:
-        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
-        ldflags += ["-fsanitize=address"]
+        # and UndefinedBehaviorSanitizer: misaligned vector loads (a GPU faults on them), integer overflow, ...
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
+        flags += [*sanitize, "-fno-omit-frame-pointer"]
+        ldflags += sanitize
     return cpp_extension.load(
         name=name,
         sources=files,
