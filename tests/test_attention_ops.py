@@ -95,7 +95,8 @@ def test_opcheck():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim,group,window", [(128, 4, 0), (64, 1, 0), (16, 3, 5), (256, 2, 100), (80, 8, 0)])
+@pytest.mark.parametrize("head_dim,group,window", [(128, 4, 0), (64, 1, 0), (16, 3, 5), (256, 2, 100), (80, 8, 0),
+                                                    (128, 8, 37), (128, 9, 0), (32, 2, 0)])
 def test_decode_attention_cuda_equals_cpu(dtype, head_dim, group, window):
     lengths = [1, 17, 300, 4096, 33]
     k, v, tables, lens = random_cache(lengths, 16, 2, head_dim, dtype)
@@ -103,6 +104,28 @@ def test_decode_attention_cuda_equals_cpu(dtype, head_dim, group, window):
     expected = paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window)
     out = paged_attention_decode(q.cuda(), k.cuda(), v.cuda(), tables.cuda(), lens.cuda(), head_dim**-0.5, window)
     assert_close(out.cpu(), expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch,block_size,window", [(1, 16, 0), (3, 16, 50), (2, 1, 0)])
+def test_decode_attention_cuda_wide_tables_and_layer_views(batch, block_size, window):
+    """CUDA graphs pass block tables as wide as the longest allowed context (here 4096 positions) with short
+    contexts, and each layer's cache is a view into one tensor: the split count follows the table width, and the
+    splits that hold no position must add nothing."""
+    rng = torch.Generator().manual_seed(batch)
+    lengths = [1, 200, 77][:batch]
+    width, kv_heads, head_dim, layers = 4096 // block_size, 8, 128, 3
+    blocks = batch * width + 1
+    cache = torch.randn(layers, 2, blocks, block_size, kv_heads, head_dim, generator=rng).bfloat16()
+    tables = torch.randperm(blocks - 1, generator=rng)[: batch * width].view(batch, width).int()
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    q = torch.randn(batch, kv_heads * 4, head_dim, generator=rng).bfloat16()
+    gpu = cache.cuda()
+    for layer in range(layers):
+        expected = paged_attention_decode(q, cache[layer, 0], cache[layer, 1], tables, lens, 0.088, window)
+        out = paged_attention_decode(q.cuda(), gpu[layer, 0], gpu[layer, 1], tables.cuda(), lens.cuda(), 0.088,
+                                     window)
+        assert_close(out.cpu(), expected)
 
 
 @pytest.mark.cuda

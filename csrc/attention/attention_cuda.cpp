@@ -31,10 +31,14 @@ at::Tensor paged_attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_
   const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
   at::Tensor out = at::empty_like(qc);
   const cuda::Cache cache{k_cache.data_ptr(), v_cache.data_ptr(), c.blocks, c.block_size, c.kv_heads, c.head_dim};
+  const DType dtype = kernel_dtype(q.scalar_type(), "paged_attention_decode");
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t splits = cuda::decode_splits(cache, q.size(0), q.size(1), tables.size(1), dtype, num_sms);
+  at::Tensor ws = at::empty({splits > 1 ? q.size(0) * q.size(1) * splits * (c.head_dim + 2) : 0},
+                            q.options().dtype(at::kFloat));
   cuda::paged_attention_decode(qc.data_ptr(), out.data_ptr(), cache, tables.data_ptr<int32_t>(), tables.size(1),
                                lens.data_ptr<int32_t>(), q.size(0), q.size(1), static_cast<float>(scale), window,
-                               kernel_dtype(q.scalar_type(), "paged_attention_decode"),
-                               at::cuda::getCurrentCUDAStream());
+                               ws.data_ptr<float>(), splits, dtype, at::cuda::getCurrentCUDAStream());
   return out;
 }
 

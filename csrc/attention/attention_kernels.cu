@@ -1,8 +1,19 @@
-// Paged KV cache CUDA kernels. Decode attention is a correct-first single-pass kernel: one CTA per (head,
-// sequence), each warp walks every 4th position with an online softmax (running max, sum and the weighted sum
-// of values in registers, head_dim spread over the lanes), and the warps are merged in shared memory.
+// Paged KV cache CUDA kernels.
+//
+// Decode attention (split_kernel + combine_kernel, flash-decoding style): one CTA per (kv head, sequence, split)
+// serves all the query heads of its GQA group, so each K and V row is read once. A split walks chunks of CHUNK
+// positions (chunk split, split + S, ...). Per chunk: (1) TPP threads per position, 16 bytes each, score every
+// position of the chunk at once (all table and K loads issued before any arithmetic); (2) one warp per head takes
+// the chunk's max and exponentials (online softmax across chunks); (3) the same threads accumulate p * V in
+// registers. The position groups are summed in shared memory; with S > 1 splits, each writes its (max, sum,
+// unnormalised output) and combine_kernel merges them. S depends on the batch and the block-table width only, not
+// the context lengths, so a CUDA graph captured once stays right. Head sizes that 16-byte loads do not tile
+// (or GQA groups over 8) take general_kernel: one CTA per (head, sequence), a warp per position.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
 
 #include "attention/attention_cuda.h"
 #include "common/convert.cuh"
@@ -25,7 +36,7 @@ __global__ void kv_cache_write_kernel(T* __restrict__ k_cache, T* __restrict__ v
 }
 
 template <typename T>
-__global__ void decode_kernel(const T* __restrict__ q, T* __restrict__ out, Cache c, const int32_t* __restrict__ tables,
+__global__ void general_kernel(const T* __restrict__ q, T* __restrict__ out, Cache c, const int32_t* __restrict__ tables,
                               int64_t max_blocks, const int32_t* __restrict__ lens, float scale, int64_t window) {
   __shared__ float warp_max[kWarps], warp_sum[kWarps];
   __shared__ float warp_acc[kWarps][kMaxPerLane * 32];
@@ -94,13 +105,208 @@ void launch_write(void* kc, void* vc, const void* k, const void* v, const int64_
                                                        static_cast<const T*>(k), static_cast<const T*>(v), slots, row);
 }
 
+constexpr int kThreads = 128;
+constexpr int kMaxGroup = 8;  // query heads per kv head served by split_kernel
+constexpr int kPasses = 8;    // positions per thread per chunk: CHUNK = kPasses * kThreads / TPP
+
+// Split partials: per (sequence, head, split) a running max, a sum of exponentials and D unnormalised outputs.
+struct Partials {
+  float* max;
+  float* sum;
+  float* acc;
+};
+
+template <typename T, int TPP>
+__global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q, T* __restrict__ out, Cache c,
+                                                         const int32_t* __restrict__ tables, int64_t max_blocks,
+                                                         const int32_t* __restrict__ lens, int group, float scale,
+                                                         int64_t window, Partials part) {
+  constexpr int VEC = 16 / sizeof(T), D = TPP * VEC, PPP = kThreads / TPP, CHUNK = PPP * kPasses;
+  __shared__ float q_s[kMaxGroup][D];
+  __shared__ float p_s[kMaxGroup][CHUNK];
+  __shared__ float acc_s[kMaxGroup][D];
+  __shared__ float max_s[kMaxGroup], sum_s[kMaxGroup], corr_s[kMaxGroup];
+  const int64_t kvh = blockIdx.x, b = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+  const int64_t heads = c.kv_heads * group, h0 = kvh * group;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, t = tid % TPP, j = tid / TPP;
+  const int64_t len = min(int64_t{lens[b]}, max_blocks * c.block_size);
+  const int64_t first = window > 0 && len > window ? len - window : 0;
+  const int32_t* table = tables + b * max_blocks;
+
+  for (int i = tid; i < kMaxGroup * D; i += kThreads) {
+    const int h = i / D, d = i % D;
+    q_s[h][d] = h < group ? to_float(q[(b * heads + h0 + h) * D + d]) * scale : 0.0f;
+    acc_s[h][d] = 0.0f;
+  }
+  if (tid < kMaxGroup) {
+    max_s[tid] = -INFINITY;
+    sum_s[tid] = 0.0f;
+  }
+  __syncthreads();
+
+  float acc[kMaxGroup][VEC];
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h)
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) acc[h][v] = 0.0f;
+
+  for (int64_t chunk = first / CHUNK + split; chunk * CHUNK < len; chunk += splits) {
+    // (1) scores: the table entries, then every K row of the chunk, then the dot products
+    int64_t row[kPasses];
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int64_t pos = chunk * CHUNK + p * PPP + j;
+      row[p] = pos >= first && pos < len
+                   ? ((int64_t{table[pos / c.block_size]} * c.block_size + pos % c.block_size) * c.kv_heads + kvh) * D
+                   : -1;
+    }
+    uint4 raw[kPasses];
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p)
+      if (row[p] >= 0) raw[p] = *reinterpret_cast<const uint4*>(static_cast<const T*>(c.k) + row[p] + t * VEC);
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const T* k = reinterpret_cast<const T*>(&raw[p]);
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h) {
+        if (h >= group) break;
+        float s = 0.0f;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) s += q_s[h][t * VEC + v] * to_float(k[v]);
+#pragma unroll
+        for (int o = TPP / 2; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (t == 0) p_s[h][p * PPP + j] = row[p] >= 0 ? s : -INFINITY;
+      }
+    }
+    __syncthreads();
+    // (2) online softmax across chunks: one warp per head
+    for (int h = warp; h < group; h += kThreads / 32) {
+      float m = -INFINITY;
+      for (int i = lane; i < CHUNK; i += 32) m = fmaxf(m, p_s[h][i]);
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      const float m_new = fmaxf(max_s[h], m);  // finite: every chunk walked holds a position in [first, len)
+      float l = 0.0f;
+      for (int i = lane; i < CHUNK; i += 32) {
+        const float e = __expf(p_s[h][i] - m_new);
+        p_s[h][i] = e;
+        l += e;
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
+      __syncwarp();
+      if (lane == 0) {
+        const float corr = __expf(max_s[h] - m_new);
+        corr_s[h] = corr;
+        sum_s[h] = sum_s[h] * corr + l;
+        max_s[h] = m_new;
+      }
+    }
+    // (3) values: this thread's VEC dimensions of every position it scored
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p)
+      if (row[p] >= 0) raw[p] = *reinterpret_cast<const uint4*>(static_cast<const T*>(c.v) + row[p] + t * VEC);
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < kMaxGroup; ++h) {
+      if (h >= group) break;
+      const float corr = corr_s[h];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[h][v] *= corr;
+    }
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      if (row[p] < 0) continue;
+      const T* val = reinterpret_cast<const T*>(&raw[p]);
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h) {
+        if (h >= group) break;
+        const float w = p_s[h][p * PPP + j];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[h][v] += w * to_float(val[v]);
+      }
+    }
+    __syncthreads();  // p_s and corr_s are rewritten by the next chunk
+  }
+
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+    if (h >= group) break;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) atomicAdd(&acc_s[h][t * VEC + v], acc[h][v]);
+  }
+  __syncthreads();
+  for (int i = tid; i < group * D; i += kThreads) {
+    const int h = i / D, d = i % D;
+    const int64_t bh = b * heads + h0 + h;
+    if (splits == 1) {
+      out[bh * D + d] = from_float<T>(sum_s[h] > 0.0f ? acc_s[h][d] / sum_s[h] : 0.0f);
+    } else {
+      part.acc[(bh * splits + split) * D + d] = acc_s[h][d];
+      if (d == 0) {
+        part.max[bh * splits + split] = max_s[h];
+        part.sum[bh * splits + split] = sum_s[h];
+      }
+    }
+  }
+}
+
+// Merges the splits of one (head, sequence): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
+template <typename T>
+__global__ void combine_kernel(T* __restrict__ out, Partials part, int64_t splits, int64_t D) {
+  const int64_t bh = blockIdx.x;
+  const float* m = part.max + bh * splits;
+  const float* l = part.sum + bh * splits;
+  float top = -INFINITY;
+  for (int64_t s = 0; s < splits; ++s)
+    if (l[s] > 0.0f) top = fmaxf(top, m[s]);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float num = 0.0f, den = 0.0f;
+    for (int64_t s = 0; s < splits; ++s) {
+      if (l[s] <= 0.0f) continue;
+      const float w = __expf(m[s] - top);
+      num += w * part.acc[(bh * splits + s) * D + d];
+      den += w * l[s];
+    }
+    out[bh * D + d] = from_float<T>(den > 0.0f ? num / den : 0.0f);
+  }
+}
+
+// Threads per position for split_kernel (16 bytes each), or 0 where general_kernel must run.
+int split_tpp(const Cache& c, int64_t heads, int64_t elem) {
+  const int64_t vec = 16 / elem, group = heads / c.kv_heads;
+  if (group > kMaxGroup || c.head_dim % vec != 0) return 0;
+  const int64_t tpp = c.head_dim / vec;
+  const bool aligned = reinterpret_cast<uintptr_t>(c.k) % 16 == 0 && reinterpret_cast<uintptr_t>(c.v) % 16 == 0;
+  return aligned && (tpp == 8 || tpp == 16 || tpp == 32) ? static_cast<int>(tpp) : 0;
+}
+
 template <typename T>
 void launch_decode(const void* q, void* out, const Cache& c, const int32_t* tables, int64_t max_blocks,
-                   const int32_t* lens, int64_t batch, int64_t heads, float scale, int64_t window, cudaStream_t stream) {
+                   const int32_t* lens, int64_t batch, int64_t heads, float scale, int64_t window, float* workspace,
+                   int64_t splits, cudaStream_t stream) {
   if (batch == 0) return;
-  const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(batch));
-  decode_kernel<T><<<grid, kWarps * 32, 0, stream>>>(static_cast<const T*>(q), static_cast<T*>(out), c, tables,
-                                                     max_blocks, lens, scale, window);
+  const int tpp = split_tpp(c, heads, sizeof(T));
+  if (tpp == 0) {
+    const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(batch));
+    general_kernel<T><<<grid, kWarps * 32, 0, stream>>>(static_cast<const T*>(q), static_cast<T*>(out), c, tables,
+                                                        max_blocks, lens, scale, window);
+    return;
+  }
+  const int64_t rows = batch * heads;
+  const Partials part{workspace, workspace + rows * splits, workspace + 2 * rows * splits};
+  const dim3 grid(static_cast<unsigned>(c.kv_heads), static_cast<unsigned>(batch), static_cast<unsigned>(splits));
+  const int group = static_cast<int>(heads / c.kv_heads);
+  auto run = [&](auto kernel) {
+    kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(q), static_cast<T*>(out), c, tables, max_blocks, lens,
+                                          group, scale, window, part);
+  };
+  if (tpp == 8) run(split_kernel<T, 8>);
+  if (tpp == 16) run(split_kernel<T, 16>);
+  if (tpp == 32) run(split_kernel<T, 32>);
+  if (splits > 1)
+    combine_kernel<T><<<static_cast<unsigned>(rows), static_cast<unsigned>(std::min<int64_t>(c.head_dim, 256)), 0,
+                        stream>>>(static_cast<T*>(out), part, splits, c.head_dim);
 }
 
 }  // namespace
@@ -115,18 +321,29 @@ void kv_cache_write(void* k_cache, void* v_cache, const void* k, const void* v, 
   }
 }
 
+int64_t decode_splits(const Cache& c, int64_t batch, int64_t heads, int64_t max_blocks, DType dtype, int num_sms) {
+  const int64_t elem = dtype == DType::kFloat ? 4 : 2;
+  const int tpp = split_tpp(c, heads, elem);
+  if (tpp == 0 || batch == 0) return 1;
+  const int64_t chunk = int64_t{kThreads} / tpp * kPasses;
+  const int64_t chunks = (max_blocks * c.block_size + chunk - 1) / chunk;
+  const int64_t ctas = batch * c.kv_heads, target = 2 * int64_t{num_sms};  // about two CTAs per SM
+  return std::max<int64_t>(1, std::min(chunks, (target + ctas - 1) / ctas));
+}
+
 void paged_attention_decode(const void* q, void* out, const Cache& c, const int32_t* block_tables, int64_t max_blocks,
                             const int32_t* context_lens, int64_t batch, int64_t heads, float scale, int64_t window,
-                            DType dtype, cudaStream_t stream) {
+                            float* workspace, int64_t splits, DType dtype, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat:
-      return launch_decode<float>(q, out, c, block_tables, max_blocks, context_lens, batch, heads, scale, window, stream);
+      return launch_decode<float>(q, out, c, block_tables, max_blocks, context_lens, batch, heads, scale, window,
+                                  workspace, splits, stream);
     case DType::kHalf:
       return launch_decode<__half>(q, out, c, block_tables, max_blocks, context_lens, batch, heads, scale, window,
-                                   stream);
+                                   workspace, splits, stream);
     case DType::kBFloat16:
       return launch_decode<__nv_bfloat16>(q, out, c, block_tables, max_blocks, context_lens, batch, heads, scale,
-                                          window, stream);
+                                          window, workspace, splits, stream);
   }
 }
 

@@ -4,10 +4,12 @@
 // Each warp owns RPW rank rows; the CTA walks `in` in chunks, staging the tile's x chunk in shared memory while
 // each lane loads its 16-byte pieces of the warp's rows, so a tile's tokens share every weight load and a group's
 // adapter rows are read from memory once per tile (once per call for a decode group). Rows past the adapter's
-// rank, and rows without an adapter, get zeros: v needs no memset.
+// rank, and rows without an adapter, get zeros: v needs no memset. Calls of at most kNarrowMaxTokens tokens
+// (decode) take shrink_narrow_kernel instead: a CTA per two rank rows whose warps split `in`, as walking `in` in
+// steps is latency the few tokens cannot hide.
 // Expand, y[t, :] += scale * v[t] @ B[a].T: one CTA per (group, block of outputs, tile of up to kExpandTile
 // tokens); the tile's v (times the scale) sits in shared memory, each thread owns 16 bytes of outputs for every
-// token of the tile and loops over the rank. BGMV first buckets its tokens by adapter in one kernel
+// token of the tile (loaded before the weights) and walks the rank with 8 rows' loads in flight. BGMV first buckets its tokens by adapter in one kernel
 // (group_by_adapter). Grids are sized by what the host knows (groups, rank, tokens); CTAs past the end of their
 // group exit at once.
 #include <cuda_bf16.h>
@@ -15,6 +17,7 @@
 
 #include <cub/block/block_scan.cuh>
 
+#include "common/convert.cuh"
 #include "lora/lora_cuda.h"
 
 namespace lorax::lora::cuda {
@@ -23,9 +26,20 @@ namespace {
 constexpr int kShrinkWarps = 8;
 constexpr int kShrinkTile = 16;  // tokens per shrink CTA
 constexpr int kShrinkUnroll = 4;  // 16-byte weight loads per lane, row and step
+constexpr int kNarrowRows = 2;    // rank rows per narrow-shrink CTA
+constexpr int kNarrowTile = 4;    // tokens per narrow-shrink CTA
+constexpr int kNarrowUnroll = 4;  // 16-byte weight loads per lane and row in flight
+constexpr int kNarrowMaxTokens = 16;  // calls with at most this many tokens take the narrow shrink
 constexpr int kExpandThreads = 128;
 constexpr int kExpandTile = 8;  // tokens per expand CTA
 constexpr int kGroupThreads = 1024;
+constexpr int kExpandBatch = 8;  // rank rows whose weight loads are in flight together
+
+// VEC elements loaded as one (16-byte when VEC fills it) access; the caller guarantees alignment.
+template <typename T, int VEC>
+struct alignas(VEC * sizeof(T)) Packed {
+  T e[VEC];
+};
 
 __device__ __forceinline__ int64_t layer_module(const Pool& p, int64_t adapter) {
   return (adapter * p.layers + p.layer) * p.modules + p.module;
@@ -59,20 +73,6 @@ __device__ __forceinline__ void copy_vec(T* dst, const T* src) {
   } else {
 #pragma unroll
     for (int i = 0; i < N; ++i) dst[i] = src[i];
-  }
-}
-
-template <typename T, int N>
-__device__ __forceinline__ void add_floats(T* dst, const float (&add)[N]) {
-  if constexpr (N * sizeof(T) == 16) {
-    uint4 raw = *reinterpret_cast<const uint4*>(dst);
-    T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < N; ++i) e[i] = static_cast<T>(static_cast<float>(e[i]) + add[i]);
-    *reinterpret_cast<uint4*>(dst) = raw;
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) dst[i] = static_cast<T>(static_cast<float>(dst[i]) + add[i]);
   }
 }
 
@@ -177,6 +177,89 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   }
 }
 
+// Shrink for few tokens (decode): the latency of walking `in` step by step dominates, so one CTA owns
+// kNarrowRows rank rows for up to kNarrowTile tokens and its warps split `in` between them (a 4096-wide row is one
+// step of loads); the warps' partial sums meet in shared memory. Deterministic: no atomics.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kShrinkWarps * 32)
+    shrink_narrow_kernel(const T* __restrict__ x, int in, Pool p, TokenGroups g, float* __restrict__ v,
+                         int max_rank) {
+  constexpr int kStep = kShrinkWarps * 32 * VEC * kNarrowUnroll;  // elements of `in` per step
+  __shared__ float part[kShrinkWarps][kNarrowRows][kNarrowTile];
+  __shared__ int tok[kNarrowTile];
+  int begin;
+  const int n = tile_tokens<kNarrowTile>(g, begin);
+  if (n <= 0) return;
+  const int adapter = g.adapters[blockIdx.x];
+  const int rank = adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
+  const int row0 = static_cast<int>(blockIdx.y) * kNarrowRows;
+  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, begin + threadIdx.x);
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float acc[kNarrowRows][kNarrowTile];
+#pragma unroll
+  for (int r = 0; r < kNarrowRows; ++r)
+#pragma unroll
+    for (int j = 0; j < kNarrowTile; ++j) acc[r][j] = 0.0f;
+  if (row0 < rank) {  // CTA-uniform
+    const T* arena = static_cast<const T*>(p.arena);
+    const int mask = (1 << p.page_log2) - 1;
+    const int32_t* pages[kNarrowRows];
+#pragma unroll
+    for (int r = 0; r < kNarrowRows; ++r) pages[r] = row_pages(p, adapter, 0, row0 + r < rank ? row0 + r : row0);
+    for (int k0 = 0; k0 < in; k0 += kStep) {
+      Packed<T, VEC> w[kNarrowRows][kNarrowUnroll];
+#pragma unroll
+      for (int r = 0; r < kNarrowRows; ++r)
+#pragma unroll
+        for (int u = 0; u < kNarrowUnroll; ++u) {
+          const int k = k0 + ((u * kShrinkWarps + warp) * 32 + lane) * VEC;
+          if (row0 + r < rank && k < in) {
+            w[r][u] = *reinterpret_cast<const Packed<T, VEC>*>(arena + (int64_t{pages[r][k >> p.page_log2]}
+                                                                        << p.page_log2) + (k & mask));
+          } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) w[r][u].e[e] = from_float<T>(0.0f);
+          }
+        }
+#pragma unroll
+      for (int j = 0; j < kNarrowTile; ++j) {
+        if (j >= n) break;
+#pragma unroll
+        for (int u = 0; u < kNarrowUnroll; ++u) {
+          const int k = k0 + ((u * kShrinkWarps + warp) * 32 + lane) * VEC;
+          if (k < in) {
+            float xv[VEC];
+            load_floats<T, VEC>(x + int64_t{tok[j]} * in + k, xv);
+#pragma unroll
+            for (int r = 0; r < kNarrowRows; ++r)
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) acc[r][j] = fmaf(xv[e], static_cast<float>(w[r][u].e[e]), acc[r][j]);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kNarrowRows; ++r)
+#pragma unroll
+    for (int j = 0; j < kNarrowTile; ++j) {
+      const float s = warp_sum(acc[r][j]);
+      if (lane == 0) part[warp][r][j] = s;
+    }
+  __syncthreads();
+  if (threadIdx.x < kNarrowRows * kNarrowTile) {
+    const int r = threadIdx.x / kNarrowTile, j = threadIdx.x % kNarrowTile, row = row0 + r;
+    if (j < n && row < max_rank) {
+      float s = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kShrinkWarps; ++w) s += part[w][r][j];
+      v[int64_t{tok[j]} * max_rank + row] = s;
+    }
+  }
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kExpandThreads)
     expand_kernel(T* __restrict__ y, int out, int64_t ld, const float* __restrict__ v, int max_rank, Pool p,
@@ -202,27 +285,43 @@ __global__ void __launch_bounds__(kExpandThreads)
   const T* arena = static_cast<const T*>(p.arena);
   const int32_t* pages = row_pages(p, adapter, 1, 0) + (o >> p.page_log2);  // row i's page: pages[i * chunks]
   const int64_t in_page = o & ((1 << p.page_log2) - 1);
+  Packed<T, VEC> prior[kExpandTile];  // y's current values, loaded while the weights are in flight
+#pragma unroll
+  for (int j = 0; j < kExpandTile; ++j)
+    if (j < n) prior[j] = *reinterpret_cast<const Packed<T, VEC>*>(y + tok[j] * ld + o);
   float acc[kExpandTile][VEC];
 #pragma unroll
   for (int j = 0; j < kExpandTile; ++j)
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[j][e] = 0.0f;
-#pragma unroll 8
-  for (int i = 0; i < rank; ++i) {  // 8 rows' page lookups, then their loads, in flight together
-    float w[VEC];
-    load_floats(arena + (int64_t{pages[i * p.chunks]} << p.page_log2) + in_page, w);
+  for (int i0 = 0; i0 < rank; i0 += kExpandBatch) {  // a batch's page lookups, then its loads, in flight together
+    Packed<T, VEC> w[kExpandBatch];
 #pragma unroll
-    for (int j = 0; j < kExpandTile; ++j) {
-      if (j < n) {
-        const float s = scaled_v[j * rank + i];
+    for (int u = 0; u < kExpandBatch; ++u)
+      if (i0 + u < rank)
+        w[u] = *reinterpret_cast<const Packed<T, VEC>*>(arena + (int64_t{pages[(i0 + u) * p.chunks]} << p.page_log2) +
+                                                        in_page);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[j][e] = fmaf(s, w[e], acc[j][e]);
+    for (int u = 0; u < kExpandBatch; ++u) {
+      if (i0 + u >= rank) break;
+#pragma unroll
+      for (int j = 0; j < kExpandTile; ++j) {
+        if (j < n) {
+          const float s = scaled_v[j * rank + i0 + u];
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[j][e] = fmaf(s, static_cast<float>(w[u].e[e]), acc[j][e]);
+        }
       }
     }
   }
 #pragma unroll
-  for (int j = 0; j < kExpandTile; ++j)
-    if (j < n) add_floats(y + tok[j] * ld + o, acc[j]);
+  for (int j = 0; j < kExpandTile; ++j) {
+    if (j < n) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) prior[j].e[e] = from_float<T>(static_cast<float>(prior[j].e[e]) + acc[j][e]);
+      *reinterpret_cast<Packed<T, VEC>*>(y + tok[j] * ld + o) = prior[j];
+    }
+  }
 }
 
 // Counting sort of tokens by adapter in one CTA: bucket k holds adapter k - 1 (bucket 0: none).
@@ -276,7 +375,18 @@ void dispatch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, c
                      int64_t max_rank, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = aligned16(x, in, sizeof(T)) && aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
-  // Few tokens (decode): one row per warp for more CTAs; many (prefill): two, so x is re-read half as often.
+  if (tokens <= kNarrowMaxTokens) {  // decode: warps split `in`, so a row is a step of loads, not several
+    dim3 grid(g.count, ceil_div(max_rank, kNarrowRows), ceil_div(tokens, kNarrowTile));
+    if (vec) {
+      shrink_narrow_kernel<T, kVec><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, g, v,
+                                                                           max_rank);
+    } else {
+      shrink_narrow_kernel<T, 1><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, g, v,
+                                                                        max_rank);
+    }
+    return;
+  }
+  // Up to 64 tokens: one row per warp for more CTAs; more (prefill): two, so x is re-read half as often.
   const bool wide = tokens > 64;
   if (vec && wide) return launch_shrink<T, kVec, 2>(x, tokens, in, p, g, v, max_rank, stream);
   if (vec) return launch_shrink<T, kVec, 1>(x, tokens, in, p, g, v, max_rank, stream);
