@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from lorax_core.ops import reference
-
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Root-mean-square norm of each row.
@@ -53,10 +51,3 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """
     return torch.ops.lorax_core.silu_mul(gate, up)
 
-
-# The CUDA kernels of these four ops are written but have not run on a GPU yet (branch gpu-pending/decode-kernels);
-# until they pass their tests there, CUDA runs the references: transformers' own arithmetic, several ATen
-# kernels each, exactly what the model ran before the ops existed.
-if not torch._C._dispatch_has_kernel_for_dispatch_key("lorax_core::rms_norm", "CUDA"):
-    for _name in ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_mul"):
-        torch.library.register_kernel(f"lorax_core::{_name}", "cuda", getattr(reference, _name))

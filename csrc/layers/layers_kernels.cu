@@ -1,0 +1,175 @@
+// Fused layer op CUDA kernels. Each is one pass over its rows: RMSNorm a CTA per row (a block-wide sum of
+// squares, then the scaled write), rotary a CTA per token (a thread per (head, pair of elements) of q and k),
+// silu_mul a grid over rows x column chunks. The roundings of layers.h are spelled out with the _rn intrinsics
+// so that nvcc does not contract them into FMAs: rotary is bit-identical to the CPU kernel.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "common/convert.cuh"
+#include "layers/layers_cuda.h"
+
+namespace lorax::layers::cuda {
+namespace {
+
+// Sum of v over the CTA (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
+__device__ float block_sum(float v) {
+  __shared__ float warp_sums[32];
+  __shared__ float total;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) total = v;
+  }
+  __syncthreads();
+  return total;
+}
+
+// Round to T and back: the roundings transformers' eager code makes between ops.
+template <typename T>
+__device__ __forceinline__ float rounded(float v) {
+  return to_float(from_float<T>(v));
+}
+
+template <typename T>
+__global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ residual,
+                                int64_t residual_stride, const T* __restrict__ weight, T* __restrict__ out,
+                                T* __restrict__ sum, int cols, float eps) {
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * x_stride;
+  const T* rr = residual != nullptr ? residual + row * residual_stride : nullptr;
+  // the value normalized: x, or T(x + residual) (recomputed in the second pass rather than read back from sum,
+  // which this kernel writes: no read-after-write through the read-only path)
+  auto value = [&](int i) {
+    return rr != nullptr ? rounded<T>(__fadd_rn(to_float(xr[i]), to_float(rr[i]))) : to_float(xr[i]);
+  };
+  float sq = 0.0f;
+  for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+    const float v = value(i);
+    if (rr != nullptr) sum[row * cols + i] = from_float<T>(v);
+    sq += v * v;
+  }
+  const float inv = 1.0f / sqrtf(block_sum(sq) / static_cast<float>(cols) + eps);  // IEEE sqrt and division
+  T* o = out + row * cols;
+  for (int i = threadIdx.x; i < cols; i += blockDim.x)
+    o[i] = from_float<T>(__fmul_rn(to_float(weight[i]), rounded<T>(__fmul_rn(value(i), inv))));
+}
+
+template <typename T>
+__global__ void rotary_kernel(Rotating q, Rotating k, const T* __restrict__ cos, const T* __restrict__ sin,
+                              const int64_t* __restrict__ positions, int half) {
+  const int64_t t = blockIdx.x;
+  const T* c = cos + positions[t] * 2 * half;
+  const T* s = sin + positions[t] * 2 * half;
+  const int64_t pairs = (q.heads + k.heads) * half;
+  for (int64_t p = threadIdx.x; p < pairs; p += blockDim.x) {
+    const int64_t h = p / half;
+    const int i = static_cast<int>(p % half);
+    const bool is_q = h < q.heads;
+    const Rotating& r = is_q ? q : k;
+    T* v = static_cast<T*>(r.data) + t * r.token_stride + (is_q ? h : h - q.heads) * r.head_stride;
+    const float x1 = to_float(v[i]), x2 = to_float(v[i + half]);
+    const float a = rounded<T>(__fmul_rn(x1, to_float(c[i]))), b = rounded<T>(__fmul_rn(x2, to_float(s[i])));
+    const float a2 = rounded<T>(__fmul_rn(x2, to_float(c[i + half])));
+    const float b2 = rounded<T>(__fmul_rn(x1, to_float(s[i + half])));
+    v[i] = from_float<T>(__fsub_rn(a, b));
+    v[i + half] = from_float<T>(__fadd_rn(a2, b2));
+  }
+}
+
+constexpr int kSiluThreads = 256, kSiluPerThread = 4;
+
+template <typename T>
+__global__ void silu_mul_kernel(const T* __restrict__ gate, int64_t gate_stride, const T* __restrict__ up,
+                                int64_t up_stride, T* __restrict__ out, int64_t cols) {
+  const int64_t row = blockIdx.x;
+  const T* g = gate + row * gate_stride;
+  const T* u = up + row * up_stride;
+  T* o = out + row * cols;
+  const int64_t first = int64_t{blockIdx.y} * kSiluThreads * kSiluPerThread + threadIdx.x;
+#pragma unroll
+  for (int j = 0; j < kSiluPerThread; ++j) {
+    const int64_t i = first + j * kSiluThreads;
+    if (i < cols) {
+      const float gi = to_float(g[i]);
+      const float silu = rounded<T>(__fdiv_rn(gi, __fadd_rn(1.0f, expf(-gi))));
+      o[i] = from_float<T>(__fmul_rn(silu, to_float(u[i])));
+    }
+  }
+}
+
+template <typename T>
+void launch_rms_norm(const void* x, int64_t x_stride, const void* residual, int64_t residual_stride,
+                     const void* weight, void* out, void* sum, int64_t rows, int64_t cols, float eps,
+                     cudaStream_t stream) {
+  if (rows == 0) return;
+  // about eight elements per thread, whole warps, at most 1024 threads
+  const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (cols / 8 + 31) / 32 * 32)));
+  rms_norm_kernel<T><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+      static_cast<const T*>(x), x_stride, static_cast<const T*>(residual), residual_stride,
+      static_cast<const T*>(weight), static_cast<T*>(out), static_cast<T*>(sum), static_cast<int>(cols), eps);
+}
+
+template <typename T>
+void launch_rotary(Rotating q, Rotating k, const void* cos, const void* sin, const int64_t* positions, int64_t tokens,
+                   int64_t head_dim, cudaStream_t stream) {
+  if (tokens == 0) return;
+  const int64_t pairs = (q.heads + k.heads) * head_dim / 2;
+  const int threads = static_cast<int>(std::min<int64_t>(512, (pairs + 31) / 32 * 32));
+  rotary_kernel<T><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
+      q, k, static_cast<const T*>(cos), static_cast<const T*>(sin), positions, static_cast<int>(head_dim / 2));
+}
+
+template <typename T>
+void launch_silu_mul(const void* gate, int64_t gate_stride, const void* up, int64_t up_stride, void* out,
+                     int64_t rows, int64_t cols, cudaStream_t stream) {
+  if (rows == 0 || cols == 0) return;
+  const dim3 grid(static_cast<unsigned>(rows),
+                  static_cast<unsigned>((cols + kSiluThreads * kSiluPerThread - 1) / (kSiluThreads * kSiluPerThread)));
+  silu_mul_kernel<T><<<grid, kSiluThreads, 0, stream>>>(static_cast<const T*>(gate), gate_stride,
+                                                        static_cast<const T*>(up), up_stride, static_cast<T*>(out),
+                                                        cols);
+}
+
+}  // namespace
+
+void rms_norm(const void* x, int64_t x_stride, const void* residual, int64_t residual_stride, const void* weight,
+              void* out, void* sum, int64_t rows, int64_t cols, float eps, DType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat:
+      return launch_rms_norm<float>(x, x_stride, residual, residual_stride, weight, out, sum, rows, cols, eps, stream);
+    case DType::kHalf:
+      return launch_rms_norm<__half>(x, x_stride, residual, residual_stride, weight, out, sum, rows, cols, eps, stream);
+    case DType::kBFloat16:
+      return launch_rms_norm<__nv_bfloat16>(x, x_stride, residual, residual_stride, weight, out, sum, rows, cols, eps,
+                                            stream);
+  }
+}
+
+void rotary_embedding(Rotating q, Rotating k, const void* cos, const void* sin, const int64_t* positions,
+                      int64_t tokens, int64_t head_dim, DType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat: return launch_rotary<float>(q, k, cos, sin, positions, tokens, head_dim, stream);
+    case DType::kHalf: return launch_rotary<__half>(q, k, cos, sin, positions, tokens, head_dim, stream);
+    case DType::kBFloat16: return launch_rotary<__nv_bfloat16>(q, k, cos, sin, positions, tokens, head_dim, stream);
+  }
+}
+
+void silu_mul(const void* gate, int64_t gate_stride, const void* up, int64_t up_stride, void* out, int64_t rows,
+              int64_t cols, DType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat: return launch_silu_mul<float>(gate, gate_stride, up, up_stride, out, rows, cols, stream);
+    case DType::kHalf: return launch_silu_mul<__half>(gate, gate_stride, up, up_stride, out, rows, cols, stream);
+    case DType::kBFloat16:
+      return launch_silu_mul<__nv_bfloat16>(gate, gate_stride, up, up_stride, out, rows, cols, stream);
+  }
+}
+
+}  // namespace lorax::layers::cuda
