@@ -129,10 +129,25 @@ def test_decode_attention_cuda_wide_tables_and_layer_views(batch, block_size, wi
 
 
 @pytest.mark.cuda
+def test_decode_attention_cuda_is_deterministic():
+    """The split kernel sums its position groups in a fixed order: one input, one output, bit for bit."""
+    k, v, tables, lens = random_cache([4096, 700, 3], 16, 8, 128, torch.bfloat16, device="cuda")
+    q = torch.randn(3, 32, 128).bfloat16().cuda()
+    first = paged_attention_decode(q, k, v, tables, lens, 0.088)
+    for _ in range(5):
+        assert torch.equal(paged_attention_decode(q, k, v, tables, lens, 0.088), first)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "qkv-slices"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_kv_cache_write_cuda_equals_cpu(dtype):
+def test_kv_cache_write_cuda_equals_cpu(dtype, strided):
     k_cache, v_cache = torch.randn(64, 16, 8, 128).to(dtype), torch.randn(64, 16, 8, 128).to(dtype)
-    k, v = torch.randn(100, 8, 128).to(dtype), torch.randn(100, 8, 128).to(dtype)
+    if strided:  # k and v as the model passes them: column slices of one qkv output, rows strided
+        qkv = torch.randn(100, (32 + 16) * 128).to(dtype)
+        k, v = (part.view(100, 8, 128) for part in qkv.split([32 * 128, 8 * 128, 8 * 128], dim=-1)[1:])
+    else:
+        k, v = torch.randn(100, 8, 128).to(dtype), torch.randn(100, 8, 128).to(dtype)
     slots = torch.randperm(64 * 16)[:100]
     slots[::7] = -1
     gpu = [t.cuda() for t in (k_cache, v_cache)]

@@ -1,6 +1,7 @@
 // Paged KV cache ops on CUDA: checks and tensors to raw pointers; kernels in attention_kernels.cu.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -17,10 +18,16 @@ void kv_cache_write_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Ten
                          const at::Tensor& slot_mapping) {
   const CacheShape c = check_kv_cache_write(k_cache, v_cache, k, v, slot_mapping);
   c10::cuda::CUDAGuard guard(k_cache.device());
-  const at::Tensor kc = k.contiguous(), vc = v.contiguous(), slots = slot_mapping.contiguous();
+  // rows may be strided (k and v are column slices of the qkv projection's output); each row must be dense
+  const int64_t row = c.kv_heads * c.head_dim;
+  auto dense_rows = [&](const at::Tensor& t) {
+    return (t.stride(2) == 1 && t.stride(1) == c.head_dim) || t.size(0) == 0 ? t : t.contiguous();
+  };
+  const at::Tensor kc = dense_rows(k), vc = dense_rows(v), slots = slot_mapping.contiguous();
   cuda::kv_cache_write(k_cache.data_ptr(), v_cache.data_ptr(), kc.data_ptr(), vc.data_ptr(), slots.data_ptr<int64_t>(),
-                       k.size(0), c.kv_heads * c.head_dim, kernel_dtype(k.scalar_type(), "kv_cache_write"),
+                       k.size(0), row, kc.stride(0), vc.stride(0), kernel_dtype(k.scalar_type(), "kv_cache_write"),
                        at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor paged_attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -39,6 +46,7 @@ at::Tensor paged_attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_
   cuda::paged_attention_decode(qc.data_ptr(), out.data_ptr(), cache, tables.data_ptr<int32_t>(), tables.size(1),
                                lens.data_ptr<int32_t>(), q.size(0), q.size(1), static_cast<float>(scale), window,
                                ws.data_ptr<float>(), splits, dtype, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

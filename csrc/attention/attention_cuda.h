@@ -16,8 +16,9 @@ struct Cache {
   int64_t blocks, block_size, kv_heads, head_dim;
 };
 
+// k / v: token t's row of `row` elements starts at t * k_stride / t * v_stride.
 void kv_cache_write(void* k_cache, void* v_cache, const void* k, const void* v, const int64_t* slot_mapping,
-                    int64_t tokens, int64_t row, DType dtype, cudaStream_t stream);
+                    int64_t tokens, int64_t row, int64_t k_stride, int64_t v_stride, DType dtype, cudaStream_t stream);
 // How many splits decode attention cuts each (sequence, kv head) into: a function of the shapes alone (never of
 // the context lengths), so CUDA graphs captured once stay valid. With splits > 1 the launch needs a float
 // workspace of batch * heads * splits * (head_dim + 2).

@@ -5,7 +5,7 @@
 // positions (chunk split, split + S, ...). Per chunk: (1) TPP threads per position, 16 bytes each, score every
 // position of the chunk at once (all table and K loads issued before any arithmetic); (2) one warp per head takes
 // the chunk's max and exponentials (online softmax across chunks); (3) the same threads accumulate p * V in
-// registers. The position groups are summed in shared memory; with S > 1 splits, each writes its (max, sum,
+// registers. The position groups are summed in shared memory, in a fixed order; with S > 1 splits, each writes its (max, sum,
 // unnormalised output) and combine_kernel merges them. S depends on the batch and the block-table width only, not
 // the context lengths, so a CUDA graph captured once stays right. Head sizes that 16-byte loads do not tile
 // (or GQA groups over 8) take general_kernel: one CTA per (head, sequence), a warp per position.
@@ -26,12 +26,13 @@ constexpr int kMaxPerLane = 8;  // head_dim <= 256
 
 template <typename T>
 __global__ void kv_cache_write_kernel(T* __restrict__ k_cache, T* __restrict__ v_cache, const T* __restrict__ k,
-                                      const T* __restrict__ v, const int64_t* __restrict__ slot_mapping, int64_t row) {
+                                      const T* __restrict__ v, const int64_t* __restrict__ slot_mapping, int64_t row,
+                                      int64_t k_stride, int64_t v_stride) {
   const int64_t t = blockIdx.x, slot = slot_mapping[t];
   if (slot < 0) return;
   for (int64_t i = threadIdx.x; i < row; i += blockDim.x) {
-    k_cache[slot * row + i] = k[t * row + i];
-    v_cache[slot * row + i] = v[t * row + i];
+    k_cache[slot * row + i] = k[t * k_stride + i];
+    v_cache[slot * row + i] = v[t * v_stride + i];
   }
 }
 
@@ -99,10 +100,11 @@ __global__ void general_kernel(const T* __restrict__ q, T* __restrict__ out, Cac
 
 template <typename T>
 void launch_write(void* kc, void* vc, const void* k, const void* v, const int64_t* slots, int64_t tokens, int64_t row,
-                  cudaStream_t stream) {
+                  int64_t k_stride, int64_t v_stride, cudaStream_t stream) {
   if (tokens == 0) return;
   kv_cache_write_kernel<T><<<tokens, 128, 0, stream>>>(static_cast<T*>(kc), static_cast<T*>(vc),
-                                                       static_cast<const T*>(k), static_cast<const T*>(v), slots, row);
+                                                       static_cast<const T*>(k), static_cast<const T*>(v), slots, row,
+                                                       k_stride, v_stride);
 }
 
 constexpr int kThreads = 128;
@@ -163,7 +165,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
     uint4 raw[kPasses];
 #pragma unroll
     for (int p = 0; p < kPasses; ++p)
-      if (row[p] >= 0) raw[p] = *reinterpret_cast<const uint4*>(static_cast<const T*>(c.k) + row[p] + t * VEC);
+      raw[p] = row[p] >= 0 ? *reinterpret_cast<const uint4*>(static_cast<const T*>(c.k) + row[p] + t * VEC)
+                          : make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
       const T* k = reinterpret_cast<const T*>(&raw[p]);
@@ -229,13 +232,19 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
     __syncthreads();  // p_s and corr_s are rewritten by the next chunk
   }
 
+  // the position groups' partial outputs, summed in a fixed order (j = 0, 1, ...): the result does not depend on
+  // which CTA or warp finishes first
+  for (int jj = 0; jj < PPP; ++jj) {
+    if (j == jj) {
 #pragma unroll
-  for (int h = 0; h < kMaxGroup; ++h) {
-    if (h >= group) break;
+      for (int h = 0; h < kMaxGroup; ++h) {
+        if (h >= group) break;
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) atomicAdd(&acc_s[h][t * VEC + v], acc[h][v]);
+        for (int v = 0; v < VEC; ++v) acc_s[h][t * VEC + v] += acc[h][v];
+      }
+    }
+    __syncthreads();
   }
-  __syncthreads();
   for (int i = tid; i < group * D; i += kThreads) {
     const int h = i / D, d = i % D;
     const int64_t bh = b * heads + h0 + h;
@@ -285,7 +294,7 @@ template <typename T>
 void launch_decode(const void* q, void* out, const Cache& c, const int32_t* tables, int64_t max_blocks,
                    const int32_t* lens, int64_t batch, int64_t heads, float scale, int64_t window, float* workspace,
                    int64_t splits, cudaStream_t stream) {
-  if (batch == 0) return;
+  if (batch == 0 || heads == 0) return;
   const int tpp = split_tpp(c, heads, sizeof(T));
   if (tpp == 0) {
     const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(batch));
@@ -312,12 +321,16 @@ void launch_decode(const void* q, void* out, const Cache& c, const int32_t* tabl
 }  // namespace
 
 void kv_cache_write(void* k_cache, void* v_cache, const void* k, const void* v, const int64_t* slot_mapping,
-                    int64_t tokens, int64_t row, DType dtype, cudaStream_t stream) {
+                    int64_t tokens, int64_t row, int64_t k_stride, int64_t v_stride, DType dtype,
+                    cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat: return launch_write<float>(k_cache, v_cache, k, v, slot_mapping, tokens, row, stream);
-    case DType::kHalf: return launch_write<__half>(k_cache, v_cache, k, v, slot_mapping, tokens, row, stream);
+    case DType::kFloat:
+      return launch_write<float>(k_cache, v_cache, k, v, slot_mapping, tokens, row, k_stride, v_stride, stream);
+    case DType::kHalf:
+      return launch_write<__half>(k_cache, v_cache, k, v, slot_mapping, tokens, row, k_stride, v_stride, stream);
     case DType::kBFloat16:
-      return launch_write<__nv_bfloat16>(k_cache, v_cache, k, v, slot_mapping, tokens, row, stream);
+      return launch_write<__nv_bfloat16>(k_cache, v_cache, k, v, slot_mapping, tokens, row, k_stride, v_stride,
+                                         stream);
   }
 }
 

@@ -120,8 +120,8 @@ void launch_rms_norm(const void* x, int64_t x_stride, const void* residual, int6
 template <typename T>
 void launch_rotary(Rotating q, Rotating k, const void* cos, const void* sin, const int64_t* positions, int64_t tokens,
                    int64_t head_dim, cudaStream_t stream) {
-  if (tokens == 0) return;
   const int64_t pairs = (q.heads + k.heads) * head_dim / 2;
+  if (tokens == 0 || pairs == 0) return;
   const int threads = static_cast<int>(std::min<int64_t>(512, (pairs + 31) / 32 * 32));
   rotary_kernel<T><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
       q, k, static_cast<const T*>(cos), static_cast<const T*>(sin), positions, static_cast<int>(head_dim / 2));
