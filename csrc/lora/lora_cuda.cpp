@@ -1,6 +1,7 @@
 // SGMV / BGMV on CUDA: tensors to raw pointers; kernels in lora_kernels.cu.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -14,10 +15,20 @@
 namespace lorax::lora {
 namespace {
 
-cuda::Pool pool_args(const PoolView& p, int64_t module) {
+cuda::Pool pool_args(const PoolView& p) {
   const auto s = p.page_table.sizes();
   return {p.arena.data_ptr(), p.page_table.data_ptr<int32_t>(), p.ranks.data_ptr<int32_t>(), s[1], s[2], s[4], s[5],
-          p.layer, module, log2_exact(p.page_size, "lora (CUDA): page_size")};
+          p.layer, p.modules.front(), log2_exact(p.page_size, "lora (CUDA): page_size")};
+}
+
+static_assert(cuda::kModulesPerCall == static_cast<int>(kMaxModules));
+
+cuda::Modules module_args(const PoolView& p, const std::vector<int64_t>& columns) {
+  cuda::Modules m{};
+  m.count = static_cast<int>(p.modules.size());
+  for (int i = 0; i < m.count; ++i) m.index[i] = p.modules[i];
+  for (size_t i = 0; i < columns.size(); ++i) m.column[i] = columns[i];
+  return m;
 }
 
 cuda::TokenGroups group_args(const Groups& g) {
@@ -33,33 +44,24 @@ void check_groups(const Groups& g, const at::Tensor& act, int64_t max_rank, cons
   TORCH_CHECK(max_rank <= 1024, op, " (CUDA): the pool's max rank ", max_rank, " exceeds 1024");
 }
 
-// Several modules per call run the one-module kernels once per module, through a [tokens, max_rank] buffer
-// (the kernels write and read v rows of max_rank floats).
 void shrink_kernel(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v) {
-  const int64_t max_rank = p.page_table.size(4), count = static_cast<int64_t>(p.modules.size());
+  const int64_t max_rank = p.page_table.size(4);
   check_groups(g, x, max_rank, "lora shrink");
   c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor vm = count == 1 ? v : at::empty({x.size(0), max_rank}, v.options());
-  for (int64_t i = 0; i < count; ++i) {
-    cuda::shrink(x.data_ptr(), lorax::kernel_dtype(x.scalar_type(), "lora"), x.size(0), x.size(1),
-                 pool_args(p, p.modules[i]), group_args(g), vm.data_ptr<float>(), max_rank,
-                 at::cuda::getCurrentCUDAStream());
-    if (count > 1) v.narrow(1, i * max_rank, max_rank).copy_(vm);
-  }
+  cuda::shrink(x.data_ptr(), lorax::kernel_dtype(x.scalar_type(), "lora"), x.size(0), x.size(1), pool_args(p),
+               module_args(p, {}), group_args(g), v.data_ptr<float>(), max_rank, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales, const Groups& g,
                    const std::vector<int64_t>& columns) {
-  const int64_t max_rank = p.page_table.size(4), count = static_cast<int64_t>(p.modules.size());
+  const int64_t max_rank = p.page_table.size(4);
   check_groups(g, y, max_rank, "lora expand");
   c10::cuda::CUDAGuard guard(y.device());
-  for (int64_t i = 0; i < count; ++i) {
-    const at::Tensor vm = count == 1 ? v : v.narrow(1, i * max_rank, max_rank).contiguous();
-    at::Tensor ym = y.narrow(1, columns[i], columns[i + 1] - columns[i]);
-    cuda::expand(ym.data_ptr(), lorax::kernel_dtype(y.scalar_type(), "lora"), ym.size(0), ym.size(1), ym.stride(0),
-                 vm.data_ptr<float>(), max_rank, pool_args(p, p.modules[i]), scales.data_ptr<float>(), group_args(g),
-                 at::cuda::getCurrentCUDAStream());
-  }
+  cuda::expand(y.data_ptr(), lorax::kernel_dtype(y.scalar_type(), "lora"), y.size(0), y.stride(0),
+               v.data_ptr<float>(), max_rank, pool_args(p), module_args(p, columns), scales.data_ptr<float>(),
+               group_args(g), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // BGMV's tokens bucketed by adapter on the GPU in one kernel (the CPU's version is a handful of ATen ops).

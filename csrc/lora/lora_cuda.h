@@ -15,8 +15,18 @@ struct Pool {
   const int32_t* page_table;  // [slots, layers, modules, 2, max_rank, chunks]
   const int32_t* ranks;       // [slots, layers, modules]
   int64_t layers, modules, max_rank_table, chunks;
-  int64_t layer, module;
+  int64_t layer, module;  // module: set per CTA from Modules
   int page_log2;
+};
+
+constexpr int kModulesPerCall = 4;
+
+// The modules of one call (a fused projection's parts, which share x) and, for expand, where each one's output
+// columns are in y: module i adds into y[:, column[i] : column[i + 1]].
+struct Modules {
+  int64_t index[kModulesPerCall];
+  int64_t column[kModulesPerCall + 1];
+  int count;
 };
 
 struct TokenGroups {
@@ -31,11 +41,12 @@ struct TokenGroups {
 // unspecified (each token's result does not depend on it).
 void group_by_adapter(const int32_t* indices, int64_t tokens, int64_t slots, int32_t* starts, int32_t* adapters,
                       int32_t* order, cudaStream_t stream);
-// v [tokens, max_rank] fp32, every element written. x [tokens, in] contiguous.
-void shrink(const void* x, DType dtype, int64_t tokens, int64_t in, const Pool& p, const TokenGroups& g, float* v,
-            int64_t max_rank, cudaStream_t stream);
-// y [tokens, out] with row stride ld, updated in place.
-void expand(void* y, DType dtype, int64_t tokens, int64_t out, int64_t ld, const float* v, int64_t max_rank,
-            const Pool& p, const float* scales, const TokenGroups& g, cudaStream_t stream);
+// v [tokens, count * max_rank] fp32 (module i's rows at columns [i * max_rank, (i + 1) * max_rank)), every element
+// written. x [tokens, in] contiguous.
+void shrink(const void* x, DType dtype, int64_t tokens, int64_t in, const Pool& p, const Modules& m,
+            const TokenGroups& g, float* v, int64_t max_rank, cudaStream_t stream);
+// y [tokens, >= column[count]] with row stride ld, updated in place.
+void expand(void* y, DType dtype, int64_t tokens, int64_t ld, const float* v, int64_t max_rank, const Pool& p,
+            const Modules& m, const float* scales, const TokenGroups& g, cudaStream_t stream);
 
 }  // namespace lorax::lora::cuda

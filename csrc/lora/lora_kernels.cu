@@ -9,11 +9,14 @@
 // steps is latency the few tokens cannot hide.
 // Expand, y[t, :] += scale * v[t] @ B[a].T: one CTA per (group, block of outputs, tile of up to kExpandTile
 // tokens); the tile's v (times the scale) sits in shared memory, each thread owns 16 bytes of outputs for every
-// token of the tile (loaded before the weights) and walks the rank with 8 rows' loads in flight. BGMV first buckets its tokens by adapter in one kernel
-// (group_by_adapter). Grids are sized by what the host knows (groups, rank, tokens); CTAs past the end of their
-// group exit at once.
+// token of the tile (loaded before the weights) and walks the rank with 8 rows' loads in flight. BGMV first buckets
+// its tokens by adapter in one kernel (group_by_adapter). Grids are sized by what the host knows (groups, rank,
+// tokens); CTAs past the end of their group exit at once. One call serves the modules of a fused projection (q, k,
+// v): their blocks are stacked along the grid's y, so three modules cost one launch, not three.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <algorithm>
 
 #include <cub/block/block_scan.cuh>
 
@@ -50,6 +53,14 @@ __device__ __forceinline__ const int32_t* row_pages(const Pool& p, int64_t adapt
 }
 
 __device__ __forceinline__ int token_at(const TokenGroups& g, int pos) { return g.order ? g.order[pos] : pos; }
+
+// Grids stack the call's modules along y: blockIdx.y = module * (gridDim.y / count) + block. Points p at this CTA's
+// module and returns (module's position in the call, block within the module).
+__device__ __forceinline__ int2 cta_module(const Modules& m, Pool& p) {
+  const int per = static_cast<int>(gridDim.y) / m.count, i = static_cast<int>(blockIdx.y) / per;
+  p.module = m.index[i];
+  return make_int2(i, static_cast<int>(blockIdx.y) - i * per);
+}
 
 // N consecutive elements (global or shared memory) as floats: one 16-byte load when N elements fill it (the caller
 // guarantees alignment).
@@ -91,7 +102,8 @@ __device__ __forceinline__ int tile_tokens(const TokenGroups& g, int& begin) {
 
 template <typename T, int VEC, int RPW>
 __global__ void __launch_bounds__(kShrinkWarps * 32)
-    shrink_kernel(const T* __restrict__ x, int in, Pool p, TokenGroups g, float* __restrict__ v, int max_rank) {
+    shrink_kernel(const T* __restrict__ x, int in, Pool p, Modules mods, TokenGroups g, float* __restrict__ v,
+                  int max_rank) {
   constexpr int kChunk = 32 * VEC * kShrinkUnroll;  // elements of `in` per step: one 16-byte load per lane per unroll
   __shared__ __align__(16) T xs[kShrinkTile][kChunk];  // the tile's x[:, k0 : k0 + kChunk)
   __shared__ int tok[kShrinkTile];
@@ -99,19 +111,22 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   const int n = tile_tokens<kShrinkTile>(g, begin);
   if (n <= 0) return;
   const int adapter = g.adapters[blockIdx.x];
+  const int2 mb = cta_module(mods, p);
+  const int width = mods.count * max_rank;  // v's row: the modules' max_rank blocks side by side
+  v += mb.x * max_rank;
   const int rank = adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
   if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, begin + threadIdx.x);
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row0 = static_cast<int>(blockIdx.y) * kShrinkWarps * RPW + warp;  // this warp: row0 + r * kShrinkWarps
+  const int row0 = mb.y * kShrinkWarps * RPW + warp;  // this warp: row0 + r * kShrinkWarps
   float acc[RPW][kShrinkTile];
 #pragma unroll
   for (int r = 0; r < RPW; ++r)
 #pragma unroll
     for (int j = 0; j < kShrinkTile; ++j) acc[r][j] = 0.0f;
 
-  if (static_cast<int>(blockIdx.y) * kShrinkWarps * RPW < rank) {  // CTA-uniform: some row of this block is live
+  if (mb.y * kShrinkWarps * RPW < rank) {  // CTA-uniform: some row of this block is live
     const T* arena = static_cast<const T*>(p.arena);
     const int mask = (1 << p.page_log2) - 1;
     const int32_t* pages[RPW];
@@ -171,7 +186,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
     for (int j = 0; j < kShrinkTile; ++j) {
       if (j < n) {
         const float s = warp_sum(acc[r][j]);
-        if (lane == 0) v[int64_t{tok[j]} * max_rank + row] = s;
+        if (lane == 0) v[int64_t{tok[j]} * width + row] = s;
       }
     }
   }
@@ -182,8 +197,8 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
 // step of loads); the warps' partial sums meet in shared memory. Deterministic: no atomics.
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kShrinkWarps * 32)
-    shrink_narrow_kernel(const T* __restrict__ x, int in, Pool p, TokenGroups g, float* __restrict__ v,
-                         int max_rank) {
+    shrink_narrow_kernel(const T* __restrict__ x, int in, Pool p, Modules mods, TokenGroups g,
+                         float* __restrict__ v, int max_rank) {
   constexpr int kStep = kShrinkWarps * 32 * VEC * kNarrowUnroll;  // elements of `in` per step
   __shared__ float part[kShrinkWarps][kNarrowRows][kNarrowTile];
   __shared__ int tok[kNarrowTile];
@@ -191,8 +206,11 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   const int n = tile_tokens<kNarrowTile>(g, begin);
   if (n <= 0) return;
   const int adapter = g.adapters[blockIdx.x];
+  const int2 mb = cta_module(mods, p);
+  const int width = mods.count * max_rank;
+  v += mb.x * max_rank;
   const int rank = adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
-  const int row0 = static_cast<int>(blockIdx.y) * kNarrowRows;
+  const int row0 = mb.y * kNarrowRows;
   if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, begin + threadIdx.x);
   __syncthreads();
 
@@ -255,19 +273,23 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
       float s = 0.0f;
 #pragma unroll
       for (int w = 0; w < kShrinkWarps; ++w) s += part[w][r][j];
-      v[int64_t{tok[j]} * max_rank + row] = s;
+      v[int64_t{tok[j]} * width + row] = s;
     }
   }
 }
 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kExpandThreads)
-    expand_kernel(T* __restrict__ y, int out, int64_t ld, const float* __restrict__ v, int max_rank, Pool p,
+    expand_kernel(T* __restrict__ y, int64_t ld, const float* __restrict__ v, int max_rank, Pool p, Modules mods,
                   const float* __restrict__ scales, TokenGroups g) {
   int begin;
   const int n = tile_tokens<kExpandTile>(g, begin);
   const int adapter = g.adapters[blockIdx.x];
   if (n <= 0 || adapter < 0) return;
+  const int2 mb = cta_module(mods, p);
+  const int width = mods.count * max_rank, out = static_cast<int>(mods.column[mb.x + 1] - mods.column[mb.x]);
+  v += mb.x * max_rank;
+  y += mods.column[mb.x];
   const int rank = p.ranks[layer_module(p, adapter)];
   if (rank == 0) return;
   extern __shared__ float scaled_v[];  // [kExpandTile][rank]: scale * v of the tile's tokens
@@ -276,11 +298,11 @@ __global__ void __launch_bounds__(kExpandThreads)
   if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, begin + threadIdx.x);
   for (int e = threadIdx.x; e < n * rank; e += kExpandThreads) {
     const int j = e / rank, i = e - j * rank;
-    scaled_v[e] = scale * v[int64_t{token_at(g, begin + j)} * max_rank + i];
+    scaled_v[e] = scale * v[int64_t{token_at(g, begin + j)} * width + i];
   }
   __syncthreads();
 
-  const int o = (static_cast<int>(blockIdx.y) * kExpandThreads + threadIdx.x) * VEC;
+  const int o = (mb.y * kExpandThreads + threadIdx.x) * VEC;
   if (o >= out) return;
   const T* arena = static_cast<const T*>(p.arena);
   const int32_t* pages = row_pages(p, adapter, 1, 0) + (o >> p.page_log2);  // row i's page: pages[i * chunks]
@@ -364,52 +386,57 @@ bool aligned16(const void* ptr, int64_t elements_stride, int64_t elem_size) {
 }
 
 template <typename T, int VEC, int RPW>
-void launch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, const TokenGroups& g, float* v,
-                   int64_t max_rank, cudaStream_t stream) {
-  dim3 grid(g.count, ceil_div(max_rank, kShrinkWarps * RPW), ceil_div(tokens, kShrinkTile));
-  shrink_kernel<T, VEC, RPW><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, g, v, max_rank);
+void launch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, const Modules& m, const TokenGroups& g,
+                   float* v, int64_t max_rank, cudaStream_t stream) {
+  dim3 grid(g.count, m.count * ceil_div(max_rank, kShrinkWarps * RPW), ceil_div(tokens, kShrinkTile));
+  shrink_kernel<T, VEC, RPW><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, m, g, v,
+                                                                     max_rank);
 }
 
 template <typename T>
-void dispatch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, const TokenGroups& g, float* v,
-                     int64_t max_rank, cudaStream_t stream) {
+void dispatch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, const Modules& m, const TokenGroups& g,
+                     float* v, int64_t max_rank, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = aligned16(x, in, sizeof(T)) && aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
   if (tokens <= kNarrowMaxTokens) {  // decode: warps split `in`, so a row is a step of loads, not several
-    dim3 grid(g.count, ceil_div(max_rank, kNarrowRows), ceil_div(tokens, kNarrowTile));
+    dim3 grid(g.count, m.count * ceil_div(max_rank, kNarrowRows), ceil_div(tokens, kNarrowTile));
     if (vec) {
-      shrink_narrow_kernel<T, kVec><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, g, v,
+      shrink_narrow_kernel<T, kVec><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, m, g, v,
                                                                            max_rank);
     } else {
-      shrink_narrow_kernel<T, 1><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, g, v,
+      shrink_narrow_kernel<T, 1><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, m, g, v,
                                                                         max_rank);
     }
     return;
   }
   // Up to 64 tokens: one row per warp for more CTAs; more (prefill): two, so x is re-read half as often.
   const bool wide = tokens > 64;
-  if (vec && wide) return launch_shrink<T, kVec, 2>(x, tokens, in, p, g, v, max_rank, stream);
-  if (vec) return launch_shrink<T, kVec, 1>(x, tokens, in, p, g, v, max_rank, stream);
-  return launch_shrink<T, 1, 1>(x, tokens, in, p, g, v, max_rank, stream);
+  if (vec && wide) return launch_shrink<T, kVec, 2>(x, tokens, in, p, m, g, v, max_rank, stream);
+  if (vec) return launch_shrink<T, kVec, 1>(x, tokens, in, p, m, g, v, max_rank, stream);
+  return launch_shrink<T, 1, 1>(x, tokens, in, p, m, g, v, max_rank, stream);
 }
 
 template <typename T, int VEC>
-void launch_expand(void* y, int64_t tokens, int64_t out, int64_t ld, const float* v, int64_t max_rank,
-                   const Pool& p, const float* scales, const TokenGroups& g, cudaStream_t stream) {
-  dim3 grid(g.count, ceil_div(out, kExpandThreads * VEC), ceil_div(tokens, kExpandTile));
+void launch_expand(void* y, int64_t tokens, int64_t ld, const float* v, int64_t max_rank, const Pool& p,
+                   const Modules& m, const float* scales, const TokenGroups& g, cudaStream_t stream) {
+  int64_t widest = 0;
+  for (int i = 0; i < m.count; ++i) widest = std::max(widest, m.column[i + 1] - m.column[i]);
+  dim3 grid(g.count, m.count * ceil_div(widest, kExpandThreads * VEC), ceil_div(tokens, kExpandTile));
   const size_t smem = sizeof(float) * kExpandTile * max_rank;
-  expand_kernel<T, VEC><<<grid, kExpandThreads, smem, stream>>>(static_cast<T*>(y), out, ld, v, max_rank, p, scales,
+  expand_kernel<T, VEC><<<grid, kExpandThreads, smem, stream>>>(static_cast<T*>(y), ld, v, max_rank, p, m, scales,
                                                                 g);
 }
 
 template <typename T>
-void dispatch_expand(void* y, int64_t tokens, int64_t out, int64_t ld, const float* v, int64_t max_rank,
-                     const Pool& p, const float* scales, const TokenGroups& g, cudaStream_t stream) {
+void dispatch_expand(void* y, int64_t tokens, int64_t ld, const float* v, int64_t max_rank, const Pool& p,
+                     const Modules& m, const float* scales, const TokenGroups& g, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  const bool vec = out % kVec == 0 && aligned16(y, ld, sizeof(T)) &&
-                   aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
-  if (vec) return launch_expand<T, kVec>(y, tokens, out, ld, v, max_rank, p, scales, g, stream);
-  launch_expand<T, 1>(y, tokens, out, ld, v, max_rank, p, scales, g, stream);
+  bool vec = aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
+  for (int i = 0; i < m.count; ++i)  // every module's columns start on 16 bytes and hold whole vectors
+    vec = vec && (m.column[i + 1] - m.column[i]) % kVec == 0 &&
+          aligned16(static_cast<const T*>(y) + m.column[i], ld, sizeof(T));
+  if (vec) return launch_expand<T, kVec>(y, tokens, ld, v, max_rank, p, m, scales, g, stream);
+  launch_expand<T, 1>(y, tokens, ld, v, max_rank, p, m, scales, g, stream);
 }
 
 }  // namespace
@@ -420,24 +447,24 @@ void group_by_adapter(const int32_t* indices, int64_t tokens, int64_t slots, int
   group_kernel<<<1, kGroupThreads, smem, stream>>>(indices, tokens, slots, starts, adapters, order);
 }
 
-void shrink(const void* x, DType dtype, int64_t tokens, int64_t in, const Pool& p, const TokenGroups& g, float* v,
-            int64_t max_rank, cudaStream_t stream) {
-  if (tokens == 0 || g.count == 0 || max_rank == 0) return;
+void shrink(const void* x, DType dtype, int64_t tokens, int64_t in, const Pool& p, const Modules& m,
+            const TokenGroups& g, float* v, int64_t max_rank, cudaStream_t stream) {
+  if (tokens == 0 || g.count == 0 || max_rank == 0 || m.count == 0) return;
   switch (dtype) {
-    case DType::kFloat: return dispatch_shrink<float>(x, tokens, in, p, g, v, max_rank, stream);
-    case DType::kHalf: return dispatch_shrink<__half>(x, tokens, in, p, g, v, max_rank, stream);
-    case DType::kBFloat16: return dispatch_shrink<__nv_bfloat16>(x, tokens, in, p, g, v, max_rank, stream);
+    case DType::kFloat: return dispatch_shrink<float>(x, tokens, in, p, m, g, v, max_rank, stream);
+    case DType::kHalf: return dispatch_shrink<__half>(x, tokens, in, p, m, g, v, max_rank, stream);
+    case DType::kBFloat16: return dispatch_shrink<__nv_bfloat16>(x, tokens, in, p, m, g, v, max_rank, stream);
   }
 }
 
-void expand(void* y, DType dtype, int64_t tokens, int64_t out, int64_t ld, const float* v, int64_t max_rank,
-            const Pool& p, const float* scales, const TokenGroups& g, cudaStream_t stream) {
-  if (tokens == 0 || g.count == 0 || max_rank == 0) return;
+void expand(void* y, DType dtype, int64_t tokens, int64_t ld, const float* v, int64_t max_rank, const Pool& p,
+            const Modules& m, const float* scales, const TokenGroups& g, cudaStream_t stream) {
+  if (tokens == 0 || g.count == 0 || max_rank == 0 || m.count == 0) return;
   switch (dtype) {
-    case DType::kFloat: return dispatch_expand<float>(y, tokens, out, ld, v, max_rank, p, scales, g, stream);
-    case DType::kHalf: return dispatch_expand<__half>(y, tokens, out, ld, v, max_rank, p, scales, g, stream);
+    case DType::kFloat: return dispatch_expand<float>(y, tokens, ld, v, max_rank, p, m, scales, g, stream);
+    case DType::kHalf: return dispatch_expand<__half>(y, tokens, ld, v, max_rank, p, m, scales, g, stream);
     case DType::kBFloat16:
-      return dispatch_expand<__nv_bfloat16>(y, tokens, out, ld, v, max_rank, p, scales, g, stream);
+      return dispatch_expand<__nv_bfloat16>(y, tokens, ld, v, max_rank, p, m, scales, g, stream);
   }
 }
 
