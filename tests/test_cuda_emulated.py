@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import FLOAT_DTYPES, HAS_CUDA, assert_close
 from cuda_emu import build
@@ -154,6 +156,45 @@ def test_bgmv_shrink_writes_all_of_v(emu, pool):
         assert_close(torch.ops.lorax_core.bgmv_shrink(x, *args), expected, dtype=pool.config.dtype, scale=4)
 
 
+SMALL = {"a": (64, 48), "b": (100, 52), "c": (256, 96)}
+SMALL_RANKS = [[1], [7, 128], [16], [3, 64], [128, 2]]
+
+
+@pytest.fixture(scope="module")
+def small_pools():
+    """Pools of small modules with ranks 1..128 mixed, tiny pages (an adapter's rows span many), per dtype."""
+    pools = {}
+    for dtype in FLOAT_DTYPES:
+        gen = torch.Generator().manual_seed(1)
+        pools[dtype] = make_pool(SMALL, num_layers=2, budget_pages=40000, page_size=16, dtype=dtype)
+        for i, ranks in enumerate(SMALL_RANKS):
+            pools[dtype].load(f"s{i}", random_adapter(SMALL, ranks, num_layers=2, gen=gen), 0.25 + i)
+    return pools
+
+
+@emulated
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(0, 24), min_size=1, max_size=6), data=st.data())
+def test_random_layouts(emu, small_pools, lengths, data):
+    """Random segment layouts (SGMV) and per-token adapters (BGMV), any module subset and layer, y a column slice."""
+    dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
+    pool = small_pools[dtype]
+    adapters = st.integers(-1, len(SMALL_RANKS) - 1)
+    seg = torch.tensor(data.draw(st.lists(adapters, min_size=len(lengths), max_size=len(lengths))), dtype=torch.int32)
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    slots = torch.tensor(data.draw(st.lists(adapters, min_size=sum(lengths), max_size=sum(lengths))),
+                         dtype=torch.int32)
+    names = data.draw(st.sampled_from([["a"], ["b"], ["c"], ["c", "c"], ["a", "a", "a"]]))  # fused: one x
+    layer, n_in, width = data.draw(st.integers(0, 1)), SMALL[names[0]][0], sum(SMALL[n][1] for n in names)
+    x, wide = torch.randn(sum(lengths), n_in).to(dtype), torch.randn(sum(lengths), width + 3).to(dtype)
+    for op, index in ((sgmv, (starts, seg)), (bgmv, (slots,))):
+        expected, got = wide.clone(), wide.clone()
+        op(expected[:, 3:], x, pool, layer, names, *index)
+        with emu():
+            op(got[:, 3:], x, pool, layer, names, *index)
+        assert_close(got, expected, scale=4)
+
+
 # ----------------------------------------------------------------------------------------------- attention
 
 @emulated
@@ -165,6 +206,20 @@ def test_decode_attention(emu, dtype, head_dim, group, window):
     (head sizes 16-byte loads do not tile, GQA groups over 8)."""
     k, v, tables, lens = random_cache([5, 300, 17, 129], 16, 2, head_dim, dtype, seed=head_dim)
     q = torch.randn(4, 2 * group, head_dim).to(dtype)
+    expected = paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window)
+    with emu():
+        assert_close(paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window), expected)
+
+
+@emulated
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(1, 200), min_size=1, max_size=4), block_size=st.sampled_from([1, 4, 16]),
+       kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 3, 8, 9]),
+       head_dim=st.sampled_from([32, 64, 80, 128]), window=st.sampled_from([0, 1, 7, 64]),
+       dtype=st.sampled_from(FLOAT_DTYPES))
+def test_decode_attention_random_shapes(emu, lengths, block_size, kv_heads, group, head_dim, window, dtype):
+    k, v, tables, lens = random_cache(lengths, block_size, kv_heads, head_dim, dtype)
+    q = torch.randn(len(lengths), kv_heads * group, head_dim).to(dtype)
     expected = paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window)
     with emu():
         assert_close(paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window), expected)
