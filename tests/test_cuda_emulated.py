@@ -2,12 +2,12 @@
 
 CI has no GPU, and some kernels are written in sessions that have none. The emulator compiles the kernels and
 their host code (unchanged but for the launch syntax) as C++, runs each CUDA thread as a fiber, and builds them with
-AddressSanitizer. It catches indexing errors and wrong results, loads and stores out of bounds, a missing
-__syncthreads that a reversed thread order exposes, deadlocks, and launch shapes a GPU refuses; not timing,
-lockstep warps or the memory model (tests/cuda_emu/cuda_emu.h says what it models).
+AddressSanitizer and UndefinedBehaviorSanitizer. It catches indexing errors and wrong results, loads and stores out
+of bounds or misaligned, a missing __syncthreads that a reversed thread order exposes, deadlocks, and launch shapes
+a GPU refuses; not timing, lockstep warps or the memory model (tests/cuda_emu/cuda_emu.h says what it models).
 
 `test_emulated_kernels` runs the tests marked `emulated` in a subprocess with libasan preloaded. To run them here
-without AddressSanitizer: LORAX_EMU=1 python -m pytest tests/test_cuda_emulated.py -m emulated
+without the sanitizers: LORAX_EMU=1 python -m pytest tests/test_cuda_emulated.py -m emulated
 """
 import contextlib
 import os
@@ -32,7 +32,7 @@ emulated = pytest.mark.emulated
 
 
 def test_emulated_kernels():
-    """Runs this file's emulated tests under AddressSanitizer in a subprocess (libasan must come first)."""
+    """Runs this file's emulated tests with the sanitizers in a subprocess (libasan must be loaded first)."""
     if HAS_CUDA:
         pytest.skip("a GPU runs the kernels themselves (pytest -m cuda)")
     if MODE:
@@ -41,14 +41,15 @@ def test_emulated_kernels():
     if env is None or not build.cuda_include_dirs():
         pytest.skip("needs gcc's libasan and the CUDA headers")
     env["LORAX_EMU"] = "asan"
-    # -s: an AddressSanitizer or emulator report goes to stderr just before the process aborts
+    # -s: a sanitizer's or the emulator's report goes to stderr just before the process aborts
     cmd = [sys.executable, "-m", "pytest", __file__, "-m", "emulated", "-q", "-s", "-p", "no:cacheprovider", "-rfE",
            "--tb=short"]
     result = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True,
                             timeout=1800)
     print(result.stdout[-3000:])
-    report = max(result.stderr.find("ERROR: AddressSanitizer"), result.stderr.find("cuda_emu: "))
-    stderr = result.stderr[report:report + 8000] if report >= 0 else result.stderr[-8000:]
+    found = [i for i in (result.stderr.find(m) for m in ("AddressSanitizer", "runtime error:", "cuda_emu: ")) if i >= 0]
+    start = result.stderr.rfind("\n", 0, min(found)) + 1 if found else max(0, len(result.stderr) - 8000)
+    stderr = result.stderr[start:start + 8000]
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-12000:]}\n{stderr}"
 
 
