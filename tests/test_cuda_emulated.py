@@ -177,7 +177,7 @@ def small_pools():
 @settings(max_examples=30, deadline=None)
 @given(lengths=st.lists(st.integers(0, 24), min_size=1, max_size=6), data=st.data())
 def test_random_layouts(emu, small_pools, lengths, data):
-    """Random segment layouts (SGMV) and per-token adapters (BGMV), any module subset and layer, y a column slice."""
+    """Random segment layouts (SGMV) and per-token adapters (BGMV), one module or a fused list, y a column slice."""
     dtype = data.draw(st.sampled_from(FLOAT_DTYPES))
     pool = small_pools[dtype]
     adapters = st.integers(-1, len(SMALL_RANKS) - 1)
