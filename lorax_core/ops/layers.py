@@ -50,4 +50,3 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     Shapes: gate, up [T, n] (rows may be strided) -> out [T, n] contiguous.
     """
     return torch.ops.lorax_core.silu_mul(gate, up)
-
