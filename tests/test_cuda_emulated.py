@@ -24,7 +24,9 @@ from hypothesis import strategies as st
 from conftest import FLOAT_DTYPES, HAS_CUDA, assert_close
 from cuda_emu import build
 from lora_helpers import POPULARITY, make_pool, random_adapter, token_slots
-from lorax_core.ops import bgmv, kv_cache_write, paged_attention_decode, sgmv
+from lorax_core.ops import bgmv, kv_cache_write, nf4_linear, paged_attention_decode, sgmv
+from lorax_core.ops import reference as ref
+from lorax_core.quant import NF4Weight
 from test_attention_ops import random_cache
 
 MODE = os.environ.get("LORAX_EMU")  # "asan" inside test_emulated_kernels' subprocess
@@ -303,6 +305,56 @@ def test_rotary_embedding_in_place(emu, dtype, heads, kv_heads, head_dim):
     with emu():
         rotary_embedding(*parts(got), cos, sin, positions)
     assert torch.equal(got, expected)
+
+
+# ------------------------------------------------------------------------------------------------------ NF4
+
+@emulated
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+@pytest.mark.parametrize("shape", [(33, 17), (7,), (64, 160)])
+def test_nf4_quantize_and_dequantize(emu, double_quant, blocksize, shape):
+    """Codes and dequantized values bit-identical to the CPU kernels; the double-quantized absmax within an
+    ulp (its offset is a mean, summed in another order)."""
+    x = torch.randn(shape) * 3
+    expected = NF4Weight.quantize(x, blocksize, double_quant)
+    with emu():
+        got = NF4Weight.quantize(x, blocksize, double_quant)
+    assert torch.equal(got.codes, expected.codes)
+    torch.testing.assert_close(got.absmax_fp32(), expected.absmax_fp32(), rtol=1e-5, atol=1e-6)
+    for dtype in FLOAT_DTYPES:
+        with emu():
+            values = expected.dequantize(dtype)
+        assert torch.equal(values, expected.dequantize(dtype))
+
+
+def _check_nf4_linear(emu, n, k, m, dtype, blocksize, double_quant=True, bias=False):
+    w = NF4Weight.quantize(torch.randn(n, k), blocksize, double_quant)
+    x = torch.randn(m, k).to(dtype)
+    b = torch.randn(n).to(dtype) if bias else None
+    with emu():
+        y = nf4_linear(x, w, b)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert_close(y, ref.nf4_linear(x, w.dequantize(dtype), b), scale=k**0.5 / 8)
+
+
+@emulated
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n,k,blocksize", [(256, 512, 64), (48, 384, 32), (16, 128, 256), (1024, 4096, 64)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 17, 33])
+def test_nf4_linear(emu, dtype, n, k, blocksize, m):
+    """Both paths of nf4_linear: the tensor-core GEMM with its split-K sum (up to 32 rows) and dequantize +
+    matmul (more rows)."""
+    _check_nf4_linear(emu, n, k, m, dtype, blocksize, bias=m % 2 == 1)
+
+
+@emulated
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 70), chunks=st.integers(1, 80), m=st.integers(1, 40), blocksize=st.sampled_from([32, 64, 128]),
+       double_quant=st.booleans(), bias=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
+def test_nf4_linear_random_shapes(emu, n, chunks, m, blocksize, double_quant, bias, dtype):
+    """Odd numbers of output features and k of any multiple of 32 (the kernels' tails), 1..40 rows."""
+    _check_nf4_linear(emu, n, 32 * chunks, m, dtype, blocksize, double_quant, bias)
 
 
 # ------------------------------------------------------------------------------------------- the whole model

@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "common/convert.cuh"
+#include "common/mma.cuh"
 #include "nf4/nf4_cuda.h"
 #include "nf4/nf4_table.h"
 
@@ -185,23 +186,6 @@ constexpr int kWarps = 4;
 constexpr int kTileN = 16;
 constexpr int kTileK = 128;
 
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i % 4 == 0 ? v.x : i % 4 == 1 ? v.y : i % 4 == 2 ? v.z : v.w;
 }
@@ -275,7 +259,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_kernel(const T* __restrict__
       }
 #pragma unroll
       for (int j = 0; j < 8; ++j)  // words 2j, 2j + 1 of the lane's 16 words: k = 32t + 4j + {0, 1}, {2, 3}
-        mma_16816<T>(acc[nt], frag[j], word_of(xv[j / 2], (2 * j) % 4), word_of(xv[j / 2], (2 * j + 1) % 4));
+        mma_m16n8k16<T>(acc[nt], frag[j], word_of(xv[j / 2], (2 * j) % 4), word_of(xv[j / 2], (2 * j + 1) % 4));
     }
   }
 

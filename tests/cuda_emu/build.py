@@ -1,13 +1,15 @@
 """Builds our CUDA kernels for the CPU emulator (cuda_emu.h) as the op library `torch.ops.lorax_emu`.
 
-The sources of csrc/{lora,attention,layers} are copied and rewritten, never edited in place:
+The sources of csrc/{lora,attention,layers,nf4} are copied and rewritten, never edited in place:
 - each .cu file gets cuda_emu.h first, its `k<<<grid, block, smem, stream>>>(args)` launches become
   `::emu::launch(grid, block, smem, stream, [&] { k(args); })` and its `extern __shared__ T x[];` a pointer to
   the launch's dynamic shared memory;
 - each *_cuda.cpp registers its kernels for the CPU under `lorax_emu` instead of for CUDA under `lorax_core`
   (ops.cpp's schemas are copied under that name), with stand-ins for the few ATen / c10 CUDA headers they use.
+- csrc/common/mma.cuh, the one header with inline PTX (the tensor-core mma), is replaced by the emulator's
+  mma.cuh.
 So `torch.ops.lorax_emu.<op>(cpu tensors)` runs the same host code and kernels as `torch.ops.lorax_core.<op>`
-on a GPU. NF4 is left out: its kernels use inline PTX (mma), and they have run on GPUs.
+on a GPU.
 
 With `asan=True` the library is built with AddressSanitizer and UndefinedBehaviorSanitizer; the process must then have libasan preloaded
 (`asan_env()` gives the environment for a subprocess). Builds go to ~/.cache/lorax_core/<checkout>/ (or
@@ -25,7 +27,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
-FAMILIES = ("lora", "attention", "layers")
+FAMILIES = ("lora", "attention", "layers", "nf4")
+STAND_INS = {Path("common/mma.cuh"): HERE / "mma.cuh"}  # csrc headers replaced in the copy
 
 
 def cuda_include_dirs() -> list[str]:
@@ -127,6 +130,8 @@ def _write(path: Path, text: str) -> None:
 def _rewritten(path: Path) -> tuple[Path, str] | None:
     """Where a file of csrc goes in the copy, and its text; None for files the emulator does not compile."""
     rel, text = path.relative_to(CSRC), path.read_text()
+    if rel in STAND_INS:
+        return rel, STAND_INS[rel].read_text()
     if path.suffix in (".h", ".cuh"):
         return rel, text
     if rel == Path("ops.cpp"):

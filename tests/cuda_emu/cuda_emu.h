@@ -17,9 +17,12 @@
 // threads, grid y / z over 65535, dynamic shared memory over 48 KiB, a full-mask shuffle after lanes of the
 // warp returned, a barrier that can never complete (deadlock).
 //
+// Tensor-core mma (csrc/common/mma.cuh) is a warp exchange like a shuffle: tests/cuda_emu/mma.cuh stands in for
+// that header, and each lane computes its results from the warp's fragments.
+//
 // It does not model: warps running in lockstep (code that relies on it without __syncwarp is not caught), the
 // memory model beyond the barriers, FMA contraction (the kernels are compiled with -ffp-contract=off, so a*b+c
-// may differ from nvcc's code by an ulp), timing.
+// may differ from nvcc's code by an ulp), a tensor core's summation order, timing.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -118,9 +121,14 @@ class Barrier {
   uint64_t phase_ = 0;
 };
 
+struct MmaFragments {
+  uint32_t a[4], b[2];
+};
+
 struct Warp {
   Barrier barrier;
   alignas(16) unsigned char lanes[32][16];  // shuffle exchange: each lane's value
+  MmaFragments mma[32];                     // mma exchange: each lane's A and B fragments
 };
 
 // The state of the block that is running; one block runs at a time.
@@ -235,13 +243,19 @@ inline void launch(dim3 grid, dim3 threads, size_t shared_bytes, cudaStream_t /*
 inline void syncthreads() { block->barrier.wait(); }
 inline void syncwarp() { my_warp().barrier.wait(); }
 
+// The warp of a lane that takes part in a warp-wide exchange (a shuffle, an mma): all 32 lanes must be live.
+inline Warp& full_warp(const char* what) {
+  Warp& w = my_warp();
+  if (w.barrier.expected() != 32) fail(what);
+  return w;
+}
+
 template <typename T>
 T shfl_xor(unsigned mask, T v, int lane_mask) {
   static_assert(sizeof(T) <= 16, "shuffle of a type over 16 bytes");
   if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask is not emulated");
-  Warp& w = my_warp();
-  if (w.barrier.expected() != 32)
-    fail("__shfl_xor_sync with a full mask in a warp of fewer than 32 live threads (returned lanes, partial warp)");
+  Warp& w = full_warp("__shfl_xor_sync with a full mask in a warp of fewer than 32 live threads (returned lanes, "
+                      "partial warp)");
   const int lane = linear_thread() % 32;
   std::memcpy(w.lanes[lane], &v, sizeof(T));
   w.barrier.wait();
@@ -249,6 +263,31 @@ T shfl_xor(unsigned mask, T v, int lane_mask) {
   std::memcpy(&out, w.lanes[lane ^ (lane_mask & 31)], sizeof(T));
   w.barrier.wait();
   return out;
+}
+
+// One lane's share of mma.sync.m16n8k16 (fragment layout in csrc/common/mma.cuh): c += A @ B, each result's
+// 16 products summed in double and rounded once (a tensor core's internal order and rounding are not specified).
+inline void mma_m16n8k16(bool half, float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  Warp& w = full_warp("mma.sync in a warp of fewer than 32 live threads (returned lanes, partial warp)");
+  const int lane = linear_thread() % 32;
+  w.mma[lane] = MmaFragments{{a[0], a[1], a[2], a[3]}, {b0, b1}};
+  w.barrier.wait();
+  auto value = [half](uint32_t word, int k) {  // a register holds the values at an even k (low half) and k + 1
+    const uint16_t bits = static_cast<uint16_t>(k % 2 == 0 ? word & 0xFFFFu : word >> 16);
+    if (!half) return std::bit_cast<float>(uint32_t{bits} << 16);
+    return __half2float(std::bit_cast<__half>(bits));
+  };
+  auto A = [&](int row, int k) { return value(w.mma[4 * (row % 8) + k % 8 / 2].a[row / 8 + 2 * (k / 8)], k); };
+  auto B = [&](int k, int col) { return value(w.mma[4 * col + k % 8 / 2].b[k / 8], k); };
+  float out[4];
+  for (int i = 0; i < 4; ++i) {
+    const int row = lane / 4 + 8 * (i / 2), col = 2 * (lane % 4) + i % 2;
+    double sum = c[i];
+    for (int k = 0; k < 16; ++k) sum += static_cast<double>(A(row, k)) * B(k, col);
+    out[i] = static_cast<float>(sum);
+  }
+  w.barrier.wait();  // every lane has read the fragments before any lane writes the next ones
+  for (int i = 0; i < 4; ++i) c[i] = out[i];
 }
 
 }  // namespace emu
