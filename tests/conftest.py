@@ -33,3 +33,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     """Compare in fp32 with the tolerance of `dtype` (default: actual's dtype), relative to `scale`."""
     tol = TOLERANCES[dtype or actual.dtype]
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
+def assert_rounds_exact(actual: torch.Tensor, exact: torch.Tensor, atol: float = 1e-4):
+    """`actual` (fp16 / bf16) is `exact` (fp32) rounded once: within half an ulp of actual's dtype, plus `atol` for
+    the order of an fp32 sum."""
+    half_ulp = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[actual.dtype]
+    torch.testing.assert_close(actual.float(), exact, rtol=half_ulp, atol=atol)

@@ -21,7 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import FLOAT_DTYPES, HAS_CUDA, assert_close
+from conftest import FLOAT_DTYPES, HAS_CUDA, assert_close, assert_rounds_exact
 from cuda_emu import build
 from lora_helpers import POPULARITY, make_pool, random_adapter, token_slots
 from lorax_core.ops import bgmv, kv_cache_write, nf4_linear, paged_attention_decode, sgmv
@@ -343,9 +343,22 @@ def _check_nf4_linear(emu, n, k, m, dtype, blocksize, double_quant=True, bias=Fa
 @pytest.mark.parametrize("n,k,blocksize", [(256, 512, 64), (48, 384, 32), (16, 128, 256), (1024, 4096, 64)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 17, 33])
 def test_nf4_linear(emu, dtype, n, k, blocksize, m):
-    """Both paths of nf4_linear: the tensor-core GEMM with its split-K sum (up to 32 rows) and dequantize +
-    matmul (more rows)."""
+    """Every path of nf4_linear: the GEMV (up to 4 rows), the tensor-core GEMM with its split-K sum (up to 32
+    rows) and dequantize + matmul (more rows)."""
     _check_nf4_linear(emu, n, k, m, dtype, blocksize, bias=m % 2 == 1)
+
+
+@emulated
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_nf4_gemv_rounds_the_exact_product(emu, dtype):
+    """The GEMV (1 to 4 rows) multiplies by the fp32 weights: each result is x @ W.T in fp32 rounded once. (The GEMM
+    rounds W to x's dtype first: at 5 rows, dozens of these 64 x 4096 results miss by more than half an ulp.)"""
+    w = NF4Weight.quantize(torch.randn(64, 4096), 64, True)
+    for m in range(1, 5):
+        x = torch.randn(m, 4096).to(dtype)
+        with emu():
+            y = nf4_linear(x, w)
+        assert_rounds_exact(y, x.float() @ w.dequantize(torch.float32).T)
 
 
 @emulated

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import FLOAT_DTYPES, assert_close
+from conftest import FLOAT_DTYPES, assert_close, assert_rounds_exact
 from lorax_core.ops import nf4_linear
 from lorax_core.ops import reference as ref
 from lorax_core.quant import NF4Linear, NF4Weight
@@ -61,6 +61,18 @@ def test_linear_cuda_matches_reference(dtype, shape, blocksize):
         y = nf4_linear(x, w)
         assert y.shape == (m, n) and y.dtype == dtype
         assert_close(y, ref.nf4_linear(x, w_ref), scale=k**0.5 / 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1000, 14336), (7, 96)])
+def test_linear_cuda_few_rows_round_the_exact_product(dtype, shape):
+    """Up to 4 rows take the GEMV, which multiplies x by the fp32 weights: x @ W.T in fp32, rounded once."""
+    n, k = shape
+    w = NF4Weight.quantize(torch.randn(n, k), 64, True).to("cuda")
+    exact_w = w.dequantize(torch.float32)
+    for m in range(1, 5):
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        assert_rounds_exact(nf4_linear(x, w), x.float() @ exact_w.T)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)

@@ -1,6 +1,6 @@
-// NF4 CUDA kernels: quantize, dequantize and the fused dequant + tensor-core GEMM for small M.
-// Numerics match the CPU kernels bit for bit (dequantize) by using explicit _rn intrinsics where bitsandbytes
-// rounds twice; the GEMM accumulates in fp32 on tensor cores.
+// NF4 CUDA kernels: quantize, dequantize, a GEMV for a few rows of activations and the fused dequant +
+// tensor-core GEMM for more of them. Numerics match the CPU kernels bit for bit (dequantize) by using explicit
+// _rn intrinsics where bitsandbytes rounds twice; the GEMV and the GEMM accumulate in fp32.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -20,6 +20,12 @@ constexpr float kMinAbsmax = 1e-38f;
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
@@ -299,6 +305,101 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
   }
 }
 
+// ---- GEMV for a few rows of x (decode) ------------------------------------------------------------------------
+// A warp computes kGemvRows output features for all MT (<= kGemvMaxM) rows of x. Its lanes split k into chunks of
+// 32 weights (16 bytes of codes per weight row, inside one absmax block since blocks hold at least 32): lane l
+// takes chunks l, l + 32, ..., and issues the code and absmax loads of kGemvUnroll chunks before it uses them. A
+// chunk's products are summed with the code book's unscaled values and the sum is scaled once, so a weight costs
+// one shared-memory lookup plus one FMA per row of x; gemm_kernel spends a lookup, a multiply, a rounding to T and
+// a share of an mma on it. No split over k: a warp sums its rows' whole length, the lanes' sums meet in shuffles,
+// and the kernel writes y (+ bias) itself: no workspace, no second kernel. Unlike gemm_kernel, the weights are
+// not rounded to T before they multiply x, so the result is nearer the exact product than dequantize + matmul.
+constexpr int kGemvRows = 2;
+constexpr int kGemvWarps = 4;
+constexpr int kGemvUnroll = 4;
+
+// The two activations in a 32-bit word as floats (the lower k in the low half).
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t w);
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t w) {
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t w) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&w));
+}
+
+template <typename T, int MT>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restrict__ x, int K,
+                                                               const uint8_t* __restrict__ codes, AbsmaxArgs a,
+                                                               int bs_log2, int N, const T* __restrict__ bias,
+                                                               T* __restrict__ y) {
+  __shared__ Tables t;
+  load_tables(t, a);
+  const int lane = threadIdx.x % 32, chunks = K / 32;
+  const int64_t row0 = (int64_t{blockIdx.x} * kGemvWarps + threadIdx.x / 32) * kGemvRows;
+  if (row0 >= N) return;  // the whole warp
+  int64_t rows[kGemvRows];  // past the last row, the warp reads the last one again and writes nothing
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r) rows[r] = min(row0 + r, int64_t{N} - 1);
+
+  float acc[kGemvRows][MT] = {};
+  for (int c0 = lane; c0 < chunks; c0 += 32 * kGemvUnroll) {
+    uint4 q[kGemvUnroll][kGemvRows];
+    RawAbsmax s[kGemvUnroll][kGemvRows];
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u)
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r)
+        if (c0 + 32 * u < chunks) {
+          const int64_t e = rows[r] * K + 32 * int64_t{c0 + 32 * u};  // the chunk's first weight
+          q[u][r] = __ldcs(reinterpret_cast<const uint4*>(codes + e / 2));
+          s[u][r] = load_absmax(a, e >> bs_log2);
+        }
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {
+      if (c0 + 32 * u >= chunks) continue;
+      const int64_t k0 = 32 * int64_t{c0 + 32 * u};
+      float part[kGemvRows][MT] = {};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {  // weights 8i .. 8i + 7 of the chunk: code bytes 4i .. 4i + 3
+        uint4 xv[MT];
+#pragma unroll
+        for (int m = 0; m < MT; ++m) xv[m] = __ldg(reinterpret_cast<const uint4*>(x + int64_t{m} * K + k0) + i);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          float2 xf[MT];
+#pragma unroll
+          for (int m = 0; m < MT; ++m) xf[m] = unpack2<T>(word_of(xv[m], j));
+#pragma unroll
+          for (int r = 0; r < kGemvRows; ++r) {
+            const uint32_t byte = byte_of(q[u][r], 4 * i + j);  // weight 8i + 2j in the high nibble, 8i + 2j + 1 low
+            const float w0 = t.nf4[byte >> 4], w1 = t.nf4[byte & 0xF];
+#pragma unroll
+            for (int m = 0; m < MT; ++m) part[r][m] = fmaf(w1, xf[m].y, fmaf(w0, xf[m].x, part[r][m]));
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r) {
+        const float scale = decode_absmax(a, t, s[u][r]);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(scale, part[r][m], acc[r][m]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const float sum = warp_sum(acc[r][m]);
+      if (lane == r * MT + m && row0 + r < N)
+        y[int64_t{m} * N + row0 + r] = from_float<T>(bias != nullptr ? sum + to_float(bias[row0 + r]) : sum);
+    }
+}
+
 int grid_for(int64_t items, int threads) {
   return static_cast<int>(std::min<int64_t>((items + threads - 1) / threads, int64_t{1} << 20));
 }
@@ -326,16 +427,33 @@ void launch_gemm(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
   splitk_epilogue_kernel<T><<<grid_for(MN, 256), 256, 0, stream>>>(ws, p.splits, MN, N, bias, y);
 }
 
+template <typename T, int MT>
+void launch_gemv(const T* x, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N, const T* bias,
+                 T* y, cudaStream_t stream) {
+  constexpr int kRowsPerCta = kGemvRows * kGemvWarps;
+  gemv_kernel<T, MT><<<(N + kRowsPerCta - 1) / kRowsPerCta, kGemvWarps * 32, 0, stream>>>(x, K, codes, a, bs_log2, N,
+                                                                                           bias, y);
+}
+
 template <typename T>
-void dispatch_gemm(const void* x, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2,
-                   int64_t N, const void* bias, float* ws, int num_sms, void* y, cudaStream_t stream) {
-  auto run = [&](auto nt) {
-    launch_gemm<T, decltype(nt)::value>(static_cast<const T*>(x), M, K, codes, a, bs_log2, N,
-                                        static_cast<const T*>(bias), ws, num_sms, static_cast<T*>(y), stream);
+void dispatch_gemm(const void* x_, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2,
+                   int64_t N, const void* bias_, float* ws, int num_sms, void* y_, cudaStream_t stream) {
+  const T *x = static_cast<const T*>(x_), *bias = static_cast<const T*>(bias_);
+  T* y = static_cast<T*>(y_);
+  auto gemv = [&](auto mt) { launch_gemv<T, decltype(mt)::value>(x, K, codes, a, bs_log2, N, bias, y, stream); };
+  auto gemm = [&](auto nt) {
+    launch_gemm<T, decltype(nt)::value>(x, M, K, codes, a, bs_log2, N, bias, ws, num_sms, y, stream);
   };
-  if (M <= 8) run(std::integral_constant<int, 1>{});
-  else if (M <= 16) run(std::integral_constant<int, 2>{});
-  else run(std::integral_constant<int, 4>{});
+  static_assert(kGemvMaxM == 4, "dispatch_gemm instantiates the GEMV for 1 to 4 rows");
+  switch (M) {
+    case 1: return gemv(std::integral_constant<int, 1>{});
+    case 2: return gemv(std::integral_constant<int, 2>{});
+    case 3: return gemv(std::integral_constant<int, 3>{});
+    case 4: return gemv(std::integral_constant<int, 4>{});
+  }
+  if (M <= 8) gemm(std::integral_constant<int, 1>{});
+  else if (M <= 16) gemm(std::integral_constant<int, 2>{});
+  else gemm(std::integral_constant<int, 4>{});
 }
 
 }  // namespace
@@ -375,12 +493,13 @@ void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, i
 }
 
 bool gemm_supported(int64_t M, int64_t N, int64_t K, DType dtype) {
-  return dtype != DType::kFloat && M >= 1 && M <= kGemmMaxM && N % kTileN == 0 && K % kTileK == 0 &&
-         N <= (int64_t{1} << 30) && K <= (int64_t{1} << 30);
+  if (dtype == DType::kFloat || M < 1 || N < 1 || N > (int64_t{1} << 30) || K > (int64_t{1} << 30)) return false;
+  if (M <= kGemvMaxM) return K % 32 == 0;
+  return M <= kGemmMaxM && N % kTileN == 0 && K % kTileK == 0;
 }
 
 int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K, int num_sms) {
-  return int64_t{plan_splits(N, K, num_sms).splits} * M * N;
+  return M <= kGemvMaxM ? 0 : int64_t{plan_splits(N, K, num_sms).splits} * M * N;
 }
 
 void gemm(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a,
