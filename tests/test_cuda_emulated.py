@@ -406,3 +406,43 @@ def test_model_on_emulated_kernels_matches_peft(emu, kind, tmp_path):
             seq.append(int(row.argmax()))
     for seq in seqs:
         llm.abort(seq)
+
+
+@emulated
+def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path):
+    """The NF4 engine in bf16 as it runs on a GPU, every kernel emulated (the NF4 GEMV for decode rows, the
+    tensor-core GEMM for prompt rows, LoRA, attention, the layer ops), against the fp32 engine on the same NF4
+    codes: at least as close to it as the bf16 engine on the CPU kernels is, step by step. (With the GEMV's weights
+    rounded to bf16, its decode logits equal the CPU kernels' bit for bit: the GEMV's fp32 weights are the only
+    difference, and they are closer to fp32.)"""
+    from model_helpers import ADAPTERS, save_adapter, save_model
+
+    from lorax_core import LLM, SamplingParams
+
+    base = save_model(tmp_path / "base", "llama", tokenizer=False, hidden_size=128, intermediate_size=256)
+    adapters = {n: save_adapter(base, tmp_path / n, seed=i, **c) for i, (n, c) in enumerate(ADAPTERS.items())}
+    llms = {}
+    for dtype in ("bfloat16", "float32"):
+        llms[dtype] = LLM(base, dtype=dtype, device="cpu", quantize="nf4", kv_block_size=4, max_active_adapters=4,
+                          adapter_loader_threads=0)
+        for name, path in adapters.items():
+            llms[dtype].load_adapter(name, path)
+    rows = ["r8_all", None, "r16_rslora"]
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in (9, 3, 14)]  # 26 prompt rows: the GEMM
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for llm in llms.values():
+        for prompt, adapter in zip(prompts, rows):
+            llm.add_request(prompt, params, adapter)
+    for step in range(4):  # then 3 decode rows per step: the GEMV
+        batches = {dtype: llm.scheduler.schedule() for dtype, llm in llms.items()}
+        exact = llms["float32"].runner.run(batches["float32"])
+        with emu():
+            emulated = llms["bfloat16"].runner.run(batches["bfloat16"])
+        cpu = llms["bfloat16"].runner.run(batches["bfloat16"])  # the same KV cache slots, rewritten
+        err_emulated, err_cpu = (emulated - exact).abs().max(), (cpu - exact).abs().max()
+        assert err_emulated <= 1.1 * err_cpu, f"step {step}: {err_emulated} from fp32, the CPU kernels {err_cpu}"
+        for batch in batches.values():
+            for seq, row in zip(batch, exact):
+                seq.num_computed_tokens, seq.chunk = len(seq), 0
+                seq.append(int(row.argmax()))
