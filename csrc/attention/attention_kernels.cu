@@ -17,6 +17,7 @@
 
 #include "attention/attention_cuda.h"
 #include "common/convert.cuh"
+#include "common/warp.cuh"
 
 namespace lorax::attention::cuda {
 namespace {
@@ -39,7 +40,7 @@ __global__ void kv_cache_write_kernel(T* __restrict__ k_cache, T* __restrict__ v
 template <typename T>
 __global__ void general_kernel(const T* __restrict__ q, T* __restrict__ out, Cache c, const int32_t* __restrict__ tables,
                               int64_t max_blocks, const int32_t* __restrict__ lens, float scale, int64_t window) {
-  __shared__ float warp_max[kWarps], warp_sum[kWarps];
+  __shared__ float max_w[kWarps], sum_w[kWarps];
   __shared__ float warp_acc[kWarps][kMaxPerLane * 32];
   const int64_t h = blockIdx.x, b = blockIdx.y, heads = gridDim.x, D = c.head_dim;
   const int64_t kv_head = h / (heads / c.kv_heads), token_stride = c.kv_heads * D;
@@ -67,8 +68,7 @@ __global__ void general_kernel(const T* __restrict__ q, T* __restrict__ out, Cac
       const int64_t d = lane + 32 * i;
       if (d < D) s += qr[i] * to_float(kc[base + d]);
     }
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+    s = warp_sum(s);
     const float m_new = fmaxf(m, s), corr = __expf(m - m_new), p = __expf(s - m_new);
     l = l * corr + p;
 #pragma unroll
@@ -79,21 +79,21 @@ __global__ void general_kernel(const T* __restrict__ q, T* __restrict__ out, Cac
     m = m_new;
   }
   if (lane == 0) {
-    warp_max[warp] = m;
-    warp_sum[warp] = l;
+    max_w[warp] = m;
+    sum_w[warp] = l;
   }
 #pragma unroll
   for (int i = 0; i < kMaxPerLane; ++i) warp_acc[warp][lane + 32 * i] = acc[i];
   __syncthreads();
   float total_max = -INFINITY;
-  for (int w = 0; w < kWarps; ++w) total_max = fmaxf(total_max, warp_max[w]);
+  for (int w = 0; w < kWarps; ++w) total_max = fmaxf(total_max, max_w[w]);
   float total_sum = 0.0f;
   for (int w = 0; w < kWarps; ++w)
-    if (warp_sum[w] > 0.0f) total_sum += warp_sum[w] * __expf(warp_max[w] - total_max);
+    if (sum_w[w] > 0.0f) total_sum += sum_w[w] * __expf(max_w[w] - total_max);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
     float o = 0.0f;
     for (int w = 0; w < kWarps; ++w)
-      if (warp_sum[w] > 0.0f) o += warp_acc[w][d] * __expf(warp_max[w] - total_max);
+      if (sum_w[w] > 0.0f) o += warp_acc[w][d] * __expf(max_w[w] - total_max);
     out[(b * heads + h) * D + d] = from_float<T>(total_sum > 0.0f ? o / total_sum : 0.0f);
   }
 }
@@ -186,8 +186,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
     for (int h = warp; h < group; h += kThreads / 32) {
       float m = -INFINITY;
       for (int i = lane; i < CHUNK; i += 32) m = fmaxf(m, p_s[h][i]);
-#pragma unroll
-      for (int o = 16; o > 0; o /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      m = warp_max(m);
       const float m_new = fmaxf(max_s[h], m);  // finite: every chunk walked holds a position in [first, len)
       float l = 0.0f;
       for (int i = lane; i < CHUNK; i += 32) {
@@ -195,8 +194,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
         p_s[h][i] = e;
         l += e;
       }
-#pragma unroll
-      for (int o = 16; o > 0; o /= 2) l += __shfl_xor_sync(0xffffffffu, l, o);
+      l = warp_sum(l);
       __syncwarp();
       if (lane == 0) {
         const float corr = __expf(max_s[h] - m_new);

@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "common/convert.cuh"
+#include "common/warp.cuh"
 #include "layers/layers_cuda.h"
 
 namespace lorax::layers::cuda {
@@ -18,14 +19,12 @@ __device__ float block_sum(float v) {
   __shared__ float warp_sums[32];
   __shared__ float total;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  v = warp_sum(v);
   if (lane == 0) warp_sums[warp] = v;
   __syncthreads();
   if (warp == 0) {
     v = lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : 0.0f;
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    v = warp_sum(v);
     if (lane == 0) total = v;
   }
   __syncthreads();

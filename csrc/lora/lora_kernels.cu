@@ -21,6 +21,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "common/convert.cuh"
+#include "common/warp.cuh"
 #include "lora/lora_cuda.h"
 
 namespace lorax::lora::cuda {
@@ -85,12 +86,6 @@ __device__ __forceinline__ void copy_vec(T* dst, const T* src) {
 #pragma unroll
     for (int i = 0; i < N; ++i) dst[i] = src[i];
   }
-}
-
-__device__ __forceinline__ float warp_sum(float s) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  return s;
 }
 
 // Where this CTA's tokens are: positions [begin, begin + n) of group blockIdx.x, tile blockIdx.z.

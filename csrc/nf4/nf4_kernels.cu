@@ -9,6 +9,7 @@
 
 #include "common/convert.cuh"
 #include "common/mma.cuh"
+#include "common/warp.cuh"
 #include "nf4/nf4_cuda.h"
 #include "nf4/nf4_table.h"
 
@@ -16,18 +17,6 @@ namespace lorax::nf4::cuda {
 namespace {
 
 constexpr float kMinAbsmax = 1e-38f;
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 __device__ __forceinline__ float block_max(float v, float* scratch /* [32] */) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;

@@ -5,7 +5,7 @@ The sources of csrc/{lora,attention,layers,nf4} are copied and rewritten, never 
   `::emu::launch(grid, block, smem, stream, [&] { k(args); })` and its `extern __shared__ T x[];` a pointer to
   the launch's dynamic shared memory;
 - each *_cuda.cpp registers its kernels for the CPU under `lorax_emu` instead of for CUDA under `lorax_core`
-  (ops.cpp's schemas are copied under that name), with stand-ins for the few ATen / c10 CUDA headers they use.
+  (ops.cpp's schemas are copied under that name), with stand-ins for the few ATen / c10 CUDA headers they use;
 - csrc/common/mma.cuh, the one header with inline PTX (the tensor-core mma), is replaced by the emulator's
   mma.cuh.
 So `torch.ops.lorax_emu.<op>(cpu tensors)` runs the same host code and kernels as `torch.ops.lorax_core.<op>`
