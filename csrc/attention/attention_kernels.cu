@@ -321,15 +321,9 @@ void launch_decode(const void* q, void* out, const Cache& c, const int32_t* tabl
 void kv_cache_write(void* k_cache, void* v_cache, const void* k, const void* v, const int64_t* slot_mapping,
                     int64_t tokens, int64_t row, int64_t k_stride, int64_t v_stride, DType dtype,
                     cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat:
-      return launch_write<float>(k_cache, v_cache, k, v, slot_mapping, tokens, row, k_stride, v_stride, stream);
-    case DType::kHalf:
-      return launch_write<__half>(k_cache, v_cache, k, v, slot_mapping, tokens, row, k_stride, v_stride, stream);
-    case DType::kBFloat16:
-      return launch_write<__nv_bfloat16>(k_cache, v_cache, k, v, slot_mapping, tokens, row, k_stride, v_stride,
-                                         stream);
-  }
+  with_dtype(dtype, [&](auto t) {
+    launch_write<decltype(t)>(k_cache, v_cache, k, v, slot_mapping, tokens, row, k_stride, v_stride, stream);
+  });
 }
 
 int64_t decode_splits(const Cache& c, int64_t batch, int64_t heads, int64_t max_blocks, DType dtype, int num_sms) {
@@ -345,17 +339,10 @@ int64_t decode_splits(const Cache& c, int64_t batch, int64_t heads, int64_t max_
 void paged_attention_decode(const void* q, void* out, const Cache& c, const int32_t* block_tables, int64_t max_blocks,
                             const int32_t* context_lens, int64_t batch, int64_t heads, float scale, int64_t window,
                             float* workspace, int64_t splits, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat:
-      return launch_decode<float>(q, out, c, block_tables, max_blocks, context_lens, batch, heads, scale, window,
-                                  workspace, splits, stream);
-    case DType::kHalf:
-      return launch_decode<__half>(q, out, c, block_tables, max_blocks, context_lens, batch, heads, scale, window,
-                                   workspace, splits, stream);
-    case DType::kBFloat16:
-      return launch_decode<__nv_bfloat16>(q, out, c, block_tables, max_blocks, context_lens, batch, heads, scale,
-                                          window, workspace, splits, stream);
-  }
+  with_dtype(dtype, [&](auto t) {
+    launch_decode<decltype(t)>(q, out, c, block_tables, max_blocks, context_lens, batch, heads, scale, window,
+                               workspace, splits, stream);
+  });
 }
 
 }  // namespace lorax::attention::cuda

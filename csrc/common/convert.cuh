@@ -1,9 +1,23 @@
-// float <-> activation dtype conversions for CUDA kernels (round to nearest even), shared by every kernel family.
+// float <-> activation dtype conversions for CUDA kernels (round to nearest even), and the DType -> CUDA type
+// dispatch of their launchers; shared by every kernel family.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common/dtype.h"
+
 namespace lorax {
+
+// Calls f(T{}) with T the CUDA type of dtype (float, __half or __nv_bfloat16): the one switch from a launcher's
+// DType to its kernels' template argument.
+template <typename F>
+void with_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat: return f(float{});
+    case DType::kHalf: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ T from_float(float v);

@@ -141,34 +141,21 @@ void launch_silu_mul(const void* gate, int64_t gate_stride, const void* up, int6
 
 void rms_norm(const void* x, int64_t x_stride, const void* residual, int64_t residual_stride, const void* weight,
               void* out, void* sum, int64_t rows, int64_t cols, float eps, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat:
-      return launch_rms_norm<float>(x, x_stride, residual, residual_stride, weight, out, sum, rows, cols, eps, stream);
-    case DType::kHalf:
-      return launch_rms_norm<__half>(x, x_stride, residual, residual_stride, weight, out, sum, rows, cols, eps, stream);
-    case DType::kBFloat16:
-      return launch_rms_norm<__nv_bfloat16>(x, x_stride, residual, residual_stride, weight, out, sum, rows, cols, eps,
-                                            stream);
-  }
+  with_dtype(dtype, [&](auto t) {
+    launch_rms_norm<decltype(t)>(x, x_stride, residual, residual_stride, weight, out, sum, rows, cols, eps, stream);
+  });
 }
 
 void rotary_embedding(Rotating q, Rotating k, const void* cos, const void* sin, const int64_t* positions,
                       int64_t tokens, int64_t head_dim, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat: return launch_rotary<float>(q, k, cos, sin, positions, tokens, head_dim, stream);
-    case DType::kHalf: return launch_rotary<__half>(q, k, cos, sin, positions, tokens, head_dim, stream);
-    case DType::kBFloat16: return launch_rotary<__nv_bfloat16>(q, k, cos, sin, positions, tokens, head_dim, stream);
-  }
+  with_dtype(dtype, [&](auto t) { launch_rotary<decltype(t)>(q, k, cos, sin, positions, tokens, head_dim, stream); });
 }
 
 void silu_mul(const void* gate, int64_t gate_stride, const void* up, int64_t up_stride, void* out, int64_t rows,
               int64_t cols, DType dtype, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat: return launch_silu_mul<float>(gate, gate_stride, up, up_stride, out, rows, cols, stream);
-    case DType::kHalf: return launch_silu_mul<__half>(gate, gate_stride, up, up_stride, out, rows, cols, stream);
-    case DType::kBFloat16:
-      return launch_silu_mul<__nv_bfloat16>(gate, gate_stride, up, up_stride, out, rows, cols, stream);
-  }
+  with_dtype(dtype, [&](auto t) {
+    launch_silu_mul<decltype(t)>(gate, gate_stride, up, up_stride, out, rows, cols, stream);
+  });
 }
 
 }  // namespace lorax::layers::cuda

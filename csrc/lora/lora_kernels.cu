@@ -445,22 +445,13 @@ void group_by_adapter(const int32_t* indices, int64_t tokens, int64_t slots, int
 void shrink(const void* x, DType dtype, int64_t tokens, int64_t in, const Pool& p, const Modules& m,
             const TokenGroups& g, float* v, int64_t max_rank, cudaStream_t stream) {
   if (tokens == 0 || g.count == 0 || max_rank == 0 || m.count == 0) return;
-  switch (dtype) {
-    case DType::kFloat: return dispatch_shrink<float>(x, tokens, in, p, m, g, v, max_rank, stream);
-    case DType::kHalf: return dispatch_shrink<__half>(x, tokens, in, p, m, g, v, max_rank, stream);
-    case DType::kBFloat16: return dispatch_shrink<__nv_bfloat16>(x, tokens, in, p, m, g, v, max_rank, stream);
-  }
+  with_dtype(dtype, [&](auto t) { dispatch_shrink<decltype(t)>(x, tokens, in, p, m, g, v, max_rank, stream); });
 }
 
 void expand(void* y, DType dtype, int64_t tokens, int64_t ld, const float* v, int64_t max_rank, const Pool& p,
             const Modules& m, const float* scales, const TokenGroups& g, cudaStream_t stream) {
   if (tokens == 0 || g.count == 0 || max_rank == 0 || m.count == 0) return;
-  switch (dtype) {
-    case DType::kFloat: return dispatch_expand<float>(y, tokens, ld, v, max_rank, p, m, scales, g, stream);
-    case DType::kHalf: return dispatch_expand<__half>(y, tokens, ld, v, max_rank, p, m, scales, g, stream);
-    case DType::kBFloat16:
-      return dispatch_expand<__nv_bfloat16>(y, tokens, ld, v, max_rank, p, m, scales, g, stream);
-  }
+  with_dtype(dtype, [&](auto t) { dispatch_expand<decltype(t)>(y, tokens, ld, v, max_rank, p, m, scales, g, stream); });
 }
 
 }  // namespace lorax::lora::cuda

@@ -467,18 +467,10 @@ void dequantize_absmax(const AbsmaxArgs& a, int64_t blocks, float* out, cudaStre
 void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, int64_t n, DType dtype, void* out,
                 cudaStream_t stream) {
   const int grid = grid_for((n + 7) / 8, 256);
-  switch (dtype) {
-    case DType::kFloat:
-      dequantize_kernel<float><<<grid, 256, 0, stream>>>(codes, a, blocksize_log2, n, static_cast<float*>(out));
-      break;
-    case DType::kHalf:
-      dequantize_kernel<__half><<<grid, 256, 0, stream>>>(codes, a, blocksize_log2, n, static_cast<__half*>(out));
-      break;
-    case DType::kBFloat16:
-      dequantize_kernel<__nv_bfloat16>
-          <<<grid, 256, 0, stream>>>(codes, a, blocksize_log2, n, static_cast<__nv_bfloat16*>(out));
-      break;
-  }
+  with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    dequantize_kernel<T><<<grid, 256, 0, stream>>>(codes, a, blocksize_log2, n, static_cast<T*>(out));
+  });
 }
 
 bool gemm_supported(int64_t M, int64_t N, int64_t K, DType dtype) {
