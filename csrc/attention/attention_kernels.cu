@@ -5,10 +5,10 @@
 // positions (chunk split, split + S, ...). Per chunk: (1) TPP threads per position, 16 bytes each, score every
 // position of the chunk at once (all table and K loads issued before any arithmetic); (2) one warp per head takes
 // the chunk's max and exponentials (online softmax across chunks); (3) the same threads accumulate p * V in
-// registers. The position groups are summed in shared memory, in a fixed order; with S > 1 splits, each writes its (max, sum,
-// unnormalised output) and combine_kernel merges them. S depends on the batch and the block-table width only, not
-// the context lengths, so a CUDA graph captured once stays right. Head sizes that 16-byte loads do not tile
-// (or GQA groups over 8) take general_kernel: one CTA per (head, sequence), a warp per position.
+// registers. The position groups are summed in shared memory, in a fixed order; with S > 1 splits, each writes
+// its (max, sum, unnormalised output) and combine_kernel merges them. S depends on the batch and the block-table
+// width only, not the context lengths, so a CUDA graph captured once stays right. Head sizes that 16-byte loads do
+// not tile (or GQA groups over 8) take general_kernel: one CTA per (head, sequence), a warp per position.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -38,8 +38,9 @@ __global__ void kv_cache_write_kernel(T* __restrict__ k_cache, T* __restrict__ v
 }
 
 template <typename T>
-__global__ void general_kernel(const T* __restrict__ q, T* __restrict__ out, Cache c, const int32_t* __restrict__ tables,
-                              int64_t max_blocks, const int32_t* __restrict__ lens, float scale, int64_t window) {
+__global__ void general_kernel(const T* __restrict__ q, T* __restrict__ out, Cache c,
+                               const int32_t* __restrict__ tables, int64_t max_blocks,
+                               const int32_t* __restrict__ lens, float scale, int64_t window) {
   __shared__ float max_w[kWarps], sum_w[kWarps];
   __shared__ float warp_acc[kWarps][kMaxPerLane * 32];
   const int64_t h = blockIdx.x, b = blockIdx.y, heads = gridDim.x, D = c.head_dim;

@@ -11,9 +11,9 @@ The sources of csrc/{lora,attention,layers,nf4} are copied and rewritten, never 
 So `torch.ops.lorax_emu.<op>(cpu tensors)` runs the same host code and kernels as `torch.ops.lorax_core.<op>`
 on a GPU.
 
-With `asan=True` the library is built with AddressSanitizer and UndefinedBehaviorSanitizer; the process must then have libasan preloaded
-(`asan_env()` gives the environment for a subprocess). Builds go to ~/.cache/lorax_core/<checkout>/ (or
-$LORAX_EMU_BUILD_DIR) and are reused while the sources stay the same.
+With `asan=True` the library is built with AddressSanitizer and UndefinedBehaviorSanitizer; the process must then
+have libasan preloaded (`asan_env()` gives the environment for a subprocess). Builds go to
+~/.cache/lorax_core/<checkout>/ (or $LORAX_EMU_BUILD_DIR) and are reused while the sources stay the same.
 """
 from __future__ import annotations
 
