@@ -40,3 +40,20 @@ def assert_rounds_exact(actual: torch.Tensor, exact: torch.Tensor, atol: float =
     the order of an fp32 sum."""
     half_ulp = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[actual.dtype]
     torch.testing.assert_close(actual.float(), exact, rtol=half_ulp, atol=atol)
+
+
+NF4_GEMV_MAX_ROWS = 4  # nf4_linear's GEMV on CUDA (kGemvMaxM in csrc/nf4/nf4_cuda.h)
+
+
+def assert_nf4_linear(y: torch.Tensor, x: torch.Tensor, w, bias: torch.Tensor | None = None):
+    """A CUDA nf4_linear result (fp16 / bf16) against what its path computes: up to NF4_GEMV_MAX_ROWS rows of x, the
+    GEMV's exact product rounded once; more, the product with W rounded to x's dtype, within that dtype's
+    tolerance. (Against the rounded W, the GEMV's outputs near zero can miss that tolerance.)"""
+    k = x.shape[-1]
+    if x.numel() // k <= NF4_GEMV_MAX_ROWS:
+        exact = x.float() @ w.dequantize(torch.float32).T
+        assert_rounds_exact(y, exact + bias.float() if bias is not None else exact)
+    else:
+        from lorax_core.ops import reference
+
+        assert_close(y, reference.nf4_linear(x, w.dequantize(x.dtype), bias), scale=k**0.5 / 8)

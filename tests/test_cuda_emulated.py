@@ -21,11 +21,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import FLOAT_DTYPES, HAS_CUDA, assert_close, assert_rounds_exact
+from conftest import FLOAT_DTYPES, HAS_CUDA, NF4_GEMV_MAX_ROWS, assert_close, assert_nf4_linear, assert_rounds_exact
 from cuda_emu import build
 from lora_helpers import POPULARITY, make_pool, random_adapter, token_slots
 from lorax_core.ops import bgmv, kv_cache_write, nf4_linear, paged_attention_decode, sgmv
-from lorax_core.ops import reference as ref
 from lorax_core.quant import NF4Weight
 from test_attention_ops import random_cache
 
@@ -335,7 +334,7 @@ def _check_nf4_linear(emu, n, k, m, dtype, blocksize, double_quant=True, bias=Fa
     with emu():
         y = nf4_linear(x, w, b)
     assert y.shape == (m, n) and y.dtype == dtype
-    assert_close(y, ref.nf4_linear(x, w.dequantize(dtype), b), scale=k**0.5 / 8)
+    assert_nf4_linear(y, x, w, b)
 
 
 @emulated
@@ -354,7 +353,7 @@ def test_nf4_gemv_rounds_the_exact_product(emu, dtype):
     """The GEMV (1 to 4 rows) multiplies by the fp32 weights: each result is x @ W.T in fp32 rounded once. (The GEMM
     rounds W to x's dtype first: at 5 rows, dozens of these 64 x 4096 results miss by more than half an ulp.)"""
     w = NF4Weight.quantize(torch.randn(64, 4096), 64, True)
-    for m in range(1, 5):
+    for m in range(1, NF4_GEMV_MAX_ROWS + 1):
         x = torch.randn(m, 4096).to(dtype)
         with emu():
             y = nf4_linear(x, w)
