@@ -37,6 +37,14 @@ TORCH_LIBRARY(lorax_core, m) {
   m.def(
       "bgmv_expand(Tensor(a!) y, Tensor v, Tensor arena, Tensor page_table, Tensor ranks, Tensor scales, "
       "Tensor adapter_indices, int layer, int[] modules, int[] columns, int page_size) -> ()");
+  // Shrink then expand in one op (what lorax_core.ops.sgmv / bgmv call): y += the LoRA delta, in place; BGMV groups
+  // its tokens once for both kernels.
+  m.def(
+      "sgmv(Tensor(a!) y, Tensor x, Tensor arena, Tensor page_table, Tensor ranks, Tensor scales, "
+      "Tensor seg_starts, Tensor seg_adapters, int layer, int[] modules, int[] columns, int page_size) -> ()");
+  m.def(
+      "bgmv(Tensor(a!) y, Tensor x, Tensor arena, Tensor page_table, Tensor ranks, Tensor scales, "
+      "Tensor adapter_indices, int layer, int[] modules, int[] columns, int page_size) -> ()");
 
   // Paged KV cache (csrc/attention/attention.h has the layout): store the new tokens' keys and values in their
   // slots, and decode attention of one query token per sequence over its blocks (GQA, optional sliding window).

@@ -90,9 +90,10 @@ RANKS = [[8], [16], [1, 128], [4, 32]]
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16, torch.float16], ids=str)
 def pool(request):
     gen = torch.Generator().manual_seed(0)
-    pool = make_pool(MODULES, num_layers=1, budget_pages=6000, page_size=512, dtype=request.param)
+    pool = make_pool(MODULES, num_layers=1, budget_pages=10100, page_size=512, dtype=request.param)
     for i, ranks in enumerate(RANKS):
         pool.load(f"a{i}", random_adapter(MODULES, ranks, num_layers=1, gen=gen), 0.5 + i)
+    assert not pool.evictions, "the pool must hold every adapter, or the tests see fewer ranks than they name"
     return pool
 
 
@@ -158,6 +159,41 @@ def test_bgmv_shrink_writes_all_of_v(emu, pool):
         assert_close(torch.ops.lorax_core.bgmv_shrink(x, *args), expected, dtype=pool.config.dtype, scale=4)
 
 
+@emulated
+@pytest.mark.parametrize("count", [33, 70])
+def test_sgmv_many_segments(emu, pool, count):
+    """More segments than find_tile's warp walks in one step (32), empty and long ones (many tiles) among them."""
+    lengths = [(0, 3, 1, 17, 2, 40, 5)[i % 7] for i in range(count)]  # segment 31, the last of a step: 17 tokens
+    seg = torch.tensor([i % 5 - 1 for i in range(count)], dtype=torch.int32)  # segment 31: adapter 0
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    x, y, _ = _lora_inputs(pool, sum(lengths), *MODULES["odd"], "uniform")
+    expected = sgmv(y.clone(), x, pool, 0, "odd", starts, seg)
+    with emu():
+        assert_close(sgmv(y.clone(), x, pool, 0, "odd", starts, seg), expected, scale=4)
+
+
+@emulated
+@pytest.mark.parametrize("tokens", [1, 16, 17, 90])
+def test_bgmv_many_slots(emu, tokens):
+    """A pool of 40 adapters: BGMV's groups (one per slot, and one for base rows) span two steps of find_tile; the
+    shrink and expand ops called one after the other as well as in one op."""
+    pool = make_pool({"a": (64, 48)}, num_layers=1, budget_pages=9000, page_size=16, max_slots=40, max_rank=32)
+    rng, gen = random.Random(tokens), torch.Generator().manual_seed(tokens)
+    for i in range(40):
+        pool.load(f"m{i}", random_adapter({"a": (64, 48)}, [rng.randint(1, 32)], num_layers=1, gen=gen), 1.0 + i / 8)
+    assert not pool.evictions
+    slots = torch.tensor([rng.randint(-1, 39) for _ in range(tokens)], dtype=torch.int32)
+    x, y = torch.randn(tokens, 64), torch.randn(tokens, 48)
+    common = (pool.arena, pool.page_table, pool.ranks)
+    expected = bgmv(y.clone(), x, pool, 0, "a", slots)
+    v = torch.ops.lorax_core.bgmv_shrink(x, *common, slots, 0, [0], pool.page_size)
+    with emu():
+        assert_close(bgmv(y.clone(), x, pool, 0, "a", slots), expected)
+        got = y.clone()
+        torch.ops.lorax_core.bgmv_expand(got, v, *common, pool.scales, slots, 0, [0], [0, 48], pool.page_size)
+        assert_close(got, expected)
+
+
 SMALL = {"a": (64, 48), "b": (100, 52), "c": (256, 96)}
 SMALL_RANKS = [[1], [7, 128], [16], [3, 64], [128, 2]]
 
@@ -171,6 +207,7 @@ def small_pools():
         pools[dtype] = make_pool(SMALL, num_layers=2, budget_pages=40000, page_size=16, dtype=dtype)
         for i, ranks in enumerate(SMALL_RANKS):
             pools[dtype].load(f"s{i}", random_adapter(SMALL, ranks, num_layers=2, gen=gen), 0.25 + i)
+        assert not pools[dtype].evictions
     return pools
 
 

@@ -24,6 +24,7 @@ def pools(request):
         weights = random_adapter(MODULES, ranks, num_layers=1, gen=gen)
         assert cpu.load(f"a{i}", weights, 0.5 + i) == gpu.load(f"a{i}", weights, 0.5 + i)
         gpu.wait(f"a{i}")
+    assert not cpu.evictions and not gpu.evictions
     return cpu, gpu, dtype
 
 
@@ -119,6 +120,11 @@ def test_opcheck_cuda(pools):
     torch.library.opcheck(torch.ops.lorax_core.bgmv_shrink.default, (x, *common, slots, 0, [m], gpu.page_size))
     torch.library.opcheck(torch.ops.lorax_core.bgmv_expand.default,
                           (y, v, *common, gpu.scales, slots, 0, [m], [0, 1024], gpu.page_size))
+    torch.library.opcheck(torch.ops.lorax_core.bgmv.default,
+                          (y, x, *common, gpu.scales, slots, 0, [m], [0, 1024], gpu.page_size))
+    starts, seg = torch.tensor([0, 2, 6], dtype=torch.int32, device="cuda"), slots[:2].clone()
+    torch.library.opcheck(torch.ops.lorax_core.sgmv.default,
+                          (y, x, *common, gpu.scales, starts, seg, 0, [m], [0, 1024], gpu.page_size))
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 33, 300])

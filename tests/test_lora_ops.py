@@ -150,6 +150,28 @@ def test_bad_inputs_get_clear_errors(loaded):
         torch.ops.lorax_core.bgmv_shrink(torch.randn(2, 64), *common, slots, 0, [0] * 5, pool.page_size)
 
 
+@pytest.mark.parametrize("num_tokens", [1, 11])
+def test_one_op_equals_shrink_then_expand(loaded, num_tokens):
+    """sgmv / bgmv (what the wrappers call) are exactly the shrink op followed by the expand op."""
+    pool, adapters = loaded
+    slots = torch.tensor(token_slots(num_tokens, sorted(adapters), "skewed", base_every=4), dtype=torch.int32)
+    starts = torch.tensor([0, num_tokens // 2, num_tokens], dtype=torch.int32)
+    seg = torch.tensor([sorted(adapters)[2], -1], dtype=torch.int32)
+    x, y = torch.randn(num_tokens, 64), torch.randn(num_tokens, 80)  # q_proj | k_proj
+    common, lora = (pool.arena, pool.page_table, pool.ranks), torch.ops.lorax_core
+    tail = (1, [0, 1], [0, 64, 80], pool.page_size)
+    for one, shrink, expand, index in (("bgmv", lora.bgmv_shrink, lora.bgmv_expand, (slots,)),
+                                       ("sgmv", lora.sgmv_shrink, lora.sgmv_expand, (starts, seg))):
+        expected = y.clone()
+        v = shrink(x, *common, *index, 1, [0, 1], pool.page_size)
+        expand(expected, v, *common, pool.scales, *index, *tail)
+        got = y.clone()
+        getattr(lora, one)(got, x, *common, pool.scales, *index, *tail)
+        assert torch.equal(got, expected), one
+    with pytest.raises(RuntimeError, match=r"bgmv: y must have x's 3 rows, got \[2, 80\]"):
+        lora.bgmv(torch.randn(2, 80), torch.randn(3, 64), *common, pool.scales, torch.zeros(3, dtype=torch.int32), *tail)
+
+
 def test_opcheck(loaded):
     pool, adapters = loaded
     x, y = torch.randn(6, 64), torch.randn(6, 64)
@@ -165,6 +187,8 @@ def test_opcheck(loaded):
         ("sgmv_expand", (y, v, *common, pool.scales, starts, seg, 0, [0], [0, 64], pool.page_size)),
         ("bgmv_expand", (y, v, *common, pool.scales, slots, 0, [0], [0, 64], pool.page_size)),
         ("sgmv_expand", (qk, v2, *common, pool.scales, starts, seg, 0, [0, 1], [0, 64, 80], pool.page_size)),
+        ("sgmv", (qk, x, *common, pool.scales, starts, seg, 0, [0, 1], [0, 64, 80], pool.page_size)),
+        ("bgmv", (y, x, *common, pool.scales, slots, 0, [0], [0, 64], pool.page_size)),
     ]
     for op, args in cases:
         torch.library.opcheck(getattr(torch.ops.lorax_core, op).default, args)

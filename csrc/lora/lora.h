@@ -107,10 +107,45 @@ void bgmv_expand(at::Tensor& y, const at::Tensor& v, const at::Tensor& arena, co
   Expand(y, v.contiguous(), p, scales.contiguous(), Group(adapter_indices, page_table.size(0)), columns.vec());
 }
 
+// Shrink and expand in one op: v is internal, and BGMV groups its tokens once for both kernels.
+template <ShrinkKernel Shrink, ExpandKernel Expand>
+void apply_lora(at::Tensor& y, const at::Tensor& x, const PoolView& p, const at::Tensor& scales, const Groups& g,
+                const std::vector<int64_t>& columns, const char* op) {
+  check_activations(x, p, op);
+  check_pool(p, std::vector<int64_t>(p.modules.size(), x.size(1)), 0, op);
+  TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0), op, ": y must have x's ", x.size(0), " rows, got ",
+              y.sizes());
+  at::Tensor v = shrink_output(x, p);
+  check_expand_inputs(y, v, scales, p, columns, op);
+  Shrink(x.contiguous(), p, g, v);
+  Expand(y, v, p, scales.contiguous(), g, columns);
+}
+
+template <ShrinkKernel Shrink, ExpandKernel Expand>
+void sgmv(at::Tensor& y, const at::Tensor& x, const at::Tensor& arena, const at::Tensor& page_table,
+          const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& seg_starts,
+          const at::Tensor& seg_adapters, int64_t layer, at::IntArrayRef modules, at::IntArrayRef columns,
+          int64_t page_size) {
+  PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
+  apply_lora<Shrink, Expand>(y, x, p, scales, groups_from_segments(seg_starts, seg_adapters), columns.vec(), "sgmv");
+}
+
+template <ShrinkKernel Shrink, ExpandKernel Expand, GroupFn Group>
+void bgmv(at::Tensor& y, const at::Tensor& x, const at::Tensor& arena, const at::Tensor& page_table,
+          const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& adapter_indices, int64_t layer,
+          at::IntArrayRef modules, at::IntArrayRef columns, int64_t page_size) {
+  PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
+  TORCH_CHECK(adapter_indices.numel() == x.size(0), "bgmv: ", adapter_indices.numel(), " adapter indices for ",
+              x.size(0), " tokens");
+  apply_lora<Shrink, Expand>(y, x, p, scales, Group(adapter_indices, page_table.size(0)), columns.vec(), "bgmv");
+}
+
 #define LORAX_REGISTER_LORA_OPS(m, shrink, expand, group)                  \
   m.impl("sgmv_shrink", &lorax::lora::sgmv_shrink<shrink>);               \
   m.impl("bgmv_shrink", &lorax::lora::bgmv_shrink<shrink, group>);        \
   m.impl("sgmv_expand", &lorax::lora::sgmv_expand<expand>);               \
-  m.impl("bgmv_expand", &lorax::lora::bgmv_expand<expand, group>)
+  m.impl("bgmv_expand", &lorax::lora::bgmv_expand<expand, group>);        \
+  m.impl("sgmv", &lorax::lora::sgmv<shrink, expand>);                     \
+  m.impl("bgmv", &lorax::lora::bgmv<shrink, expand, group>)
 
 }  // namespace lorax::lora

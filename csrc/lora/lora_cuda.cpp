@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #define LORAX_DTYPE_FROM_ATEN
 #include "common/dtype.h"
 
@@ -39,8 +41,9 @@ cuda::TokenGroups group_args(const Groups& g) {
 void check_groups(const Groups& g, const at::Tensor& act, int64_t max_rank, const char* op) {
   TORCH_CHECK(g.starts.device() == act.device() && g.adapters.device() == act.device(), op,
               ": the segments / adapter indices are on ", g.starts.device(), ", the activations on ", act.device());
-  // Grid limits: tokens per CTA tile (8) x 65535 tiles, and the expand tile's v in 48 KB of shared memory.
-  TORCH_CHECK(act.size(0) <= 8 * 65535, op, " (CUDA): ", act.size(0), " tokens in one call; at most ", 8 * 65535);
+  // Token positions are int32; the expand tile's v must fit in 48 KB of shared memory.
+  TORCH_CHECK(act.size(0) <= std::numeric_limits<int32_t>::max(), op, " (CUDA): ", act.size(0),
+              " tokens in one call; at most 2^31 - 1");
   TORCH_CHECK(max_rank <= 1024, op, " (CUDA): the pool's max rank ", max_rank, " exceeds 1024");
 }
 

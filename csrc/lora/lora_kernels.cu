@@ -1,18 +1,20 @@
 // SGMV / BGMV CUDA kernels over the paged adapter pool (see lora.h for the layout and the token groups).
 //
-// Shrink, v[t, :] = x[t] @ A[a].T: one CTA per (group, block of rank rows, tile of up to kShrinkTile tokens).
+// A tile is up to Tile tokens of one group (one adapter); find_tile numbers the tiles of all groups, so a grid's x
+// covers the tiles that can exist (tile_bound), and its y the blocks of rank rows or outputs of each module.
+// Shrink, v[t, :] = x[t] @ A[a].T: one CTA per (tile of up to kShrinkTile tokens, block of rank rows).
 // Each warp owns RPW rank rows; the CTA walks `in` in chunks, staging the tile's x chunk in shared memory while
 // each lane loads its 16-byte pieces of the warp's rows, so a tile's tokens share every weight load and a group's
 // adapter rows are read from memory once per tile (once per call for a decode group). Rows past the adapter's
 // rank, and rows without an adapter, get zeros: v needs no memset. Calls of at most kNarrowMaxTokens tokens
 // (decode) take shrink_narrow_kernel instead: a CTA per two rank rows whose warps split `in`, as walking `in` in
 // steps is latency the few tokens cannot hide.
-// Expand, y[t, :] += scale * v[t] @ B[a].T: one CTA per (group, block of outputs, tile of up to kExpandTile
-// tokens); the tile's v (times the scale) sits in shared memory, each thread owns 16 bytes of outputs for every
-// token of the tile (loaded before the weights) and walks the rank with 8 rows' loads in flight. BGMV first buckets
-// its tokens by adapter in one kernel (group_by_adapter). Grids are sized by what the host knows (groups, rank,
-// tokens); CTAs past the end of their group exit at once. One call serves the modules of a fused projection (q, k,
-// v): their blocks are stacked along the grid's y, so three modules cost one launch, not three.
+// Expand, y[t, :] += scale * v[t] @ B[a].T: one CTA per (tile of up to kExpandTile tokens, block of outputs); the
+// tile's v (times the scale) sits in shared memory, each thread owns 16 bytes of outputs for every token of the
+// tile (loaded before the weights) and walks the rank with 8 rows' loads in flight. BGMV first buckets its tokens
+// by adapter in one kernel (group_by_adapter). CTAs without a tile, or past their adapter's rank, exit at once.
+// One call serves the modules of a fused projection (q, k, v): their blocks are stacked along the grid's y, so
+// three modules cost one launch, not three.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -88,11 +90,32 @@ __device__ __forceinline__ void copy_vec(T* dst, const T* src) {
   }
 }
 
-// Where this CTA's tokens are: positions [begin, begin + n) of group blockIdx.x, tile blockIdx.z.
+// A CTA's tokens: positions [begin, begin + n) of the group order, all in group `group` (n = 0: no tile).
+struct TileRef {
+  int group, begin, n;
+};
+
+// The call's tiles are its groups' tokens cut into pieces of at most Tile, groups in order; CTA blockIdx.x takes
+// tile blockIdx.x. Warp 0 finds it: a prefix sum of the groups' tile counts, 32 groups at a time. So a grid needs
+// tile_bound(tokens, groups, Tile) CTAs along x for any layout, not groups x ceil(tokens / Tile), most of which
+// would find no tokens (a decode step's 64 one-token segments: 64 CTAs, not 64 x 4).
 template <int Tile>
-__device__ __forceinline__ int tile_tokens(const TokenGroups& g, int& begin) {
-  begin = g.starts[blockIdx.x] + static_cast<int>(blockIdx.z) * Tile;
-  return min(g.starts[blockIdx.x + 1] - begin, Tile);
+__device__ TileRef find_tile(const TokenGroups& g) {
+  __shared__ TileRef found;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x, want = static_cast<int>(blockIdx.x), count = static_cast<int>(g.count);
+    if (lane == 0) found = TileRef{0, 0, 0};
+    __syncwarp();
+    for (int k0 = 0, before = 0; k0 < count && before <= want; k0 += 32) {  // before: tiles of groups [0, k0)
+      const int k = k0 + lane, start = k < count ? g.starts[k] : 0;
+      const int len = k < count ? max(g.starts[k + 1] - start, 0) : 0, tiles = (len + Tile - 1) / Tile;
+      const int end = before + warp_prefix_sum(tiles, lane), i = want - (end - tiles);  // i: tile within group k
+      if (i >= 0 && want < end) found = TileRef{k, start + i * Tile, min(len - i * Tile, Tile)};
+      before = __shfl_sync(0xffffffffu, end, 31);
+    }
+  }
+  __syncthreads();
+  return found;
 }
 
 template <typename T, int VEC, int RPW>
@@ -102,15 +125,15 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   constexpr int kChunk = 32 * VEC * kShrinkUnroll;  // elements of `in` per step: one 16-byte load per lane per unroll
   __shared__ __align__(16) T xs[kShrinkTile][kChunk];  // the tile's x[:, k0 : k0 + kChunk)
   __shared__ int tok[kShrinkTile];
-  int begin;
-  const int n = tile_tokens<kShrinkTile>(g, begin);
+  const TileRef tile = find_tile<kShrinkTile>(g);
+  const int n = tile.n;
   if (n <= 0) return;
-  const int adapter = g.adapters[blockIdx.x];
+  const int adapter = g.adapters[tile.group];
   const int2 mb = cta_module(mods, p);
   const int width = mods.count * max_rank;  // v's row: the modules' max_rank blocks side by side
   v += mb.x * max_rank;
   const int rank = adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
-  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, begin + threadIdx.x);
+  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, tile.begin + threadIdx.x);
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -197,16 +220,16 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   constexpr int kStep = kShrinkWarps * 32 * VEC * kNarrowUnroll;  // elements of `in` per step
   __shared__ float part[kShrinkWarps][kNarrowRows][kNarrowTile];
   __shared__ int tok[kNarrowTile];
-  int begin;
-  const int n = tile_tokens<kNarrowTile>(g, begin);
+  const TileRef tile = find_tile<kNarrowTile>(g);
+  const int n = tile.n;
   if (n <= 0) return;
-  const int adapter = g.adapters[blockIdx.x];
+  const int adapter = g.adapters[tile.group];
   const int2 mb = cta_module(mods, p);
   const int width = mods.count * max_rank;
   v += mb.x * max_rank;
   const int rank = adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
   const int row0 = mb.y * kNarrowRows;
-  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, begin + threadIdx.x);
+  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, tile.begin + threadIdx.x);
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -277,10 +300,10 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kExpandThreads)
     expand_kernel(T* __restrict__ y, int64_t ld, const float* __restrict__ v, int max_rank, Pool p, Modules mods,
                   const float* __restrict__ scales, TokenGroups g) {
-  int begin;
-  const int n = tile_tokens<kExpandTile>(g, begin);
-  const int adapter = g.adapters[blockIdx.x];
-  if (n <= 0 || adapter < 0) return;
+  const TileRef tile = find_tile<kExpandTile>(g);
+  const int n = tile.n;
+  const int adapter = n > 0 ? g.adapters[tile.group] : -1;
+  if (adapter < 0) return;
   const int2 mb = cta_module(mods, p);
   const int width = mods.count * max_rank, out = static_cast<int>(mods.column[mb.x + 1] - mods.column[mb.x]);
   v += mb.x * max_rank;
@@ -290,10 +313,10 @@ __global__ void __launch_bounds__(kExpandThreads)
   extern __shared__ float scaled_v[];  // [kExpandTile][rank]: scale * v of the tile's tokens
   __shared__ int tok[kExpandTile];
   const float scale = scales[adapter];
-  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, begin + threadIdx.x);
+  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, tile.begin + threadIdx.x);
   for (int e = threadIdx.x; e < n * rank; e += kExpandThreads) {
     const int j = e / rank, i = e - j * rank;
-    scaled_v[e] = scale * v[int64_t{token_at(g, begin + j)} * width + i];
+    scaled_v[e] = scale * v[int64_t{token_at(g, tile.begin + j)} * width + i];
   }
   __syncthreads();
 
@@ -376,6 +399,12 @@ __global__ void __launch_bounds__(kGroupThreads)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The most tiles of `tile` tokens that `groups` groups of `tokens` tokens in all can make (find_tile): every
+// nonempty group's last tile may be partial, and there are at most min(groups, tokens) nonempty groups.
+int64_t tile_bound(int64_t tokens, int64_t groups, int64_t tile) {
+  return std::min(tokens, (tokens + (tile - 1) * std::min(groups, tokens)) / tile);
+}
+
 bool aligned16(const void* ptr, int64_t elements_stride, int64_t elem_size) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (elements_stride * elem_size) % 16 == 0;
 }
@@ -383,7 +412,7 @@ bool aligned16(const void* ptr, int64_t elements_stride, int64_t elem_size) {
 template <typename T, int VEC, int RPW>
 void launch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, const Modules& m, const TokenGroups& g,
                    float* v, int64_t max_rank, cudaStream_t stream) {
-  dim3 grid(g.count, m.count * ceil_div(max_rank, kShrinkWarps * RPW), ceil_div(tokens, kShrinkTile));
+  dim3 grid(tile_bound(tokens, g.count, kShrinkTile), m.count * ceil_div(max_rank, kShrinkWarps * RPW));
   shrink_kernel<T, VEC, RPW><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, m, g, v,
                                                                      max_rank);
 }
@@ -394,7 +423,7 @@ void dispatch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, c
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = aligned16(x, in, sizeof(T)) && aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
   if (tokens <= kNarrowMaxTokens) {  // decode: warps split `in`, so a row is a step of loads, not several
-    dim3 grid(g.count, m.count * ceil_div(max_rank, kNarrowRows), ceil_div(tokens, kNarrowTile));
+    dim3 grid(tile_bound(tokens, g.count, kNarrowTile), m.count * ceil_div(max_rank, kNarrowRows));
     if (vec) {
       shrink_narrow_kernel<T, kVec><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, m, g, v,
                                                                            max_rank);
@@ -416,7 +445,7 @@ void launch_expand(void* y, int64_t tokens, int64_t ld, const float* v, int64_t 
                    const Modules& m, const float* scales, const TokenGroups& g, cudaStream_t stream) {
   int64_t widest = 0;
   for (int i = 0; i < m.count; ++i) widest = std::max(widest, m.column[i + 1] - m.column[i]);
-  dim3 grid(g.count, m.count * ceil_div(widest, kExpandThreads * VEC), ceil_div(tokens, kExpandTile));
+  dim3 grid(tile_bound(tokens, g.count, kExpandTile), m.count * ceil_div(widest, kExpandThreads * VEC));
   const size_t smem = sizeof(float) * kExpandTile * max_rank;
   expand_kernel<T, VEC><<<grid, kExpandThreads, smem, stream>>>(static_cast<T*>(y), ld, v, max_rank, p, m, scales,
                                                                 g);

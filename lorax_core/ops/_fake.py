@@ -55,6 +55,16 @@ def _bgmv_expand(y, v, arena, page_table, ranks, scales, adapter_indices, layer,
     return None
 
 
+@torch.library.register_fake("lorax_core::sgmv")
+def _sgmv(y, x, arena, page_table, ranks, scales, seg_starts, seg_adapters, layer, modules, columns, page_size):
+    return None
+
+
+@torch.library.register_fake("lorax_core::bgmv")
+def _bgmv(y, x, arena, page_table, ranks, scales, adapter_indices, layer, modules, columns, page_size):
+    return None
+
+
 @torch.library.register_fake("lorax_core::kv_cache_write")
 def _kv_cache_write(k_cache, v_cache, k, v, slot_mapping):
     return None

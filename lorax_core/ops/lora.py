@@ -36,9 +36,8 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, pool: AdapterPool, layer: int, module
     Shapes: x [T, in], y [T, sum(out_i)] (same dtype as the pool), seg_starts [S + 1], seg_slots [S]. Returns y.
     """
     m, columns = _modules(pool, y, modules)
-    v = torch.ops.lorax_core.sgmv_shrink(x, *_pool_args(pool), seg_starts, seg_slots, layer, m, pool.page_size)
-    torch.ops.lorax_core.sgmv_expand(y, v, *_pool_args(pool), pool.scales, seg_starts, seg_slots, layer, m, columns,
-                                     pool.page_size)
+    torch.ops.lorax_core.sgmv(y, x, *_pool_args(pool), pool.scales, seg_starts, seg_slots, layer, m, columns,
+                              pool.page_size)
     return y
 
 
@@ -52,6 +51,5 @@ def bgmv(y: torch.Tensor, x: torch.Tensor, pool: AdapterPool, layer: int, module
     Shapes: x [T, in], y [T, sum(out_i)] (same dtype as the pool), slots [T] int. Returns y.
     """
     m, columns = _modules(pool, y, modules)
-    v = torch.ops.lorax_core.bgmv_shrink(x, *_pool_args(pool), slots, layer, m, pool.page_size)
-    torch.ops.lorax_core.bgmv_expand(y, v, *_pool_args(pool), pool.scales, slots, layer, m, columns, pool.page_size)
+    torch.ops.lorax_core.bgmv(y, x, *_pool_args(pool), pool.scales, slots, layer, m, columns, pool.page_size)
     return y

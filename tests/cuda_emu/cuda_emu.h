@@ -250,17 +250,17 @@ inline Warp& full_warp(const char* what) {
   return w;
 }
 
-template <typename T>
-T shfl_xor(unsigned mask, T v, int lane_mask) {
+// A shuffle: each lane gets the value of lane `source(lane)` (its own where that is outside the warp).
+template <typename T, typename Source>
+T shuffle(const char* name, unsigned mask, T v, Source source) {
   static_assert(sizeof(T) <= 16, "shuffle of a type over 16 bytes");
-  if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask is not emulated");
-  Warp& w = full_warp("__shfl_xor_sync with a full mask in a warp of fewer than 32 live threads (returned lanes, "
-                      "partial warp)");
-  const int lane = linear_thread() % 32;
+  if (mask != 0xffffffffu) fail(name);  // partial masks are not emulated
+  Warp& w = full_warp(name);            // a full mask in a warp of fewer than 32 live threads
+  const int lane = linear_thread() % 32, from = source(lane);
   std::memcpy(w.lanes[lane], &v, sizeof(T));
   w.barrier.wait();
   T out;
-  std::memcpy(&out, w.lanes[lane ^ (lane_mask & 31)], sizeof(T));
+  std::memcpy(&out, w.lanes[from >= 0 && from < 32 ? from : lane], sizeof(T));
   w.barrier.wait();
   return out;
 }
@@ -312,7 +312,18 @@ inline void __syncthreads() { emu::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::syncwarp(); }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
-  return emu::shfl_xor(mask, v, lane_mask);
+  return emu::shuffle("__shfl_xor_sync: a partial mask, or a warp with returned lanes", mask, v,
+                      [&](int lane) { return lane ^ (lane_mask & 31); });
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
+  return emu::shuffle("__shfl_up_sync: a partial mask, or a warp with returned lanes", mask, v,
+                      [&](int lane) { return lane - static_cast<int>(delta); });
+}
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src_lane) {
+  return emu::shuffle("__shfl_sync: a partial mask, or a warp with returned lanes", mask, v,
+                      [&](int) { return src_lane & 31; });
 }
 
 // Rounded arithmetic: with -ffp-contract=off, plain float operations round each step as these do.
