@@ -23,8 +23,9 @@ TORCH_LIBRARY(lorax_core, m) {
   // modules of a fused projection, which share x. Shrink: v [T, modules * max_rank] fp32, module i's block =
   // x @ A_i[a(t)].T; expand (in place): y[:, columns[i] : columns[i + 1]] += scales[a(t)] * v_i @ B_i[a(t)].T.
   // SGMV takes segments of tokens sharing an adapter (they should cover the rows; v rows outside every segment
-  // are zero on the CPU and unspecified on CUDA), BGMV one adapter index per token (-1: none; on CUDA, indices
-  // outside the pool too).
+  // are zero on the CPU and unspecified on CUDA; segments past the rows, or adapters outside the pool, are an error
+  // on the CPU and clamped on CUDA, which cannot check them without waiting for the GPU), BGMV one adapter index
+  // per token (-1: none; on CUDA, indices outside the pool too).
   m.def(
       "sgmv_shrink(Tensor x, Tensor arena, Tensor page_table, Tensor ranks, Tensor seg_starts, Tensor seg_adapters, "
       "int layer, int[] modules, int page_size) -> Tensor");

@@ -194,6 +194,18 @@ def test_bgmv_many_slots(emu, tokens):
         assert_close(got, expected)
 
 
+@emulated
+def test_sgmv_clamps_bad_segments(emu, pool):
+    """CUDA cannot check segments without waiting for the GPU, so its kernels clamp them (the CPU op raises): rows
+    past the call's tokens are never touched (ASan would see it), an adapter outside the pool counts as none."""
+    x, y, _ = _lora_inputs(pool, 9, *MODULES["odd"], "uniform")
+    seg = torch.tensor([1, 3, 99, 0], dtype=torch.int32)
+    expected = sgmv(y.clone(), x, pool, 0, "odd", torch.tensor([0, 4, 9], dtype=torch.int32), seg[:2])
+    with emu():
+        got = sgmv(y.clone(), x, pool, 0, "odd", torch.tensor([0, 4, 40, 50, 60], dtype=torch.int32), seg)
+    assert_close(got, expected, scale=4)
+
+
 SMALL = {"a": (64, 48), "b": (100, 52), "c": (256, 96)}
 SMALL_RANKS = [[1], [7, 128], [16], [3, 64], [128, 2]]
 

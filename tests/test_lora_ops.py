@@ -172,6 +172,21 @@ def test_one_op_equals_shrink_then_expand(loaded, num_tokens):
         lora.bgmv(torch.randn(2, 80), torch.randn(3, 64), *common, pool.scales, torch.zeros(3, dtype=torch.int32), *tail)
 
 
+def test_bad_segments_get_clear_errors(loaded):
+    """Segments come from the caller: past the rows, falling, or with an adapter outside the pool, the CPU op says
+    which (CUDA clamps them instead: tests/test_cuda_emulated.py)."""
+    pool, _ = loaded
+    x, y = torch.randn(8, 64), torch.randn(8, 64)
+    cases = [([0, 5, 9], [0, 1], r"at most the 8 tokens .*seg_starts\[2\] is 9 after 5"),
+             ([0, 5, 3], [0, 1], r"seg_starts\[2\] is 3 after 5"),
+             ([-1, 8], [0], r"seg_starts\[0\] is -1"),
+             ([0, 4, 8], [0, 16], r"segment 1 has adapter slot 16; the pool has 16 slots \(-1: no adapter\)"),
+             ([0, 8], [-2], r"segment 0 has adapter slot -2")]
+    for starts, seg, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            sgmv(y, x, pool, 0, "q_proj", torch.tensor(starts, dtype=torch.int32), torch.tensor(seg, dtype=torch.int32))
+
+
 def test_opcheck(loaded):
     pool, adapters = loaded
     x, y = torch.randn(6, 64), torch.randn(6, 64)

@@ -42,6 +42,9 @@ void check_pool(const PoolView& p, const std::vector<int64_t>& dims, int64_t ab,
 void check_activations(const at::Tensor& act, const PoolView& p, const char* op);
 void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Tensor& scales, const PoolView& p,
                          const std::vector<int64_t>& columns, const char* op);
+// SGMV's segments as groups. Their values are checked by the CPU kernels (starts rising from >= 0 to at most the
+// tokens, adapters in [-1, slots)); a check on the GPU would wait for the device, so the CUDA kernels clamp instead:
+// rows outside [0, tokens) are never touched and an adapter outside the pool counts as none.
 Groups groups_from_segments(const at::Tensor& seg_starts, const at::Tensor& seg_adapters);
 Groups groups_from_indices(const at::Tensor& adapter_indices, int64_t slots);  // ATen ops (the CPU's)
 

@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "lora/lora.h"
 
 namespace lorax::lora {
@@ -22,6 +24,20 @@ RowPages row_pages(const PoolView& p, int64_t adapter, int64_t module, int64_t a
   return {p.page_table.data_ptr<int32_t>() + (lm * 2 + ab) * s[4] * s[5], s[5], p.ranks.data_ptr<int32_t>()[lm]};
 }
 
+// SGMV's segments come from the caller: starts must rise from >= 0 to at most the call's tokens and adapters lie in
+// [-1, slots) (BGMV's groups do by construction). Reading them here costs nothing; the CUDA kernels clamp instead.
+void check_groups(const Groups& g, int64_t tokens, int64_t slots) {
+  const int32_t *s = g.starts.data_ptr<int32_t>(), *a = g.adapters.data_ptr<int32_t>();
+  const int64_t n = g.adapters.numel();
+  for (int64_t i = 0; i <= n; ++i)
+    TORCH_CHECK(s[i] >= (i == 0 ? 0 : s[i - 1]) && s[i] <= tokens, "sgmv: seg_starts must rise from >= 0 to at most ",
+                "the ", tokens, " tokens (segment s is rows [seg_starts[s], seg_starts[s + 1])); seg_starts[", i,
+                "] is ", s[i], i == 0 ? std::string() : " after " + std::to_string(s[i - 1]));
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(a[i] >= -1 && a[i] < slots, "sgmv: segment ", i, " has adapter slot ", a[i], "; the pool has ", slots,
+                " slots (-1: no adapter)");
+}
+
 // Calls fn(adapter, token) for every token of every group that has an adapter, groups in parallel.
 template <typename Fn>
 void for_each_token(const Groups& g, Fn fn) {
@@ -38,6 +54,7 @@ void for_each_token(const Groups& g, Fn fn) {
 
 void shrink_kernel(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v) {
   const int64_t in = x.size(1), width = v.size(1), max_rank = p.page_table.size(4), page = p.page_size;
+  check_groups(g, x.size(0), p.page_table.size(0));
   v.zero_();
   float* vp = v.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sgmv_shrink_cpu", [&] {
@@ -63,6 +80,7 @@ void shrink_kernel(const at::Tensor& x, const PoolView& p, const Groups& g, at::
 void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales, const Groups& g,
                    const std::vector<int64_t>& columns) {
   const int64_t ld = y.stride(0), width = v.size(1), max_rank = p.page_table.size(4), page = p.page_size;
+  check_groups(g, y.size(0), p.page_table.size(0));
   const float* vp = v.data_ptr<float>();
   const float* sp = scales.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "sgmv_expand_cpu", [&] {

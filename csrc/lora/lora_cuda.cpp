@@ -19,8 +19,8 @@ namespace {
 
 cuda::Pool pool_args(const PoolView& p) {
   const auto s = p.page_table.sizes();
-  return {p.arena.data_ptr(), p.page_table.data_ptr<int32_t>(), p.ranks.data_ptr<int32_t>(), s[1], s[2], s[4], s[5],
-          p.layer, p.modules.front(), log2_exact(p.page_size, "lora (CUDA): page_size")};
+  return {p.arena.data_ptr(), p.page_table.data_ptr<int32_t>(), p.ranks.data_ptr<int32_t>(), s[0], s[1], s[2], s[4],
+          s[5], p.layer, p.modules.front(), log2_exact(p.page_size, "lora (CUDA): page_size")};
 }
 
 static_assert(cuda::kModulesPerCall == static_cast<int>(kMaxModules));
@@ -33,9 +33,9 @@ cuda::Modules module_args(const PoolView& p, const std::vector<int64_t>& columns
   return m;
 }
 
-cuda::TokenGroups group_args(const Groups& g) {
+cuda::TokenGroups group_args(const Groups& g, int64_t tokens) {
   return {g.starts.data_ptr<int32_t>(), g.adapters.data_ptr<int32_t>(),
-          g.order.defined() ? g.order.data_ptr<int32_t>() : nullptr, g.adapters.numel()};
+          g.order.defined() ? g.order.data_ptr<int32_t>() : nullptr, g.adapters.numel(), tokens};
 }
 
 void check_groups(const Groups& g, const at::Tensor& act, int64_t max_rank, const char* op) {
@@ -52,7 +52,8 @@ void shrink_kernel(const at::Tensor& x, const PoolView& p, const Groups& g, at::
   check_groups(g, x, max_rank, "lora shrink");
   c10::cuda::CUDAGuard guard(x.device());
   cuda::shrink(x.data_ptr(), lorax::kernel_dtype(x.scalar_type(), "lora"), x.size(0), x.size(1), pool_args(p),
-               module_args(p, {}), group_args(g), v.data_ptr<float>(), max_rank, at::cuda::getCurrentCUDAStream());
+               module_args(p, {}), group_args(g, x.size(0)), v.data_ptr<float>(), max_rank,
+               at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -63,7 +64,7 @@ void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const 
   c10::cuda::CUDAGuard guard(y.device());
   cuda::expand(y.data_ptr(), lorax::kernel_dtype(y.scalar_type(), "lora"), y.size(0), y.stride(0),
                v.data_ptr<float>(), max_rank, pool_args(p), module_args(p, columns), scales.data_ptr<float>(),
-               group_args(g), at::cuda::getCurrentCUDAStream());
+               group_args(g, y.size(0)), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

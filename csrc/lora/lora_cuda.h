@@ -14,7 +14,7 @@ struct Pool {
   const void* arena;
   const int32_t* page_table;  // [slots, layers, modules, 2, max_rank, chunks]
   const int32_t* ranks;       // [slots, layers, modules]
-  int64_t layers, modules, max_rank_table, chunks;
+  int64_t slots, layers, modules, max_rank_table, chunks;
   int64_t layer, module;  // module: set per CTA from Modules
   int page_log2;
 };
@@ -30,10 +30,11 @@ struct Modules {
 };
 
 struct TokenGroups {
-  const int32_t* starts;    // [G + 1]
-  const int32_t* adapters;  // [G], -1 = none
+  const int32_t* starts;    // [G + 1]; the kernels clamp each group to positions [0, tokens)
+  const int32_t* adapters;  // [G], -1 = none (as is any index outside [0, slots))
   const int32_t* order;     // [T] or null (identity)
   int64_t count;            // G
+  int64_t tokens;           // T
 };
 
 // BGMV's grouping in one kernel: tokens bucketed by adapter index (-1 and indices outside [0, slots) = none).

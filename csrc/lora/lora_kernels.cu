@@ -90,6 +90,12 @@ __device__ __forceinline__ void copy_vec(T* dst, const T* src) {
   }
 }
 
+// Group k's adapter slot, or -1 for none (as for any index outside the pool).
+__device__ __forceinline__ int group_adapter(const TokenGroups& g, const Pool& p, int k) {
+  const int a = g.adapters[k];
+  return a >= 0 && a < p.slots ? a : -1;
+}
+
 // A CTA's tokens: positions [begin, begin + n) of the group order, all in group `group` (n = 0: no tile).
 struct TileRef {
   int group, begin, n;
@@ -103,12 +109,13 @@ template <int Tile>
 __device__ TileRef find_tile(const TokenGroups& g) {
   __shared__ TileRef found;
   if (threadIdx.x < 32) {
-    const int lane = threadIdx.x, want = static_cast<int>(blockIdx.x), count = static_cast<int>(g.count);
+    const int lane = threadIdx.x, want = static_cast<int>(blockIdx.x), count = static_cast<int>(g.count),
+              tokens = static_cast<int>(g.tokens);
     if (lane == 0) found = TileRef{0, 0, 0};
     __syncwarp();
     for (int k0 = 0, before = 0; k0 < count && before <= want; k0 += 32) {  // before: tiles of groups [0, k0)
-      const int k = k0 + lane, start = k < count ? g.starts[k] : 0;
-      const int len = k < count ? max(g.starts[k + 1] - start, 0) : 0, tiles = (len + Tile - 1) / Tile;
+      const int k = k0 + lane, start = k < count ? min(max(g.starts[k], 0), tokens) : 0;
+      const int len = k < count ? min(max(g.starts[k + 1], start), tokens) - start : 0, tiles = (len + Tile - 1) / Tile;
       const int end = before + warp_prefix_sum(tiles, lane), i = want - (end - tiles);  // i: tile within group k
       if (i >= 0 && want < end) found = TileRef{k, start + i * Tile, min(len - i * Tile, Tile)};
       before = __shfl_sync(0xffffffffu, end, 31);
@@ -128,7 +135,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   const TileRef tile = find_tile<kShrinkTile>(g);
   const int n = tile.n;
   if (n <= 0) return;
-  const int adapter = g.adapters[tile.group];
+  const int adapter = group_adapter(g, p, tile.group);
   const int2 mb = cta_module(mods, p);
   const int width = mods.count * max_rank;  // v's row: the modules' max_rank blocks side by side
   v += mb.x * max_rank;
@@ -223,7 +230,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   const TileRef tile = find_tile<kNarrowTile>(g);
   const int n = tile.n;
   if (n <= 0) return;
-  const int adapter = g.adapters[tile.group];
+  const int adapter = group_adapter(g, p, tile.group);
   const int2 mb = cta_module(mods, p);
   const int width = mods.count * max_rank;
   v += mb.x * max_rank;
@@ -302,7 +309,7 @@ __global__ void __launch_bounds__(kExpandThreads)
                   const float* __restrict__ scales, TokenGroups g) {
   const TileRef tile = find_tile<kExpandTile>(g);
   const int n = tile.n;
-  const int adapter = n > 0 ? g.adapters[tile.group] : -1;
+  const int adapter = n > 0 ? group_adapter(g, p, tile.group) : -1;
   if (adapter < 0) return;
   const int2 mb = cta_module(mods, p);
   const int width = mods.count * max_rank, out = static_cast<int>(mods.column[mb.x + 1] - mods.column[mb.x]);
