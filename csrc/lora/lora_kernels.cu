@@ -113,12 +113,15 @@ __device__ TileRef find_tile(const TokenGroups& g) {
               tokens = static_cast<int>(g.tokens);
     if (lane == 0) found = TileRef{0, 0, 0};
     __syncwarp();
-    for (int k0 = 0, before = 0; k0 < count && before <= want; k0 += 32) {  // before: tiles of groups [0, k0)
-      const int k = k0 + lane, start = k < count ? min(max(g.starts[k], 0), tokens) : 0;
+    // before: the tiles of groups [0, k0); covered: where they end. Groups past the last token are empty, so a CTA
+    // without a tile stops there instead of walking every group (BGMV has one per pool slot).
+    for (int k0 = 0, before = 0, covered = 0; k0 < count && before <= want && covered < tokens; k0 += 32) {
+      const int k = k0 + lane, start = k < count ? min(max(g.starts[k], 0), tokens) : tokens;
       const int len = k < count ? min(max(g.starts[k + 1], start), tokens) - start : 0, tiles = (len + Tile - 1) / Tile;
       const int end = before + warp_prefix_sum(tiles, lane), i = want - (end - tiles);  // i: tile within group k
       if (i >= 0 && want < end) found = TileRef{k, start + i * Tile, min(len - i * Tile, Tile)};
       before = __shfl_sync(0xffffffffu, end, 31);
+      covered = __shfl_sync(0xffffffffu, start + len, 31);
     }
   }
   __syncthreads();
