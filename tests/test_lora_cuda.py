@@ -51,6 +51,29 @@ def test_sgmv_cuda_equals_cpu(pools, lengths):
     assert_close(y_gpu.cpu(), y_cpu, scale=4)
 
 
+@pytest.mark.parametrize("count", [40, 100])
+def test_sgmv_cuda_many_segments(pools, count):
+    """More segments than find_tile's warp walks in one step, empty and multi-tile ones among them."""
+    cpu, gpu, dtype = pools
+    lengths = [(0, 3, 1, 17, 2, 40, 5)[i % 7] for i in range(count)]
+    seg = torch.tensor([i % (len(RANKS) + 1) - 1 for i in range(count)], dtype=torch.int32)
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    x, y = torch.randn(sum(lengths), 4096).to(dtype), torch.randn(sum(lengths), 1024).to(dtype)
+    y_gpu = sgmv(y.cuda(), x.cuda(), gpu, 0, "k_proj", starts.cuda(), seg.cuda())
+    assert_close(y_gpu.cpu(), sgmv(y.clone(), x, cpu, 0, "k_proj", starts, seg), scale=4)
+
+
+def test_sgmv_cuda_clamps_bad_segments(pools):
+    """The CPU op refuses segments past the rows or adapters outside the pool; CUDA clamps them (no check that would
+    wait for the GPU): the rows past the call are never touched and the adapter counts as none."""
+    cpu, gpu, dtype = pools
+    x, y = torch.randn(9, 4096).to(dtype), torch.randn(9, 1024).to(dtype)
+    seg = torch.tensor([1, 3, 99, 0], dtype=torch.int32)
+    expected = sgmv(y.clone(), x, cpu, 0, "k_proj", torch.tensor([0, 4, 9], dtype=torch.int32), seg[:2])
+    bad = torch.tensor([0, 4, 40, 50, 60], dtype=torch.int32)
+    assert_close(sgmv(y.cuda(), x.cuda(), gpu, 0, "k_proj", bad.cuda(), seg.cuda()).cpu(), expected, scale=4)
+
+
 @pytest.mark.parametrize("tokens", [1, 64, 65, 300])
 def test_bgmv_cuda_token_counts(pools, tokens):
     """One token (decode of one sequence) up to several tiles per adapter and two rank rows per warp (> 64)."""
