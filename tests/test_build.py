@@ -9,8 +9,8 @@ import lorax_core
 from lorax_core import _library
 
 OPS = ["nf4_quantize", "nf4_quantize_absmax", "nf4_dequantize_absmax", "nf4_dequantize", "nf4_linear",
-       "sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand", "sgmv", "bgmv", "kv_cache_write", "paged_attention_decode",
-       "rms_norm", "add_rms_norm", "rotary_embedding", "silu_mul"]
+       "sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand", "sgmv", "bgmv", "kv_cache_write",
+       "paged_attention_decode", "rms_norm", "add_rms_norm", "rotary_embedding", "silu_mul"]
 
 
 def test_ops_have_cpu_kernels():

@@ -168,8 +168,9 @@ def test_one_op_equals_shrink_then_expand(loaded, num_tokens):
         got = y.clone()
         getattr(lora, one)(got, x, *common, pool.scales, *index, *tail)
         assert torch.equal(got, expected), one
+    three = torch.zeros(3, dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"bgmv: y must have x's 3 rows, got \[2, 80\]"):
-        lora.bgmv(torch.randn(2, 80), torch.randn(3, 64), *common, pool.scales, torch.zeros(3, dtype=torch.int32), *tail)
+        lora.bgmv(torch.randn(2, 80), torch.randn(3, 64), *common, pool.scales, three, *tail)
 
 
 def test_bad_segments_get_clear_errors(loaded):
