@@ -58,9 +58,17 @@ using ExpandKernel = void (*)(at::Tensor& y, const at::Tensor& v, const PoolView
                               const Groups& g, const std::vector<int64_t>& columns);
 using GroupFn = Groups (*)(const at::Tensor& adapter_indices, int64_t slots);
 
-inline at::Tensor shrink_output(const at::Tensor& x, const PoolView& p) {  // v [T, modules * max_rank]
+// Checks x [T, in] against the pool and returns shrink's output, v [T, modules * max_rank] fp32, uninitialised.
+inline at::Tensor checked_shrink_output(const at::Tensor& x, const PoolView& p, const char* op) {
+  check_activations(x, p, op);
+  check_pool(p, std::vector<int64_t>(p.modules.size(), x.size(1)), 0, op);
   return at::empty({x.size(0), static_cast<int64_t>(p.modules.size()) * p.page_table.size(4)},
                    x.options().dtype(at::kFloat));
+}
+
+inline void check_indices(const at::Tensor& adapter_indices, int64_t tokens, const char* op) {
+  TORCH_CHECK(adapter_indices.numel() == tokens, op, ": ", adapter_indices.numel(), " adapter indices for ", tokens,
+              " tokens");
 }
 
 template <ShrinkKernel Shrink>
@@ -68,9 +76,7 @@ at::Tensor sgmv_shrink(const at::Tensor& x, const at::Tensor& arena, const at::T
                        const at::Tensor& ranks, const at::Tensor& seg_starts, const at::Tensor& seg_adapters,
                        int64_t layer, at::IntArrayRef modules, int64_t page_size) {
   PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
-  check_activations(x, p, "sgmv_shrink");
-  check_pool(p, std::vector<int64_t>(modules.size(), x.size(1)), 0, "sgmv_shrink");
-  at::Tensor v = shrink_output(x, p);
+  at::Tensor v = checked_shrink_output(x, p, "sgmv_shrink");
   Shrink(x.contiguous(), p, groups_from_segments(seg_starts, seg_adapters), v);
   return v;
 }
@@ -80,11 +86,8 @@ at::Tensor bgmv_shrink(const at::Tensor& x, const at::Tensor& arena, const at::T
                        const at::Tensor& ranks, const at::Tensor& adapter_indices, int64_t layer,
                        at::IntArrayRef modules, int64_t page_size) {
   PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
-  check_activations(x, p, "bgmv_shrink");
-  check_pool(p, std::vector<int64_t>(modules.size(), x.size(1)), 0, "bgmv_shrink");
-  TORCH_CHECK(adapter_indices.numel() == x.size(0), "bgmv_shrink: ", adapter_indices.numel(),
-              " adapter indices for ", x.size(0), " tokens");
-  at::Tensor v = shrink_output(x, p);
+  at::Tensor v = checked_shrink_output(x, p, "bgmv_shrink");
+  check_indices(adapter_indices, x.size(0), "bgmv_shrink");
   Shrink(x.contiguous(), p, Group(adapter_indices, page_table.size(0)), v);
   return v;
 }
@@ -105,8 +108,7 @@ void bgmv_expand(at::Tensor& y, const at::Tensor& v, const at::Tensor& arena, co
                  int64_t layer, at::IntArrayRef modules, at::IntArrayRef columns, int64_t page_size) {
   PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
   check_expand_inputs(y, v, scales, p, columns.vec(), "bgmv_expand");
-  TORCH_CHECK(adapter_indices.numel() == y.size(0), "bgmv_expand: ", adapter_indices.numel(),
-              " adapter indices for ", y.size(0), " tokens");
+  check_indices(adapter_indices, y.size(0), "bgmv_expand");
   Expand(y, v.contiguous(), p, scales.contiguous(), Group(adapter_indices, page_table.size(0)), columns.vec());
 }
 
@@ -114,11 +116,9 @@ void bgmv_expand(at::Tensor& y, const at::Tensor& v, const at::Tensor& arena, co
 template <ShrinkKernel Shrink, ExpandKernel Expand>
 void apply_lora(at::Tensor& y, const at::Tensor& x, const PoolView& p, const at::Tensor& scales, const Groups& g,
                 const std::vector<int64_t>& columns, const char* op) {
-  check_activations(x, p, op);
-  check_pool(p, std::vector<int64_t>(p.modules.size(), x.size(1)), 0, op);
+  at::Tensor v = checked_shrink_output(x, p, op);
   TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0), op, ": y must have x's ", x.size(0), " rows, got ",
               y.sizes());
-  at::Tensor v = shrink_output(x, p);
   check_expand_inputs(y, v, scales, p, columns, op);
   Shrink(x.contiguous(), p, g, v);
   Expand(y, v, p, scales.contiguous(), g, columns);
@@ -138,8 +138,7 @@ void bgmv(at::Tensor& y, const at::Tensor& x, const at::Tensor& arena, const at:
           const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& adapter_indices, int64_t layer,
           at::IntArrayRef modules, at::IntArrayRef columns, int64_t page_size) {
   PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
-  TORCH_CHECK(adapter_indices.numel() == x.size(0), "bgmv: ", adapter_indices.numel(), " adapter indices for ",
-              x.size(0), " tokens");
+  check_indices(adapter_indices, x.size(0), "bgmv");
   apply_lora<Shrink, Expand>(y, x, p, scales, Group(adapter_indices, page_table.size(0)), columns.vec(), "bgmv");
 }
 

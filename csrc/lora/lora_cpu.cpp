@@ -26,7 +26,7 @@ RowPages row_pages(const PoolView& p, int64_t adapter, int64_t module, int64_t a
 
 // SGMV's segments come from the caller: starts must rise from >= 0 to at most the call's tokens and adapters lie in
 // [-1, slots) (BGMV's groups do by construction). Reading them here costs nothing; the CUDA kernels clamp instead.
-void check_groups(const Groups& g, int64_t tokens, int64_t slots) {
+void check_segments(const Groups& g, int64_t tokens, int64_t slots) {
   const int32_t *s = g.starts.data_ptr<int32_t>(), *a = g.adapters.data_ptr<int32_t>();
   const int64_t n = g.adapters.numel();
   for (int64_t i = 0; i <= n; ++i)
@@ -54,7 +54,7 @@ void for_each_token(const Groups& g, Fn fn) {
 
 void shrink_kernel(const at::Tensor& x, const PoolView& p, const Groups& g, at::Tensor& v) {
   const int64_t in = x.size(1), width = v.size(1), max_rank = p.page_table.size(4), page = p.page_size;
-  check_groups(g, x.size(0), p.page_table.size(0));
+  check_segments(g, x.size(0), p.page_table.size(0));
   v.zero_();
   float* vp = v.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sgmv_shrink_cpu", [&] {
@@ -80,7 +80,7 @@ void shrink_kernel(const at::Tensor& x, const PoolView& p, const Groups& g, at::
 void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales, const Groups& g,
                    const std::vector<int64_t>& columns) {
   const int64_t ld = y.stride(0), width = v.size(1), max_rank = p.page_table.size(4), page = p.page_size;
-  check_groups(g, y.size(0), p.page_table.size(0));
+  check_segments(g, y.size(0), p.page_table.size(0));
   const float* vp = v.data_ptr<float>();
   const float* sp = scales.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "sgmv_expand_cpu", [&] {
