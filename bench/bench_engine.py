@@ -2,7 +2,8 @@
 transformers + PEFT (+ bitsandbytes 4-bit) generating with the same adapters in the same run.
 
 Reports decode milliseconds per step at batch 1, 8, 32, 64 (rank-16 adapters on every projection, chosen at
-random per request), decode tokens/s, and prefill tokens/s. Writes engine.md and engine.json under $OUT.
+random per request), decode tokens/s, and prefill tokens/s; NF4 decode at batch 1 and 8 once more with programmatic
+dependent launch off (csrc/common/launch.cuh), to measure what it gives. Writes engine.md and engine.json under $OUT.
 Run on a GPU machine: `python3 bench/bench_engine.py` (bench/gpu.sh does). Wall-clock timings over many steps,
 after a warm-up, with torch.cuda.synchronize around each timed region.
 """
@@ -59,9 +60,13 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def engine_rows(base: Path, adapters: dict, quantize: str | None) -> list[dict]:
+def engine_rows(base: Path, adapters: dict, quantize: str | None, batches=BATCHES, prefill: bool = True,
+                pdl: bool = True) -> list[dict]:
     from lorax_core import LLM, SamplingParams
+    from lorax_core._library import set_programmatic_launch
 
+    was = set_programmatic_launch(pdl)  # read by every launch, and baked into the CUDA graphs LLM captures
+    impl = "lorax" if pdl else "lorax, PDL off"
     llm = LLM(base, dtype="bfloat16", quantize=quantize, device="cuda", max_num_seqs=max(BATCHES))
     for name, path in adapters.items():
         llm.load_adapter(name, path)
@@ -70,7 +75,7 @@ def engine_rows(base: Path, adapters: dict, quantize: str | None) -> list[dict]:
     # every adapter into memory first: a batch whose adapters still load decodes its first requests meanwhile,
     # which could use up their max_tokens before the timed steps
     llm.generate([[3] * 8] * len(names), SamplingParams(max_tokens=1), adapters=names)
-    for batch in BATCHES:
+    for batch in batches:
         seqs = [llm.add_request([rng.randrange(3, 32000) for _ in range(PROMPT)], params, rng.choice(names))
                 for _ in range(batch)]
         while any(seq.first_token_time is None for seq in seqs):
@@ -80,17 +85,23 @@ def engine_rows(base: Path, adapters: dict, quantize: str | None) -> list[dict]:
         seconds = timed(lambda: [llm.step() for _ in range(DECODE_STEPS)]) / DECODE_STEPS
         for seq in seqs:
             llm.abort(seq)
-        rows.append(dict(impl="lorax", quant=quantize or "bf16", batch=batch, ms=seconds * 1e3,
+        rows.append(dict(impl=impl, quant=quantize or "bf16", batch=batch, ms=seconds * 1e3,
                          tokens_per_s=batch / seconds))
+    if prefill:
+        rows.append(prefill_row(llm, names, rng, params, impl, quantize))
+    del llm
+    torch.cuda.empty_cache()
+    set_programmatic_launch(was)
+    return rows
+
+
+def prefill_row(llm, names: list[str], rng: random.Random, params, impl: str, quantize: str | None) -> dict:
     seqs = [llm.add_request([rng.randrange(3, 32000) for _ in range(512)], params, rng.choice(names)) for _ in range(8)]
     prefill = timed(llm.step)
     for seq in seqs:
         llm.abort(seq)
-    rows.append(dict(impl="lorax", quant=quantize or "bf16", batch="prefill 8x512", ms=prefill * 1e3,
-                     tokens_per_s=8 * 512 / prefill))
-    del llm
-    torch.cuda.empty_cache()
-    return rows
+    return dict(impl=impl, quant=quantize or "bf16", batch="prefill 8x512", ms=prefill * 1e3,
+                tokens_per_s=8 * 512 / prefill)
 
 
 def hf_rows(model, names: list[str], quant: str) -> list[dict]:
@@ -113,7 +124,7 @@ def table(rows: list[dict]) -> str:
     hf = {(r["quant"], r["batch"]): r for r in rows if r["impl"] == "hf+peft"}
     lines = ["| engine | weights | batch | ms / step | tokens/s | vs HF+PEFT |", "|---|---|---|---|---|---|"]
     for r in rows:
-        base = hf.get((r["quant"], r["batch"])) if r["impl"] == "lorax" else None
+        base = hf.get((r["quant"], r["batch"])) if r["impl"] != "hf+peft" else None
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.1f}x" if base else "-"
         lines.append(f"| {r['impl']} | {r['quant']} | {r['batch']} | {r['ms']:.2f} | {r['tokens_per_s']:.0f} | {ratio} |")
     return "\n".join(lines)
@@ -132,6 +143,7 @@ def main() -> int:
     torch.cuda.empty_cache()
     rows += engine_rows(work / "base", adapters, None)
     rows += engine_rows(work / "base", adapters, "nf4")
+    rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 8), prefill=False, pdl=False)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(work / "base", quantization_config=bnb, device_map="cuda")

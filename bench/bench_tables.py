@@ -66,7 +66,7 @@ def write_tables(rows, out, header):
              "## nf4_linear (GB/s = bytes of codes + absmax + activations read)\n", nf4_linear_table(rows, copy_gbps),
              "\n\n## nf4_dequantize to bf16 (GB/s = codes + absmax read + bf16 written)\n", dequant_table(rows, copy_gbps),
              "\n\n## LoRA decode (BGMV), 64 adapters in the pool (GB/s = distinct adapters' A + B bytes)\n",
-             lora_table(rows, "lora_decode", ["paged", "contiguous", "loop", "gather_bmm"]),
+             lora_table(rows, "lora_decode", ["paged", "contiguous", "loop", "gather_bmm", "paged_pdl_off"]),
              "\n\n## LoRA prefill (SGMV), 4 segments\n", lora_table(rows, "lora_prefill", ["paged", "contiguous", "loop"]),
              "\n"]
     text = "\n".join(p for p in parts if p)

@@ -1,6 +1,7 @@
 """SGMV / BGMV (Punica's sweep, trimmed) against a per-adapter matmul loop (PEFT), gather + bmm over stacked padded
-weights, and our kernel on contiguous (unfragmented) pages, all in the same run. Shapes: h = 4096 (q_proj) for the
-whole sweep, and the MLP's 4096 -> 14336 (gate / up) and 14336 -> 4096 (down) at rank 16."""
+weights, our kernel on contiguous (unfragmented) pages, and our kernel with programmatic dependent launch off
+(BGMV is three kernels in a row: what PDL gives), all in the same run. Shapes: h = 4096 (q_proj) for the whole
+sweep, and the MLP's 4096 -> 14336 (gate / up) and 14336 -> 4096 (down) at rank 16."""
 import random
 
 import pytest
@@ -64,6 +65,16 @@ def setup(request):
 
 
 def run_case(benchmark, setup, impl, module, tokens, slots, segments=None):
+    from lorax_core._library import set_programmatic_launch
+
+    was = set_programmatic_launch(impl != "paged_pdl_off")  # read at each launch, kept by the CUDA graph
+    try:
+        return timed_case(benchmark, setup, impl, module, tokens, slots, segments)
+    finally:
+        set_programmatic_launch(was)
+
+
+def timed_case(benchmark, setup, impl, module, tokens, slots, segments):
     from lorax_core.ops import bgmv, sgmv
 
     rank, dense, pools, stacked = setup
@@ -78,8 +89,8 @@ def run_case(benchmark, setup, impl, module, tokens, slots, segments=None):
         state["layer"] = (state["layer"] + 1) % LAYERS
         return state["layer"]
 
-    if impl in ("paged", "contiguous"):
-        pool = pools[impl]
+    if impl in ("paged", "contiguous", "paged_pdl_off"):
+        pool = pools["contiguous" if impl == "contiguous" else "paged"]
         if segments is None:
             fn = lambda: bgmv(y, x, pool, layer(), module, slot_t)  # noqa: E731
         else:
@@ -101,7 +112,7 @@ def run_case(benchmark, setup, impl, module, tokens, slots, segments=None):
     return us, nbytes / us / 1e3, mode
 
 
-@pytest.mark.parametrize("impl", ["paged", "contiguous", "loop", "gather_bmm"])
+@pytest.mark.parametrize("impl", ["paged", "contiguous", "loop", "gather_bmm", "paged_pdl_off"])
 @pytest.mark.parametrize("case", DECODE, ids=lambda c: f"{c[0]}-r{c[1]}-t{c[2]}-{c[3]}")
 def test_bgmv_decode(benchmark, setup, impl, case):
     module, rank, tokens, popularity = case

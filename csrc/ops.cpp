@@ -63,6 +63,12 @@ TORCH_LIBRARY(lorax_core, m) {
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
 }
 
+#ifdef LORAX_WITH_CUDA
+namespace lorax {
+bool set_programmatic_launch(bool enabled);  // common/launch.cu
+}  // namespace lorax
+#endif
+
 namespace {
 bool built_with_cuda() {
 #ifdef LORAX_WITH_CUDA
@@ -71,9 +77,21 @@ bool built_with_cuda() {
   return false;
 #endif
 }
+
+bool set_programmatic_launch(bool enabled) {
+#ifdef LORAX_WITH_CUDA
+  return lorax::set_programmatic_launch(enabled);
+#else
+  (void)enabled;
+  return false;
+#endif
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lorax-core compiled ops; use them through torch.ops.lorax_core or lorax_core.ops";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
+  m.def("set_programmatic_launch", &set_programmatic_launch, pybind11::arg("enabled"),
+        "Programmatic dependent launch of later CUDA kernels on or off (csrc/common/launch.cuh); returns the "
+        "previous setting");
 }

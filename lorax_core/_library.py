@@ -23,3 +23,11 @@ def built_with_cuda() -> bool:
 def has_cuda_kernel(op: str) -> bool:
     """True when `torch.ops.lorax_core.<op>` has a CUDA kernel registered."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"lorax_core::{op}", "CUDA")
+
+
+def set_programmatic_launch(enabled: bool) -> bool:
+    """Turn programmatic dependent launch of our CUDA kernels on or off for later launches; returns the previous
+    setting. On by default, used on GPUs of compute capability 9.0+ with CUDA 12.4+ (csrc/common/launch.cuh):
+    each kernel launches while the one before it finishes. CUDA graphs keep what they captured. For A/B
+    measurements (bench/bench_engine.py --pdl off) and as a way out should a driver mishandle it."""
+    return bool(_C.set_programmatic_launch(enabled))

@@ -26,6 +26,18 @@ def test_cuda_kernels_registered_when_built_with_cuda():
         assert _library.has_cuda_kernel(op), op
 
 
+def test_programmatic_launch_switch():
+    """On by default where the kernels are built (each launch then asks whether the GPU and CUDA support it);
+    a CPU-only build has nothing to switch and always answers False."""
+    first = _library.set_programmatic_launch(False)
+    try:
+        assert first is _library.built_with_cuda()
+        assert _library.set_programmatic_launch(True) is False
+        assert _library.set_programmatic_launch(True) is _library.built_with_cuda()
+    finally:
+        _library.set_programmatic_launch(first)
+
+
 def test_import_without_extension_says_how_to_build():
     hide_ext = textwrap.dedent(
         """

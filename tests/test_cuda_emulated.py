@@ -1,7 +1,7 @@
 """Our CUDA kernels run on the CPU by the emulator in tests/cuda_emu, against the CPU ops.
 
 CI has no GPU, and some kernels are written in sessions that have none. The emulator compiles the kernels and
-their host code (unchanged but for the launch syntax) as C++, runs each CUDA thread as a fiber, and builds them with
+their host code (unchanged) as C++, runs each CUDA thread as a fiber, and builds them with
 AddressSanitizer and UndefinedBehaviorSanitizer. It catches indexing errors and wrong results, loads and stores out
 of bounds or misaligned, a missing __syncthreads that a reversed thread order exposes, deadlocks, and launch shapes
 a GPU refuses; not timing, lockstep warps or the memory model (tests/cuda_emu/cuda_emu.h says what it models).
@@ -52,6 +52,14 @@ def test_emulated_kernels():
     start = result.stderr.rfind("\n", 0, min(found)) + 1 if found else max(0, len(result.stderr) - 8000)
     stderr = result.stderr[start:start + 8000]
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-12000:]}\n{stderr}"
+
+
+def test_emulator_refuses_launches_past_lorax_launch():
+    """Kernels are launched with lorax::launch (programmatic dependent launch; the emulator checks each kernel's
+    pdl_prologue()), so a `<<<>>>` launch in csrc fails the emulated build with a message that says so."""
+    assert "pdl_prologue" in build.rewrite_kernels("__global__ void k() { pdl_prologue(); }", "x.cu")
+    with pytest.raises(ValueError, match="lorax::launch"):
+        build.rewrite_kernels("void f() { k<<<1, 32>>>(); }", "x.cu")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@
 
 #include "attention/attention_cuda.h"
 #include "common/convert.cuh"
+#include "common/launch.cuh"
 #include "common/warp.cuh"
 
 namespace lorax::attention::cuda {
@@ -29,6 +30,7 @@ template <typename T>
 __global__ void kv_cache_write_kernel(T* __restrict__ k_cache, T* __restrict__ v_cache, const T* __restrict__ k,
                                       const T* __restrict__ v, const int64_t* __restrict__ slot_mapping, int64_t row,
                                       int64_t k_stride, int64_t v_stride) {
+  pdl_prologue();
   const int64_t t = blockIdx.x, slot = slot_mapping[t];
   if (slot < 0) return;
   for (int64_t i = threadIdx.x; i < row; i += blockDim.x) {
@@ -41,6 +43,7 @@ template <typename T>
 __global__ void general_kernel(const T* __restrict__ q, T* __restrict__ out, Cache c,
                                const int32_t* __restrict__ tables, int64_t max_blocks,
                                const int32_t* __restrict__ lens, float scale, int64_t window) {
+  pdl_prologue();
   __shared__ float max_w[kWarps], sum_w[kWarps];
   __shared__ float warp_acc[kWarps][kMaxPerLane * 32];
   const int64_t h = blockIdx.x, b = blockIdx.y, heads = gridDim.x, D = c.head_dim;
@@ -103,9 +106,8 @@ template <typename T>
 void launch_write(void* kc, void* vc, const void* k, const void* v, const int64_t* slots, int64_t tokens, int64_t row,
                   int64_t k_stride, int64_t v_stride, cudaStream_t stream) {
   if (tokens == 0) return;
-  kv_cache_write_kernel<T><<<tokens, 128, 0, stream>>>(static_cast<T*>(kc), static_cast<T*>(vc),
-                                                       static_cast<const T*>(k), static_cast<const T*>(v), slots, row,
-                                                       k_stride, v_stride);
+  launch(kv_cache_write_kernel<T>, tokens, 128, 0, stream, static_cast<T*>(kc), static_cast<T*>(vc),
+         static_cast<const T*>(k), static_cast<const T*>(v), slots, row, k_stride, v_stride);
 }
 
 constexpr int kThreads = 128;
@@ -124,6 +126,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
                                                          const int32_t* __restrict__ tables, int64_t max_blocks,
                                                          const int32_t* __restrict__ lens, int group, float scale,
                                                          int64_t window, Partials part) {
+  pdl_prologue();
   constexpr int VEC = 16 / sizeof(T), D = TPP * VEC, PPP = kThreads / TPP, CHUNK = PPP * kPasses;
   __shared__ float q_s[kMaxGroup][D];
   __shared__ float p_s[kMaxGroup][CHUNK];
@@ -262,6 +265,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
 // Merges the splits of one (head, sequence): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
 template <typename T>
 __global__ void combine_kernel(T* __restrict__ out, Partials part, int64_t splits, int64_t D) {
+  pdl_prologue();
   const int64_t bh = blockIdx.x;
   const float* m = part.max + bh * splits;
   const float* l = part.sum + bh * splits;
@@ -297,8 +301,8 @@ void launch_decode(const void* q, void* out, const Cache& c, const int32_t* tabl
   const int tpp = split_tpp(c, heads, sizeof(T));
   if (tpp == 0) {
     const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(batch));
-    general_kernel<T><<<grid, kWarps * 32, 0, stream>>>(static_cast<const T*>(q), static_cast<T*>(out), c, tables,
-                                                        max_blocks, lens, scale, window);
+    launch(general_kernel<T>, grid, kWarps * 32, 0, stream, static_cast<const T*>(q), static_cast<T*>(out), c, tables,
+           max_blocks, lens, scale, window);
     return;
   }
   const int64_t rows = batch * heads;
@@ -306,15 +310,15 @@ void launch_decode(const void* q, void* out, const Cache& c, const int32_t* tabl
   const dim3 grid(static_cast<unsigned>(c.kv_heads), static_cast<unsigned>(batch), static_cast<unsigned>(splits));
   const int group = static_cast<int>(heads / c.kv_heads);
   auto run = [&](auto kernel) {
-    kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(q), static_cast<T*>(out), c, tables, max_blocks, lens,
-                                          group, scale, window, part);
+    launch(kernel, grid, kThreads, 0, stream, static_cast<const T*>(q), static_cast<T*>(out), c, tables, max_blocks,
+           lens, group, scale, window, part);
   };
   if (tpp == 8) run(split_kernel<T, 8>);
   if (tpp == 16) run(split_kernel<T, 16>);
   if (tpp == 32) run(split_kernel<T, 32>);
   if (splits > 1)
-    combine_kernel<T><<<static_cast<unsigned>(rows), static_cast<unsigned>(std::min<int64_t>(c.head_dim, 256)), 0,
-                        stream>>>(static_cast<T*>(out), part, splits, c.head_dim);
+    launch(combine_kernel<T>, static_cast<unsigned>(rows), static_cast<unsigned>(std::min<int64_t>(c.head_dim, 256)), 0,
+           stream, static_cast<T*>(out), part, splits, c.head_dim);
 }
 
 }  // namespace

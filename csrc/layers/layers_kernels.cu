@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "common/convert.cuh"
+#include "common/launch.cuh"
 #include "common/warp.cuh"
 #include "layers/layers_cuda.h"
 
@@ -41,6 +42,7 @@ template <typename T>
 __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ residual,
                                 int64_t residual_stride, const T* __restrict__ weight, T* __restrict__ out,
                                 T* __restrict__ sum, int cols, float eps) {
+  pdl_prologue();
   const int64_t row = blockIdx.x;
   const T* xr = x + row * x_stride;
   const T* rr = residual != nullptr ? residual + row * residual_stride : nullptr;
@@ -64,6 +66,7 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride, const
 template <typename T>
 __global__ void rotary_kernel(Rotating q, Rotating k, const T* __restrict__ cos, const T* __restrict__ sin,
                               const int64_t* __restrict__ positions, int half) {
+  pdl_prologue();
   const int64_t t = blockIdx.x;
   const T* c = cos + positions[t] * 2 * half;
   const T* s = sin + positions[t] * 2 * half;
@@ -88,6 +91,7 @@ constexpr int kSiluThreads = 256, kSiluPerThread = 4;
 template <typename T>
 __global__ void silu_mul_kernel(const T* __restrict__ gate, int64_t gate_stride, const T* __restrict__ up,
                                 int64_t up_stride, T* __restrict__ out, int64_t cols) {
+  pdl_prologue();
   const int64_t row = blockIdx.x;
   const T* g = gate + row * gate_stride;
   const T* u = up + row * up_stride;
@@ -111,9 +115,9 @@ void launch_rms_norm(const void* x, int64_t x_stride, const void* residual, int6
   if (rows == 0) return;
   // about eight elements per thread, whole warps, at most 1024 threads
   const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, (cols / 8 + 31) / 32 * 32)));
-  rms_norm_kernel<T><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-      static_cast<const T*>(x), x_stride, static_cast<const T*>(residual), residual_stride,
-      static_cast<const T*>(weight), static_cast<T*>(out), static_cast<T*>(sum), static_cast<int>(cols), eps);
+  launch(rms_norm_kernel<T>, static_cast<unsigned>(rows), threads, 0, stream, static_cast<const T*>(x), x_stride,
+         static_cast<const T*>(residual), residual_stride, static_cast<const T*>(weight), static_cast<T*>(out),
+         static_cast<T*>(sum), static_cast<int>(cols), eps);
 }
 
 template <typename T>
@@ -122,8 +126,8 @@ void launch_rotary(Rotating q, Rotating k, const void* cos, const void* sin, con
   const int64_t pairs = (q.heads + k.heads) * head_dim / 2;
   if (tokens == 0 || pairs == 0) return;
   const int threads = static_cast<int>(std::min<int64_t>(512, (pairs + 31) / 32 * 32));
-  rotary_kernel<T><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
-      q, k, static_cast<const T*>(cos), static_cast<const T*>(sin), positions, static_cast<int>(head_dim / 2));
+  launch(rotary_kernel<T>, static_cast<unsigned>(tokens), threads, 0, stream, q, k, static_cast<const T*>(cos),
+         static_cast<const T*>(sin), positions, static_cast<int>(head_dim / 2));
 }
 
 template <typename T>
@@ -132,9 +136,8 @@ void launch_silu_mul(const void* gate, int64_t gate_stride, const void* up, int6
   if (rows == 0 || cols == 0) return;
   const dim3 grid(static_cast<unsigned>(rows),
                   static_cast<unsigned>((cols + kSiluThreads * kSiluPerThread - 1) / (kSiluThreads * kSiluPerThread)));
-  silu_mul_kernel<T><<<grid, kSiluThreads, 0, stream>>>(static_cast<const T*>(gate), gate_stride,
-                                                        static_cast<const T*>(up), up_stride, static_cast<T*>(out),
-                                                        cols);
+  launch(silu_mul_kernel<T>, grid, kSiluThreads, 0, stream, static_cast<const T*>(gate), gate_stride,
+         static_cast<const T*>(up), up_stride, static_cast<T*>(out), cols);
 }
 
 }  // namespace

@@ -80,6 +80,7 @@ Groups group_kernel(const at::Tensor& adapter_indices, int64_t slots) {
   c10::cuda::CUDAGuard guard(indices.device());
   cuda::group_by_adapter(indices.data_ptr<int32_t>(), indices.numel(), slots, starts.data_ptr<int32_t>(),
                          adapters.data_ptr<int32_t>(), order.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {starts, adapters, order};
 }
 

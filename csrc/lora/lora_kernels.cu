@@ -23,6 +23,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "common/convert.cuh"
+#include "common/launch.cuh"
 #include "common/warp.cuh"
 #include "lora/lora_cuda.h"
 
@@ -132,6 +133,7 @@ template <typename T, int VEC, int RPW>
 __global__ void __launch_bounds__(kShrinkWarps * 32)
     shrink_kernel(const T* __restrict__ x, int in, Pool p, Modules mods, TokenGroups g, float* __restrict__ v,
                   int max_rank) {
+  pdl_prologue();
   constexpr int kChunk = 32 * VEC * kShrinkUnroll;  // elements of `in` per step: one 16-byte load per lane per unroll
   __shared__ __align__(16) T xs[kShrinkTile][kChunk];  // the tile's x[:, k0 : k0 + kChunk)
   __shared__ int tok[kShrinkTile];
@@ -227,6 +229,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kShrinkWarps * 32)
     shrink_narrow_kernel(const T* __restrict__ x, int in, Pool p, Modules mods, TokenGroups g,
                          float* __restrict__ v, int max_rank) {
+  pdl_prologue();
   constexpr int kStep = kShrinkWarps * 32 * VEC * kNarrowUnroll;  // elements of `in` per step
   __shared__ float part[kShrinkWarps][kNarrowRows][kNarrowTile];
   __shared__ int tok[kNarrowTile];
@@ -310,6 +313,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kExpandThreads)
     expand_kernel(T* __restrict__ y, int64_t ld, const float* __restrict__ v, int max_rank, Pool p, Modules mods,
                   const float* __restrict__ scales, TokenGroups g) {
+  pdl_prologue();
   const TileRef tile = find_tile<kExpandTile>(g);
   const int n = tile.n;
   const int adapter = n > 0 ? group_adapter(g, p, tile.group) : -1;
@@ -378,6 +382,7 @@ __global__ void __launch_bounds__(kExpandThreads)
 __global__ void __launch_bounds__(kGroupThreads)
     group_kernel(const int32_t* __restrict__ indices, int tokens, int slots, int32_t* __restrict__ starts,
                  int32_t* __restrict__ adapters, int32_t* __restrict__ order) {
+  pdl_prologue();
   using Scan = cub::BlockScan<int, kGroupThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   extern __shared__ int buckets[];  // count [K], then cursor [K]
@@ -423,8 +428,8 @@ template <typename T, int VEC, int RPW>
 void launch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, const Modules& m, const TokenGroups& g,
                    float* v, int64_t max_rank, cudaStream_t stream) {
   dim3 grid(tile_bound(tokens, g.count, kShrinkTile), m.count * ceil_div(max_rank, kShrinkWarps * RPW));
-  shrink_kernel<T, VEC, RPW><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, m, g, v,
-                                                                     max_rank);
+  launch(shrink_kernel<T, VEC, RPW>, grid, kShrinkWarps * 32, 0, stream, static_cast<const T*>(x), in, p, m, g, v,
+         max_rank);
 }
 
 template <typename T>
@@ -435,11 +440,11 @@ void dispatch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, c
   if (tokens <= kNarrowMaxTokens) {  // decode: warps split `in`, so a row is a step of loads, not several
     dim3 grid(tile_bound(tokens, g.count, kNarrowTile), m.count * ceil_div(max_rank, kNarrowRows));
     if (vec) {
-      shrink_narrow_kernel<T, kVec><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, m, g, v,
-                                                                           max_rank);
+      launch(shrink_narrow_kernel<T, kVec>, grid, kShrinkWarps * 32, 0, stream, static_cast<const T*>(x), in, p, m, g,
+             v, max_rank);
     } else {
-      shrink_narrow_kernel<T, 1><<<grid, kShrinkWarps * 32, 0, stream>>>(static_cast<const T*>(x), in, p, m, g, v,
-                                                                        max_rank);
+      launch(shrink_narrow_kernel<T, 1>, grid, kShrinkWarps * 32, 0, stream, static_cast<const T*>(x), in, p, m, g, v,
+             max_rank);
     }
     return;
   }
@@ -457,8 +462,8 @@ void launch_expand(void* y, int64_t tokens, int64_t ld, const float* v, int64_t 
   for (int i = 0; i < m.count; ++i) widest = std::max(widest, m.column[i + 1] - m.column[i]);
   dim3 grid(tile_bound(tokens, g.count, kExpandTile), m.count * ceil_div(widest, kExpandThreads * VEC));
   const size_t smem = sizeof(float) * kExpandTile * max_rank;
-  expand_kernel<T, VEC><<<grid, kExpandThreads, smem, stream>>>(static_cast<T*>(y), ld, v, max_rank, p, m, scales,
-                                                                g);
+  launch(expand_kernel<T, VEC>, grid, kExpandThreads, smem, stream, static_cast<T*>(y), ld, v, max_rank, p, m, scales,
+         g);
 }
 
 template <typename T>
@@ -478,7 +483,7 @@ void dispatch_expand(void* y, int64_t tokens, int64_t ld, const float* v, int64_
 void group_by_adapter(const int32_t* indices, int64_t tokens, int64_t slots, int32_t* starts, int32_t* adapters,
                       int32_t* order, cudaStream_t stream) {
   const size_t smem = sizeof(int) * 2 * (slots + 1);
-  group_kernel<<<1, kGroupThreads, smem, stream>>>(indices, tokens, slots, starts, adapters, order);
+  launch(group_kernel, 1, kGroupThreads, smem, stream, indices, tokens, slots, starts, adapters, order);
 }
 
 void shrink(const void* x, DType dtype, int64_t tokens, int64_t in, const Pool& p, const Modules& m,

@@ -1,6 +1,7 @@
 // NF4 ops on CUDA: tensor checks and allocation here, kernels in nf4_kernels.cu.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/accumulate.h>
 #include <torch/library.h>
@@ -57,6 +58,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_cuda(const at::Tensor& x, int64_t bl
   at::Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, x.options().dtype(at::kFloat));
   cuda::quantize(xf.data_ptr<float>(), n, log2_exact(blocksize, "nf4 (CUDA): blocksize"),
                  codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {codes, absmax};
 }
 
@@ -69,9 +71,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_absmax_cuda(const at::Tensor& absmax
   const int64_t n = a.numel();
   at::Tensor q = at::empty({n}, a.options().dtype(at::kByte));
   at::Tensor absmax2 = at::empty({(n + blocksize - 1) / blocksize}, a.options());
-  if (n > 0)
+  if (n > 0) {
     cuda::quantize_absmax(a.data_ptr<float>(), n, c.data_ptr<float>(), blocksize, q.data_ptr<uint8_t>(),
                           absmax2.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return {q, absmax2};
 }
 
@@ -80,8 +84,10 @@ at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax, const at::Tensor& c
   c10::cuda::CUDAGuard guard(qabsmax.device());
   AbsmaxHold h = absmax_args(qabsmax, make_absmax_state(qabsmax, code2, absmax2, offset, blocksize2));
   at::Tensor out = at::empty({qabsmax.numel()}, qabsmax.options().dtype(at::kFloat));
-  if (out.numel() > 0)
+  if (out.numel() > 0) {
     cuda::dequantize_absmax(h.args, out.numel(), out.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return out;
 }
 
@@ -90,9 +96,11 @@ at::Tensor dequantize_impl(const at::Tensor& codes, const AbsmaxHold& h, int64_t
   check_nf4_sizes("nf4_dequantize", codes, h.absmax.numel(), blocksize, numel);
   at::Tensor c = aligned16(codes);
   at::Tensor out = at::empty({numel}, codes.options().dtype(dtype));
-  if (numel > 0)
+  if (numel > 0) {
     cuda::dequantize(c.data_ptr<uint8_t>(), h.args, log2_exact(blocksize, "nf4 (CUDA): blocksize"), numel,
                      lorax::kernel_dtype(dtype, "nf4"), out.data_ptr(), at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   return out;
 }
 
@@ -135,6 +143,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   cuda::gemm(xc.data_ptr(), dt, M, K, c.data_ptr<uint8_t>(), h.args, log2_exact(blocksize, "nf4 (CUDA): blocksize"),
              N, b ? b->data_ptr() : nullptr, ws.data_ptr<float>(), num_sms, y.data_ptr(),
              at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
 

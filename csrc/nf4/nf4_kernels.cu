@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "common/convert.cuh"
+#include "common/launch.cuh"
 #include "common/mma.cuh"
 #include "common/warp.cuh"
 #include "nf4/nf4_cuda.h"
@@ -67,6 +68,7 @@ __device__ __forceinline__ float read_absmax(const AbsmaxArgs& a, const Tables& 
 // One warp per quantization block.
 __global__ void quantize_kernel(const float* __restrict__ x, int64_t n, int bs_log2, int64_t blocks,
                                 uint8_t* __restrict__ codes, float* __restrict__ absmax) {
+  pdl_prologue();
   constexpr float kValues[kNumCodes] = LORAX_NF4_VALUES;
   const int lane = threadIdx.x % 32;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -93,6 +95,7 @@ __global__ void quantize_kernel(const float* __restrict__ x, int64_t n, int bs_l
 // One CTA per block of the 8-bit absmax quantization (bitsandbytes' grid search, see nf4_table.h).
 __global__ void quantize_absmax_kernel(const float* __restrict__ a, int64_t n, const float* __restrict__ code,
                                        int64_t bs, uint8_t* __restrict__ q, float* __restrict__ absmax2) {
+  pdl_prologue();
   __shared__ float mids[255];
   __shared__ float scratch[32];
   for (int j = threadIdx.x; j < 255; j += blockDim.x) mids[j] = __fmul_rn(__fadd_rn(code[j], code[j + 1]), 0.5f);
@@ -109,6 +112,7 @@ __global__ void quantize_absmax_kernel(const float* __restrict__ a, int64_t n, c
 }
 
 __global__ void dequantize_absmax_kernel(AbsmaxArgs a, int64_t blocks, float* __restrict__ out) {
+  pdl_prologue();
   __shared__ Tables t;
   load_tables(t, a);
   for (int64_t b = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; b < blocks; b += int64_t{gridDim.x} * blockDim.x)
@@ -146,6 +150,7 @@ __device__ __forceinline__ void store8<float>(float* dst, const float (&v)[8]) {
 template <typename T>
 __global__ void dequantize_kernel(const uint8_t* __restrict__ codes, AbsmaxArgs a, int bs_log2, int64_t n,
                                   T* __restrict__ out) {
+  pdl_prologue();
   __shared__ Tables t;
   load_tables(t, a);
   const int64_t chunks = (n + 7) / 8;
@@ -192,6 +197,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_kernel(const T* __restrict__
                                                            const uint8_t* __restrict__ codes, AbsmaxArgs a,
                                                            int bs_log2, int N, int kt_per_split,
                                                            float* __restrict__ ws) {
+  pdl_prologue();
   __shared__ Tables t;
   __shared__ float red[kWarps][NT][32][4];
   load_tables(t, a);
@@ -287,6 +293,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemm_kernel(const T* __restrict__
 template <typename T>
 __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits, int64_t MN, int N,
                                        const T* __restrict__ bias, T* __restrict__ y) {
+  pdl_prologue();
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < MN; i += int64_t{gridDim.x} * blockDim.x) {
     float s = bias != nullptr ? to_float(bias[i % N]) : 0.0f;
     for (int k = 0; k < splits; ++k) s += ws[k * MN + i];
@@ -324,6 +331,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
                                                                const uint8_t* __restrict__ codes, AbsmaxArgs a,
                                                                int bs_log2, int N, const T* __restrict__ bias,
                                                                T* __restrict__ y) {
+  pdl_prologue();
   __shared__ Tables t;
   load_tables(t, a);
   const int lane = threadIdx.x % 32, chunks = K / 32;
@@ -411,17 +419,17 @@ void launch_gemm(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
                  const T* bias, float* ws, int num_sms, T* y, cudaStream_t stream) {
   const SplitPlan p = plan_splits(N, K, num_sms);
   dim3 grid(N / kTileN, p.splits);
-  gemm_kernel<T, NT><<<grid, kWarps * 32, 0, stream>>>(x, M, K, codes, a, bs_log2, N, p.kt_per_split, ws);
+  launch(gemm_kernel<T, NT>, grid, kWarps * 32, 0, stream, x, M, K, codes, a, bs_log2, N, p.kt_per_split, ws);
   const int64_t MN = int64_t{M} * N;
-  splitk_epilogue_kernel<T><<<grid_for(MN, 256), 256, 0, stream>>>(ws, p.splits, MN, N, bias, y);
+  launch(splitk_epilogue_kernel<T>, grid_for(MN, 256), 256, 0, stream, ws, p.splits, MN, N, bias, y);
 }
 
 template <typename T, int MT>
 void launch_gemv(const T* x, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N, const T* bias,
                  T* y, cudaStream_t stream) {
   constexpr int kRowsPerCta = kGemvRows * kGemvWarps;
-  gemv_kernel<T, MT><<<(N + kRowsPerCta - 1) / kRowsPerCta, kGemvWarps * 32, 0, stream>>>(x, K, codes, a, bs_log2, N,
-                                                                                           bias, y);
+  launch(gemv_kernel<T, MT>, (N + kRowsPerCta - 1) / kRowsPerCta, kGemvWarps * 32, 0, stream, x, K, codes, a, bs_log2,
+         N, bias, y);
 }
 
 template <typename T>
@@ -450,18 +458,18 @@ void dispatch_gemm(const void* x_, int64_t M, int64_t K, const uint8_t* codes, c
 void quantize(const float* x, int64_t n, int blocksize_log2, uint8_t* codes, float* absmax, cudaStream_t stream) {
   const int64_t blocks = (n + (int64_t{1} << blocksize_log2) - 1) >> blocksize_log2;
   constexpr int kThreads = 256, kBlocksPerCta = kThreads / 32;
-  quantize_kernel<<<(blocks + kBlocksPerCta - 1) / kBlocksPerCta, kThreads, 0, stream>>>(x, n, blocksize_log2,
-                                                                                         blocks, codes, absmax);
+  launch(quantize_kernel, (blocks + kBlocksPerCta - 1) / kBlocksPerCta, kThreads, 0, stream, x, n, blocksize_log2,
+         blocks, codes, absmax);
 }
 
 void quantize_absmax(const float* absmax, int64_t n, const float* code, int64_t blocksize, uint8_t* q,
                      float* absmax2, cudaStream_t stream) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
-  quantize_absmax_kernel<<<blocks, 256, 0, stream>>>(absmax, n, code, blocksize, q, absmax2);
+  launch(quantize_absmax_kernel, blocks, 256, 0, stream, absmax, n, code, blocksize, q, absmax2);
 }
 
 void dequantize_absmax(const AbsmaxArgs& a, int64_t blocks, float* out, cudaStream_t stream) {
-  dequantize_absmax_kernel<<<grid_for(blocks, 256), 256, 0, stream>>>(a, blocks, out);
+  launch(dequantize_absmax_kernel, grid_for(blocks, 256), 256, 0, stream, a, blocks, out);
 }
 
 void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, int64_t n, DType dtype, void* out,
@@ -469,7 +477,7 @@ void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, i
   const int grid = grid_for((n + 7) / 8, 256);
   with_dtype(dtype, [&](auto t) {
     using T = decltype(t);
-    dequantize_kernel<T><<<grid, 256, 0, stream>>>(codes, a, blocksize_log2, n, static_cast<T*>(out));
+    launch(dequantize_kernel<T>, grid, 256, 0, stream, codes, a, blocksize_log2, n, static_cast<T*>(out));
   });
 }
 

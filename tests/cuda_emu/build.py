@@ -1,13 +1,13 @@
 """Builds our CUDA kernels for the CPU emulator (cuda_emu.h) as the op library `torch.ops.lorax_emu`.
 
 The sources of csrc/{lora,attention,layers,nf4} are copied and rewritten, never edited in place:
-- each .cu file gets cuda_emu.h first, its `k<<<grid, block, smem, stream>>>(args)` launches become
-  `::emu::launch(grid, block, smem, stream, [&] { k(args); })` and its `extern __shared__ T x[];` a pointer to
-  the launch's dynamic shared memory;
+- each .cu file gets cuda_emu.h first and its `extern __shared__ T x[];` becomes a pointer to the launch's dynamic
+  shared memory; kernels are launched with `lorax::launch` (csrc/common/launch.cuh), never `<<<>>>`, and the
+  emulator's launch.cuh runs them;
 - each *_cuda.cpp registers its kernels for the CPU under `lorax_emu` instead of for CUDA under `lorax_core`
   (ops.cpp's schemas are copied under that name), with stand-ins for the few ATen / c10 CUDA headers they use;
-- csrc/common/mma.cuh, the one header with inline PTX (the tensor-core mma), is replaced by the emulator's
-  mma.cuh.
+- the headers with inline PTX are replaced by the emulator's: csrc/common/mma.cuh (the tensor-core mma) by
+  mma.cuh, csrc/common/launch.cuh (programmatic dependent launch) by launch.cuh.
 So `torch.ops.lorax_emu.<op>(cpu tensors)` runs the same host code and kernels as `torch.ops.lorax_core.<op>`
 on a GPU.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
 FAMILIES = ("lora", "attention", "layers", "nf4")
-STAND_INS = {Path("common/mma.cuh"): HERE / "mma.cuh"}  # csrc headers replaced in the copy
+STAND_INS = {Path("common/mma.cuh"): HERE / "mma.cuh", Path("common/launch.cuh"): HERE / "launch.cuh"}
 
 
 def cuda_include_dirs() -> list[str]:
@@ -41,78 +41,15 @@ def cuda_include_dirs() -> list[str]:
     return (found[:1] + [d for d in dirs if os.path.isdir(d) and d not in found[:1]]) if found else []
 
 
-def _matching(text: str, i: int, open_: str, close: str) -> int:
-    """Index of the bracket closing the one at text[i]."""
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == open_:
-            depth += 1
-        elif text[j] == close:
-            depth -= 1
-            if depth == 0:
-                return j
-    raise ValueError(f"unbalanced {open_}{close} from offset {i}")
-
-
-def _split_top_level(text: str) -> list[str]:
-    parts, depth, start = [], 0, 0
-    for j, ch in enumerate(text):
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(text[start:j].strip())
-            start = j + 1
-    parts.append(text[start:].strip())
-    return parts
-
-
-def _kernel_start(text: str, end: int) -> int:
-    """Start of the kernel expression ending before text[end] (`name`, `ns::name`, `name<T, 8>`)."""
-    i = end
-    while text[i - 1].isspace():
-        i -= 1
-    if text[i - 1] == ">":  # template arguments
-        depth = 0
-        while True:
-            i -= 1
-            depth += {">": 1, "<": -1}.get(text[i], 0)
-            if depth == 0:
-                break
-    while i > 0 and (text[i - 1].isalnum() or text[i - 1] in "_:"):
-        i -= 1
-    return i
-
-
-def rewrite_launches(text: str) -> str:
-    """`k<<<g, b, s, st>>>(args);` -> `::emu::launch(g, b, s, st, [&] { k(args); });`"""
-    out, pos = [], 0
-    while (i := text.find("<<<", pos)) >= 0:
-        start = _kernel_start(text, i)
-        close = text.index(">>>", i)
-        config = _split_top_level(text[i + 3 : close])
-        config += ["0", "nullptr"][len(config) - 2 :]
-        paren = close + 3
-        while text[paren].isspace():
-            paren += 1
-        if text[paren] != "(":
-            raise ValueError(f"no arguments after the launch at offset {i}")
-        args_end = _matching(text, paren, "(", ")")
-        kernel = text[start:i].strip()
-        out.append(text[pos:start])
-        out.append(f"::emu::launch({', '.join(config)}, [&] {{ {kernel}{text[paren : args_end + 1]}; }})")
-        pos = args_end + 1
-    out.append(text[pos:])
-    return "".join(out)
-
-
 EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;")
 
 
-def rewrite_kernels(text: str) -> str:
+def rewrite_kernels(text: str, name: str) -> str:
+    if "<<<" in text:
+        raise ValueError(f"{name}: launch kernels with lorax::launch (csrc/common/launch.cuh), not <<<>>>: "
+                         "it adds programmatic dependent launch, and the emulator runs it")
     text = EXTERN_SHARED.sub(r"\1* const \2 = ::emu::dynamic_shared<\1>();", text)
-    return '#include "cuda_emu.h"\n' + rewrite_launches(text)
+    return '#include "cuda_emu.h"\n' + text
 
 
 def rewrite_host(text: str) -> str:
@@ -139,7 +76,7 @@ def _rewritten(path: Path) -> tuple[Path, str] | None:
     if path.parent.name not in FAMILIES:
         return None
     if path.suffix == ".cu":
-        return rel.with_suffix(".emu.cpp"), rewrite_kernels(text)
+        return rel.with_suffix(".emu.cpp"), rewrite_kernels(text, str(rel))
     if path.name.endswith("_cuda.cpp"):
         return rel, rewrite_host(text)
     if path.name.endswith("_common.cpp"):

@@ -1,8 +1,8 @@
 // A CPU emulator for our CUDA kernels, for tests on machines without a GPU (tests/cuda_emu/build.py).
 //
 // tests/cuda_emu/build.py compiles the .cu files as C++ with this header first, after rewriting each
-// `kernel<<<grid, block, smem, stream>>>(args)` into `::emu::launch(grid, block, smem, stream, [&] { kernel(args); })`
-// and each `extern __shared__ T name[];` into a pointer to the launch's dynamic shared memory.
+// `extern __shared__ T name[];` into a pointer to the launch's dynamic shared memory; their `lorax::launch` calls
+// (launch.cuh, the stand-in for csrc/common/launch.cuh) come to emu::launch below.
 //
 // Execution model: the blocks of a launch run one after another. The threads of a block are fibers on the
 // calling thread: each runs until it waits at a barrier (__syncthreads, __syncwarp, a warp shuffle) or
@@ -15,7 +15,8 @@
 //
 // It fails loudly on what a GPU would refuse or leave undefined and the CPU would not notice: blocks over 1024
 // threads, grid y / z over 65535, dynamic shared memory over 48 KiB, a full-mask shuffle after lanes of the
-// warp returned, a barrier that can never complete (deadlock).
+// warp returned, a barrier that can never complete (deadlock), a thread of a kernel launched with lorax::launch
+// that returns without having called pdl_prologue().
 //
 // Tensor-core mma (csrc/common/mma.cuh) is a warp exchange like a shuffle: tests/cuda_emu/mma.cuh stands in for
 // that header, and each lane computes its results from the warp's fragments.
@@ -70,6 +71,7 @@ struct Fiber {
   void* stack = nullptr;
   uint3 index{};
   bool started = false, done = false;
+  bool passed_prologue = false;  // called pdl_prologue() in this block
   const Barrier* waiting_on = nullptr;
   uint64_t waiting_phase = 0;
 };
@@ -154,6 +156,9 @@ T* dynamic_shared() {
 inline void fiber_main() {
   for (;;) {
     (*current_body)();
+    if (!current->passed_prologue)
+      fail("a thread returned without calling pdl_prologue(): every kernel launched with lorax::launch must call it "
+           "first (csrc/common/launch.cuh)");
     my_warp().barrier.leave();
     block->barrier.leave();
     current->done = true;
@@ -220,6 +225,7 @@ inline void launch(dim3 grid, dim3 threads, size_t shared_bytes, cudaStream_t /*
         std::fill(state.shared.begin(), state.shared.end(), 0xff);
         for (Fiber& f : fibers) {
           f.done = false;
+          f.passed_prologue = false;
           f.waiting_on = nullptr;
         }
         // round robin: run each fiber that is not waiting until it waits or returns
@@ -240,6 +246,7 @@ inline void launch(dim3 grid, dim3 threads, size_t shared_bytes, cudaStream_t /*
   current = nullptr;
 }
 
+inline void pdl_prologue() { current->passed_prologue = true; }
 inline void syncthreads() { block->barrier.wait(); }
 inline void syncwarp() { my_warp().barrier.wait(); }
 

@@ -1,0 +1,51 @@
+// Kernel launches with programmatic dependent launch (PDL, compute capability 9.0+): every kernel of ours is
+// launched with launch() and calls pdl_prologue() first.
+//
+// A decode step is hundreds of short kernels in a row, and between two of them the GPU idles while the next one
+// launches. With PDL the next kernel launches as soon as every CTA of the one before it has started: its CTAs
+// wait in pdl_prologue() until that kernel has finished and its writes are visible, then run. So the launch
+// overlaps the previous kernel's work, also inside a CUDA graph. Correctness needs only that a kernel touches no
+// memory before its prologue; where PDL is off (older GPUs or CUDA, or set_programmatic_launch(false)) the
+// prologue does nothing and launches are ordinary stream-ordered ones.
+// tests/cuda_emu/launch.cuh stands in for this header in the CPU emulator, which checks that every thread of
+// every kernel passes the prologue.
+#pragma once
+#include <cuda_runtime.h>
+
+namespace lorax {
+
+// First statement of every kernel: wait for the kernels before this one in the stream (griddepcontrol.wait:
+// until they have completed and their writes are visible), then let the next kernel start launching
+// (griddepcontrol.launch_dependents: its CTAs wait in their own prologue).
+__device__ __forceinline__ void pdl_prologue() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Whether launch() uses PDL on the current device: compute capability 9.0+, CUDA runtime and driver 12.4+ (stream
+// capture of PDL launches), and not turned off with set_programmatic_launch(false). Defined in launch.cu.
+bool programmatic_launch_enabled();
+
+// Turns PDL on or off for later launches (CUDA graphs keep what they captured); returns the previous setting.
+bool set_programmatic_launch(bool enabled);
+
+// kernel<<<grid, block, smem, stream>>>(args...), with PDL where programmatic_launch_enabled(). A launch error
+// is left for the caller's C10_CUDA_KERNEL_LAUNCH_CHECK(), as with <<<>>>.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute pdl[1];
+  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = pdl;
+  config.numAttrs = programmatic_launch_enabled() ? 1 : 0;
+  (void)cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
+}  // namespace lorax

@@ -1,0 +1,17 @@
+// Emulator stand-in for csrc/common/launch.cuh (build.py puts it in its place): launch() runs the kernel on the
+// emulator, and checks that every thread passes pdl_prologue() before it returns, as every kernel launched with
+// programmatic dependent launch must (on a GPU, a kernel that skipped it could read its inputs before the
+// kernel writing them had finished; here kernels run one after another, so only the missing call can show).
+#pragma once
+#include "cuda_emu.h"
+
+namespace lorax {
+
+inline void pdl_prologue() { ::emu::pdl_prologue(); }
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  ::emu::launch(grid, block, smem, stream, [&] { kernel(static_cast<Params>(args)...); });
+}
+
+}  // namespace lorax
