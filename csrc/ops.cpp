@@ -61,6 +61,11 @@ TORCH_LIBRARY(lorax_core, m) {
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor out, Tensor residual_out)");
   m.def("rotary_embedding(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor positions) -> ()");
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
+  // rotary_embedding, then kv_cache_write of the rotated k and v: what attention does before it reads the cache,
+  // in one CUDA kernel instead of two.
+  m.def(
+      "rotary_kv_cache_write(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor cos, Tensor sin, Tensor positions, "
+      "Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor slot_mapping) -> ()");
 }
 
 #ifdef LORAX_WITH_CUDA

@@ -363,6 +363,26 @@ def test_rotary_embedding_in_place(emu, dtype, heads, kv_heads, head_dim):
     assert torch.equal(got, expected)
 
 
+@emulated
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,tokens", [(8, 2, 128, 7), (4, 4, 64, 1), (3, 1, 80, 9)])
+def test_rotary_kv_cache_write(emu, dtype, heads, kv_heads, head_dim, tokens):
+    """The fused rotary + KV cache write on q, k, v views of a qkv output, some tokens without a slot: q, k and
+    both caches bit-identical to the CPU op."""
+    from lorax_core.ops import rotary_kv_cache_write
+    from test_layer_ops import qkv_views, rotary_cache_inputs
+
+    _needs(emu, "rotary_kv_cache_write")
+    qkv, caches, cos, sin, positions, slots = rotary_cache_inputs(tokens, heads, kv_heads, head_dim, dtype)
+    got = [t.clone() for t in (qkv, *caches)]
+    rotary_kv_cache_write(*qkv_views(qkv, heads, kv_heads, head_dim), cos, sin, positions, *caches, slots)
+    with emu():
+        rotary_kv_cache_write(*qkv_views(got[0], heads, kv_heads, head_dim), cos, sin, positions, got[1], got[2],
+                              slots)
+    for actual, expected in zip(got, (qkv, *caches)):
+        assert torch.equal(actual, expected)
+
+
 # ------------------------------------------------------------------------------------------------------ NF4
 
 @emulated

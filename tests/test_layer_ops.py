@@ -1,5 +1,5 @@
-"""Fused layer ops (rms_norm, add_rms_norm, rotary_embedding, silu_mul): CPU op == reference == transformers
-(bit for bit in fp16 / bf16, but for RMSNorm's rare one-ulp flips); CUDA op == CPU op."""
+"""Fused layer ops (rms_norm, add_rms_norm, rotary_embedding, rotary_kv_cache_write, silu_mul): CPU op == reference
+== transformers (bit for bit in fp16 / bf16, but for RMSNorm's rare one-ulp flips); CUDA op == CPU op."""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from conftest import FLOAT_DTYPES, assert_close
-from lorax_core.ops import add_rms_norm, reference, rms_norm, rotary_embedding, silu_mul
+from lorax_core.ops import add_rms_norm, reference, rms_norm, rotary_embedding, rotary_kv_cache_write, silu_mul
 
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 
@@ -66,6 +66,54 @@ def test_rotary_equals_reference_in_place_on_fused_qkv(tokens, heads, kv_heads, 
     reference.rotary_embedding(expected_q, expected_k, cos, sin, positions)
     rotary_embedding(q, k, cos, sin, positions)
     assert torch.equal(q, expected_q) and torch.equal(k, expected_k) and torch.equal(v, v_before)
+
+
+def rotary_cache_inputs(tokens, heads, kv_heads, head_dim, dtype, block_size=4, seed=0):
+    """(qkv, caches, cos, sin, positions, slot_mapping): a fused projection's output, random KV caches with a spare
+    slot per token, and slots in random order with every third token's -1 (not stored)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    blocks = tokens // block_size + 2
+    caches = [torch.randn(blocks, block_size, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2)]
+    cos, sin = (torch.randn(50, head_dim, generator=g).to(dtype) for _ in range(2))
+    positions = torch.randint(0, 50, (tokens,), generator=g)
+    slots = torch.randperm(blocks * block_size, generator=g)[:tokens]
+    slots[::3] = -1
+    return qkv, caches, cos, sin, positions, slots
+
+
+def qkv_views(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> list[torch.Tensor]:
+    """q [T, heads, D], k and v [T, kv_heads, D]: column slices of qkv (rows strided), as the model has them."""
+    parts = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return [p.view(qkv.shape[0], n, head_dim) for p, n in zip(parts, (heads, kv_heads, kv_heads))]
+
+
+@settings(max_examples=40, deadline=None)
+@given(tokens=st.integers(0, 9), heads=st.sampled_from([1, 4, 8]), kv_heads=st.sampled_from([1, 2]),
+       head_dim=st.sampled_from([2, 16, 64, 128]), dtype=st.sampled_from(FLOAT_DTYPES))
+def test_rotary_kv_cache_write_equals_the_two_ops(tokens, heads, kv_heads, head_dim, dtype):
+    """Rotate q and k of a fused qkv output in place, and store the rotated k and v: the reference's two steps."""
+    qkv, caches, cos, sin, positions, slots = rotary_cache_inputs(tokens, heads, kv_heads, head_dim, dtype)
+    expected_qkv, expected_caches = qkv.clone(), [c.clone() for c in caches]
+    q, k, v = qkv_views(expected_qkv, heads, kv_heads, head_dim)
+    reference.rotary_kv_cache_write(q, k, v, cos, sin, positions, *expected_caches, slots)
+    rotary_kv_cache_write(*qkv_views(qkv, heads, kv_heads, head_dim), cos, sin, positions, *caches, slots)
+    assert torch.equal(qkv, expected_qkv)
+    assert torch.equal(caches[0], expected_caches[0]) and torch.equal(caches[1], expected_caches[1])
+
+
+def test_rotary_kv_cache_write_refuses_bad_input_before_changing_anything():
+    qkv, caches, cos, sin, positions, slots = rotary_cache_inputs(5, 4, 2, 16, torch.float32)
+    before = [t.clone() for t in (qkv, *caches)]
+    q, k, v = qkv_views(qkv, 4, 2, 16)
+    total = caches[0].shape[0] * caches[0].shape[1]
+    with pytest.raises(RuntimeError, match=f"slot {total} of token 1 is outside the cache's {total} slots"):
+        rotary_kv_cache_write(q, k, v, cos, sin, positions, *caches, torch.tensor([0, total, 2, 3, -1]))
+    with pytest.raises(RuntimeError, match="position 50 of token 4 is outside the tables' 50 positions"):
+        rotary_kv_cache_write(q, k, v, cos, sin, torch.tensor([0, 1, 2, 3, 50]), *caches, slots)
+    with pytest.raises(RuntimeError, match=r"k and v must be \[tokens, 2, 16\]"):
+        rotary_kv_cache_write(q, k, v[:, :1], cos, sin, positions, *caches, slots)
+    assert all(torch.equal(t, b) for t, b in zip((qkv, *caches), before))
 
 
 @settings(max_examples=30, deadline=None)
@@ -130,8 +178,12 @@ def _opcheck_samples(device):
     q, k = qkv[:, :32].view(3, 2, 16), qkv[:, 32:48].view(3, 1, 16)
     cos, sin = torch.randn(8, 16, device=device), torch.randn(8, 16, device=device)
     positions = torch.tensor([1, 7, 0], device=device)
+    v = qkv[:, 48:].view(3, 1, 16)
+    caches = [torch.randn(2, 4, 1, 16, device=device) for _ in range(2)]
+    slots = torch.tensor([5, -1, 0], device=device)
     return [("rms_norm", (x, w, 1e-6)), ("add_rms_norm", (x, r, w, 1e-6)),
-            ("rotary_embedding", (q, k, cos, sin, positions)), ("silu_mul", (x, r))]
+            ("rotary_embedding", (q, k, cos, sin, positions)), ("silu_mul", (x, r)),
+            ("rotary_kv_cache_write", (q, k, v, cos, sin, positions, *caches, slots))]
 
 
 def test_opcheck():
@@ -175,3 +227,17 @@ def test_rotary_cuda_equals_cpu(dtype, heads, kv_heads, head_dim, tokens):
     rotary_embedding(*parts(gpu), cos.cuda(), sin.cuda(), positions.cuda())
     rotary_embedding(*parts(qkv), cos, sin, positions)
     assert torch.equal(gpu.cpu(), qkv)  # per-element products and sums, rounded as specified: exact
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (28, 4, 128), (4, 1, 256)])
+@pytest.mark.parametrize("tokens", [1, 5, 300])
+def test_rotary_kv_cache_write_cuda_equals_cpu(dtype, heads, kv_heads, head_dim, tokens):
+    qkv, caches, cos, sin, positions, slots = rotary_cache_inputs(tokens, heads, kv_heads, head_dim, dtype)
+    gpu = [t.cuda() for t in (qkv, *caches, cos, sin, positions, slots)]
+    rotary_kv_cache_write(*qkv_views(gpu[0], heads, kv_heads, head_dim), gpu[3], gpu[4], gpu[5], gpu[1], gpu[2],
+                          gpu[6])
+    rotary_kv_cache_write(*qkv_views(qkv, heads, kv_heads, head_dim), cos, sin, positions, *caches, slots)
+    for got, expected in zip(gpu[:3], (qkv, *caches)):
+        assert torch.equal(got.cpu(), expected)  # rounded as specified, copies exact

@@ -10,22 +10,31 @@
 #include "attention/attention.h"
 
 namespace lorax::attention {
-namespace {
 
-void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& slot_mapping) {
+CacheShape check_kv_cache_write_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
+                                    const at::Tensor& v, const at::Tensor& slot_mapping) {
   const CacheShape c = check_kv_cache_write(k_cache, v_cache, k, v, slot_mapping);
   const at::Tensor slots = slot_mapping.contiguous();
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  const int64_t total = c.blocks * c.block_size, row = c.kv_heads * c.head_dim;
+  const int64_t* sp = slots.const_data_ptr<int64_t>();
+  const int64_t total = c.blocks * c.block_size;
   for (int64_t t = 0; t < k.size(0); ++t)
     TORCH_CHECK(sp[t] < total, "kv_cache_write: slot ", sp[t], " of token ", t, " is outside the cache's ", total,
                 " slots");
+  return c;
+}
+
+void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& slot_mapping) {
+  const CacheShape c = check_kv_cache_write_cpu(k_cache, v_cache, k, v, slot_mapping);
+  const at::Tensor slots = slot_mapping.contiguous();
+  const int64_t total = c.blocks * c.block_size, row = c.kv_heads * c.head_dim;
   const at::Tensor kept = slots.ge(0).nonzero().squeeze(1);  // tokens that have a slot
   const at::Tensor dst = slots.index_select(0, kept);
   k_cache.view({total, row}).index_copy_(0, dst, k.reshape({-1, row}).index_select(0, kept));
   v_cache.view({total, row}).index_copy_(0, dst, v.reshape({-1, row}).index_select(0, kept));
 }
+
+namespace {
 
 template <typename T>
 void attend_one(const T* q, const T* kc, const T* vc, const int32_t* blocks, int64_t len, int64_t first,

@@ -9,6 +9,7 @@
 //   rotary:       x[i] = T(T(x[i] c[i]) - T(x[i+D/2] s[i])),  x[i+D/2] = T(T(x[i+D/2] c[i+D/2]) + T(x[i] s[i+D/2]))
 //                 with c, s = cos[p], sin[p] at the token's position (the "rotate_half" layout)
 //   silu_mul:     out = T(T(g / (1 + exp(-g))) * up)
+//   rotary_kv_cache_write: rotary on q and k, then kv_cache_write (attention/attention.h) of the rotated k and v
 // Rows may be strided (column slices of a fused projection's output); the last dimension must be contiguous.
 #pragma once
 #include <ATen/ATen.h>
@@ -29,5 +30,9 @@ Rows check_add_rms_norm(const at::Tensor& x, const at::Tensor& residual, const a
 RotaryShape check_rotary(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
                          const at::Tensor& positions);
 Rows check_silu_mul(const at::Tensor& gate, const at::Tensor& up);
+RotaryShape check_rotary_kv_cache_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                                        const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                        const at::Tensor& slot_mapping);
 
 }  // namespace lorax::layers

@@ -1,6 +1,7 @@
 // Input checks of the fused layer ops, shared by the CPU and CUDA kernels.
 #include "layers/layers.h"
 
+#include "attention/attention.h"
 #include "common/checks.h"
 
 namespace lorax::layers {
@@ -72,6 +73,16 @@ Rows check_silu_mul(const at::Tensor& gate, const at::Tensor& up) {
               up.scalar_type());
   CHECK_SAME_DEVICE(gate, up);
   return {gate.size(0), gate.size(1)};
+}
+
+RotaryShape check_rotary_kv_cache_write(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& positions,
+                                        const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                        const at::Tensor& slot_mapping) {
+  const RotaryShape r = check_rotary(q, k, cos, sin, positions);
+  attention::check_kv_cache_write(k_cache, v_cache, k, v, slot_mapping);
+  TORCH_CHECK(v.stride(2) == 1, "rotary_kv_cache_write: v must have contiguous head_dim, got strides ", v.strides());
+  return r;
 }
 
 }  // namespace lorax::layers

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "attention/attention.h"
 #include "layers/layers.h"
 
 namespace lorax::layers {
@@ -100,6 +101,16 @@ void rotary_embedding_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, c
   });
 }
 
+// Everything is checked before q or k changes: bad slots or positions leave all four tensors as they were.
+void rotary_kv_cache_write_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                               const at::Tensor& sin, const at::Tensor& positions, at::Tensor& k_cache,
+                               at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  check_rotary_kv_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping);
+  attention::check_kv_cache_write_cpu(k_cache, v_cache, k, v, slot_mapping);
+  rotary_embedding_cpu(q, k, cos, sin, positions);
+  attention::kv_cache_write_cpu(k_cache, v_cache, k, v, slot_mapping);
+}
+
 // ATen's own vectorized silu, then the product: the same roundings as layers.h, and faster on the CPU than a
 // scalar loop over exp.
 at::Tensor silu_mul_cpu(const at::Tensor& gate, const at::Tensor& up) {
@@ -114,6 +125,7 @@ TORCH_LIBRARY_IMPL(lorax_core, CPU, m) {
   m.impl("add_rms_norm", &add_rms_norm_cpu);
   m.impl("rotary_embedding", &rotary_embedding_cpu);
   m.impl("silu_mul", &silu_mul_cpu);
+  m.impl("rotary_kv_cache_write", &rotary_kv_cache_write_cpu);
 }
 
 }  // namespace lorax::layers

@@ -39,17 +39,34 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x, const 
   return {out, sum};
 }
 
+void launch_rotary(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+                   const at::Tensor& positions, const RotaryShape& r, const cuda::KvWrite& kv, const char* op) {
+  const at::Tensor pos = positions.contiguous();
+  cuda::rotary_embedding({q.data_ptr(), r.q_heads, q.stride(0), q.stride(1)},
+                         {k.data_ptr(), r.k_heads, k.stride(0), k.stride(1)}, cos.const_data_ptr(),
+                         sin.const_data_ptr(), pos.const_data_ptr<int64_t>(), r.tokens, r.head_dim, kv,
+                         kernel_dtype(q.scalar_type(), op), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Positions outside the tables are not checked on CUDA (that needs a device sync); they read out of bounds.
 void rotary_embedding_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
                            const at::Tensor& positions) {
   const RotaryShape r = check_rotary(q, k, cos, sin, positions);
   c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor pos = positions.contiguous();
-  cuda::rotary_embedding({q.data_ptr(), r.q_heads, q.stride(0), q.stride(1)},
-                         {k.data_ptr(), r.k_heads, k.stride(0), k.stride(1)}, cos.const_data_ptr(),
-                         sin.const_data_ptr(), pos.const_data_ptr<int64_t>(), r.tokens, r.head_dim,
-                         kernel_dtype(q.scalar_type(), "rotary_embedding"), at::cuda::getCurrentCUDAStream());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_rotary(q, k, cos, sin, positions, r, {}, "rotary_embedding");
+}
+
+// Nor are slots outside the cache (as in kv_cache_write): they write out of bounds.
+void rotary_kv_cache_write_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                                const at::Tensor& sin, const at::Tensor& positions, at::Tensor& k_cache,
+                                at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  const RotaryShape r = check_rotary_kv_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping);
+  c10::cuda::CUDAGuard guard(q.device());
+  const at::Tensor slots = slot_mapping.contiguous();
+  const cuda::KvWrite kv{k_cache.data_ptr(), v_cache.data_ptr(), slots.const_data_ptr<int64_t>(),
+                         {const_cast<void*>(v.const_data_ptr()), r.k_heads, v.stride(0), v.stride(1)}};
+  launch_rotary(q, k, cos, sin, positions, r, kv, "rotary_kv_cache_write");
 }
 
 at::Tensor silu_mul_cuda(const at::Tensor& gate, const at::Tensor& up) {
@@ -68,6 +85,7 @@ TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) {
   m.impl("rms_norm", &rms_norm_cuda);
   m.impl("add_rms_norm", &add_rms_norm_cuda);
   m.impl("rotary_embedding", &rotary_embedding_cuda);
+  m.impl("rotary_kv_cache_write", &rotary_kv_cache_write_cuda);
   m.impl("silu_mul", &silu_mul_cuda);
 }
 

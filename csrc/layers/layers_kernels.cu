@@ -1,7 +1,8 @@
 // Fused layer op CUDA kernels. Each is one pass over its rows: RMSNorm a CTA per row (a block-wide sum of
-// squares, then the scaled write), rotary a CTA per token (a thread per (head, pair of elements) of q and k),
-// silu_mul a grid over rows x column chunks. The roundings of layers.h are spelled out with the _rn intrinsics
-// so that nvcc does not contract them into FMAs: rotary is bit-identical to the CPU kernel.
+// squares, then the scaled write), rotary a CTA per token (a thread per (head, pair of elements) of q and k;
+// with a KV cache, the rotated k and v go to the token's slot too), silu_mul a grid over rows x column chunks.
+// The roundings of layers.h are spelled out with the _rn intrinsics so that nvcc does not contract them into
+// FMAs: rotary is bit-identical to the CPU kernel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -65,12 +66,14 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride, const
 
 template <typename T>
 __global__ void rotary_kernel(Rotating q, Rotating k, const T* __restrict__ cos, const T* __restrict__ sin,
-                              const int64_t* __restrict__ positions, int half) {
+                              const int64_t* __restrict__ positions, int half, KvWrite kv) {
   pdl_prologue();
   const int64_t t = blockIdx.x;
   const T* c = cos + positions[t] * 2 * half;
   const T* s = sin + positions[t] * 2 * half;
   const int64_t pairs = (q.heads + k.heads) * half;
+  const int64_t slot = kv.k_cache != nullptr ? kv.slot_mapping[t] : -1;
+  const int64_t row = k.heads * 2 * half;  // elements of a cache slot
   for (int64_t p = threadIdx.x; p < pairs; p += blockDim.x) {
     const int64_t h = p / half;
     const int i = static_cast<int>(p % half);
@@ -81,9 +84,20 @@ __global__ void rotary_kernel(Rotating q, Rotating k, const T* __restrict__ cos,
     const float a = rounded<T>(__fmul_rn(x1, to_float(c[i]))), b = rounded<T>(__fmul_rn(x2, to_float(s[i])));
     const float a2 = rounded<T>(__fmul_rn(x2, to_float(c[i + half])));
     const float b2 = rounded<T>(__fmul_rn(x1, to_float(s[i + half])));
-    v[i] = from_float<T>(__fsub_rn(a, b));
-    v[i + half] = from_float<T>(__fadd_rn(a2, b2));
+    const T lo = from_float<T>(__fsub_rn(a, b)), hi = from_float<T>(__fadd_rn(a2, b2));
+    v[i] = lo;
+    v[i + half] = hi;
+    if (!is_q && slot >= 0) {
+      T* cached = static_cast<T*>(kv.k_cache) + slot * row + (h - q.heads) * 2 * half;
+      cached[i] = lo;
+      cached[i + half] = hi;
+    }
   }
+  if (slot < 0) return;
+  const T* vt = static_cast<const T*>(kv.v.data) + t * kv.v.token_stride;
+  T* cached = static_cast<T*>(kv.v_cache) + slot * row;
+  for (int64_t e = threadIdx.x; e < row; e += blockDim.x)
+    cached[e] = vt[e / (2 * half) * kv.v.head_stride + e % (2 * half)];
 }
 
 constexpr int kSiluThreads = 256, kSiluPerThread = 4;
@@ -122,12 +136,12 @@ void launch_rms_norm(const void* x, int64_t x_stride, const void* residual, int6
 
 template <typename T>
 void launch_rotary(Rotating q, Rotating k, const void* cos, const void* sin, const int64_t* positions, int64_t tokens,
-                   int64_t head_dim, cudaStream_t stream) {
+                   int64_t head_dim, const KvWrite& kv, cudaStream_t stream) {
   const int64_t pairs = (q.heads + k.heads) * head_dim / 2;
   if (tokens == 0 || pairs == 0) return;
   const int threads = static_cast<int>(std::min<int64_t>(512, (pairs + 31) / 32 * 32));
   launch(rotary_kernel<T>, static_cast<unsigned>(tokens), threads, 0, stream, q, k, static_cast<const T*>(cos),
-         static_cast<const T*>(sin), positions, static_cast<int>(head_dim / 2));
+         static_cast<const T*>(sin), positions, static_cast<int>(head_dim / 2), kv);
 }
 
 template <typename T>
@@ -150,8 +164,10 @@ void rms_norm(const void* x, int64_t x_stride, const void* residual, int64_t res
 }
 
 void rotary_embedding(Rotating q, Rotating k, const void* cos, const void* sin, const int64_t* positions,
-                      int64_t tokens, int64_t head_dim, DType dtype, cudaStream_t stream) {
-  with_dtype(dtype, [&](auto t) { launch_rotary<decltype(t)>(q, k, cos, sin, positions, tokens, head_dim, stream); });
+                      int64_t tokens, int64_t head_dim, KvWrite kv, DType dtype, cudaStream_t stream) {
+  with_dtype(dtype, [&](auto t) {
+    launch_rotary<decltype(t)>(q, k, cos, sin, positions, tokens, head_dim, kv, stream);
+  });
 }
 
 void silu_mul(const void* gate, int64_t gate_stride, const void* up, int64_t up_stride, void* out, int64_t rows,

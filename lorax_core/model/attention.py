@@ -9,7 +9,7 @@ from torch import nn
 from lorax_core.model.context import ForwardContext
 from lorax_core.model.config import ModelConfig
 from lorax_core.model.layers import Projection, RotaryEmbedding
-from lorax_core.ops import kv_cache_write, paged_attention_decode
+from lorax_core.ops import paged_attention_decode
 
 
 class Attention(nn.Module):
@@ -28,8 +28,7 @@ class Attention(nn.Module):
         q = q.view(-1, self.heads, self.head_dim)
         k = k.view(-1, self.kv_heads, self.head_dim)
         v = v.view(-1, self.kv_heads, self.head_dim)
-        self.rotary(q, k, ctx.positions)
-        kv_cache_write(self.k_cache, self.v_cache, k, v, ctx.slot_mapping)
+        self.rotary(q, k, v, ctx.positions, self.k_cache, self.v_cache, ctx.slot_mapping)
         p = ctx.num_prefill_tokens
         if p == 0:
             out = self._decode(q, ctx)

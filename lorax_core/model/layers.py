@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lorax_core.model.context import ForwardContext
-from lorax_core.ops import add_rms_norm, rms_norm, rotary_embedding
+from lorax_core.ops import add_rms_norm, rms_norm, rotary_kv_cache_write
 
 
 class RMSNorm(nn.Module):
@@ -35,9 +35,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (emb.cos() * scaling).to(device, dtype), persistent=False)
         self.register_buffer("sin", (emb.sin() * scaling).to(device, dtype), persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> None:
-        """Rotate q [T, heads, D] and k [T, kv_heads, D] in place by positions [T]."""
-        rotary_embedding(q, k, self.cos, self.sin, positions)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Rotate q [T, heads, D] and k [T, kv_heads, D] in place by positions [T], then store k and v in their KV
+        cache slots (one op: one kernel on CUDA)."""
+        rotary_kv_cache_write(q, k, v, self.cos, self.sin, positions, k_cache, v_cache, slot_mapping)
 
 
 def rope_frequencies(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:

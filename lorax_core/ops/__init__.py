@@ -3,9 +3,9 @@
 `lorax_core.ops.reference` holds the plain-PyTorch reference of every op (the spec the tests check against).
 """
 from lorax_core.ops.attention import kv_cache_write, paged_attention_decode
-from lorax_core.ops.layers import add_rms_norm, rms_norm, rotary_embedding, silu_mul
+from lorax_core.ops.layers import add_rms_norm, rms_norm, rotary_embedding, rotary_kv_cache_write, silu_mul
 from lorax_core.ops.lora import bgmv, sgmv
 from lorax_core.ops.nf4 import nf4_dequantize, nf4_linear
 
 __all__ = ["add_rms_norm", "bgmv", "kv_cache_write", "nf4_dequantize", "nf4_linear", "paged_attention_decode",
-           "rms_norm", "rotary_embedding", "sgmv", "silu_mul"]
+           "rms_norm", "rotary_embedding", "rotary_kv_cache_write", "sgmv", "silu_mul"]

@@ -90,6 +90,11 @@ def _rotary_embedding(q, k, cos, sin, positions):
     return None
 
 
+@torch.library.register_fake("lorax_core::rotary_kv_cache_write")
+def _rotary_kv_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping):
+    return None
+
+
 @torch.library.register_fake("lorax_core::silu_mul")
 def _silu_mul(gate, up):
     return gate.new_empty(gate.shape)

@@ -42,6 +42,20 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
     torch.ops.lorax_core.rotary_embedding(q, k, cos, sin, positions)
 
 
+def rotary_kv_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+    """Rotate q and k in place, then store the rotated k and v in the paged KV cache: what attention does before
+    it reads the cache, one kernel on CUDA where the two ops are two.
+
+    Semantics:
+        rotary_embedding(q, k, cos, sin, positions); kv_cache_write(k_cache, v_cache, k, v, slot_mapping)
+    Shapes: as the two ops; v [T, kv_heads, D] with head_dim contiguous (rows and heads may be strided). On the
+    CPU, bad positions or slots are refused before anything changes.
+    """
+    torch.ops.lorax_core.rotary_kv_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation.
 

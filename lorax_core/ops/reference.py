@@ -160,6 +160,14 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
         x.copy_(x * c + torch.cat((-x2, x1), dim=-1) * s)
 
 
+def rotary_kv_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor) -> None:
+    """rotary_embedding on q and k, then kv_cache_write of the rotated k and v."""
+    rotary_embedding(q, k, cos, sin, positions)
+    kv_cache_write(k_cache, v_cache, k, v, slot_mapping)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU's activation as transformers computes it: silu(gate) * up in the activation dtype."""
     return torch.nn.functional.silu(gate) * up
