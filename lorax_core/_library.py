@@ -29,5 +29,6 @@ def set_programmatic_launch(enabled: bool) -> bool:
     """Turn programmatic dependent launch of our CUDA kernels on or off for later launches; returns the previous
     setting. On by default, used on GPUs of compute capability 9.0+ with CUDA 12.4+ (csrc/common/launch.cuh):
     each kernel launches while the one before it finishes. CUDA graphs keep what they captured. For A/B
-    measurements (bench/bench_engine.py --pdl off) and as a way out should a driver mishandle it."""
+    measurements (bench/bench_engine.py and bench/test_bench_lora.py time both) and as a way out should a driver
+    mishandle it."""
     return bool(_C.set_programmatic_launch(enabled))

@@ -5,7 +5,8 @@
 // launches. With PDL the next kernel launches as soon as every CTA of the one before it has started: its CTAs
 // wait in pdl_prologue() until that kernel has finished and its writes are visible, then run. So the launch
 // overlaps the previous kernel's work, also inside a CUDA graph. Correctness needs only that a kernel touches no
-// memory before its prologue; where PDL is off (older GPUs or CUDA, or set_programmatic_launch(false)) the
+// memory before its prologue (prefetch_l2 of weights, which no kernel writes, is the exception: it reads nothing
+// into the kernel); where PDL is off (older GPUs or CUDA, or set_programmatic_launch(false)) the
 // prologue does nothing and launches are ordinary stream-ordered ones.
 // tests/cuda_emu/launch.cuh stands in for this header in the CPU emulator, which checks that every thread of
 // every kernel passes the prologue.
@@ -21,6 +22,15 @@ __device__ __forceinline__ void pdl_prologue() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Asks L2 for the 128-byte line at p, and goes on. Before pdl_prologue() this overlaps a kernel's first weight
+// reads with the end of the kernel before it; it returns no data, and L2 is where every write lands, so it is safe
+// there. Without PDL (below sm_90) there is nothing to overlap: it does nothing.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 #endif
 }
 

@@ -310,6 +310,8 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 // a share of an mma on it. No split over k: a warp sums its rows' whole length, the lanes' sums meet in shuffles,
 // and the kernel writes y (+ bias) itself: no workspace, no second kernel. Unlike gemm_kernel, the weights are
 // not rounded to T before they multiply x, so the result is nearer the exact product than dequantize + matmul.
+// Before its PDL prologue (launch.cuh) each warp asks L2 for its rows' codes: they stream in while the kernel
+// before it finishes.
 constexpr int kGemvRows = 2;
 constexpr int kGemvWarps = 4;
 constexpr int kGemvUnroll = 4;
@@ -331,15 +333,19 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
                                                                const uint8_t* __restrict__ codes, AbsmaxArgs a,
                                                                int bs_log2, int N, const T* __restrict__ bias,
                                                                T* __restrict__ y) {
-  pdl_prologue();
-  __shared__ Tables t;
-  load_tables(t, a);
   const int lane = threadIdx.x % 32, chunks = K / 32;
   const int64_t row0 = (int64_t{blockIdx.x} * kGemvWarps + threadIdx.x / 32) * kGemvRows;
-  if (row0 >= N) return;  // the whole warp
   int64_t rows[kGemvRows];  // past the last row, the warp reads the last one again and writes nothing
 #pragma unroll
   for (int r = 0; r < kGemvRows; ++r) rows[r] = min(row0 + r, int64_t{N} - 1);
+  if (row0 < N)
+    for (int c = lane; c < chunks; c += 32)
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r) prefetch_l2(codes + (rows[r] * K + 32 * int64_t{c}) / 2);
+  pdl_prologue();
+  __shared__ Tables t;
+  load_tables(t, a);
+  if (row0 >= N) return;  // the whole warp
 
   float acc[kGemvRows][MT] = {};
   for (int c0 = lane; c0 < chunks; c0 += 32 * kGemvUnroll) {

@@ -8,6 +8,8 @@
 namespace lorax {
 
 inline void pdl_prologue() { ::emu::pdl_prologue(); }
+// A hint with nothing to emulate, but its address must be one the kernel may read: AddressSanitizer checks it.
+inline void prefetch_l2(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
 
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
