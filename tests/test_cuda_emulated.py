@@ -27,6 +27,7 @@ from lora_helpers import POPULARITY, make_pool, random_adapter, token_slots
 from lorax_core.ops import bgmv, kv_cache_write, nf4_linear, paged_attention_decode, sgmv
 from lorax_core.quant import NF4Weight
 from test_attention_ops import random_cache
+from test_layer_ops import qkv_views, rotary_cache_inputs
 
 MODE = os.environ.get("LORAX_EMU")  # "asan" inside test_emulated_kernels' subprocess
 emulated = pytest.mark.emulated
@@ -351,15 +352,10 @@ def test_rotary_embedding_in_place(emu, dtype, heads, kv_heads, head_dim):
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(dtype)
     angles = torch.arange(32).float()[:, None] * torch.linspace(0.01, 1, head_dim // 2)
     cos, sin = [f(torch.cat([angles, angles], -1)).to(dtype) for f in (torch.cos, torch.sin)]
-
-    def parts(t):
-        return (t[:, :heads * head_dim].view(tokens, heads, head_dim),
-                t[:, heads * head_dim:(heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim))
-
     expected, got = qkv.clone(), qkv.clone()
-    rotary_embedding(*parts(expected), cos, sin, positions)
+    rotary_embedding(*qkv_views(expected, heads, kv_heads, head_dim)[:2], cos, sin, positions)
     with emu():
-        rotary_embedding(*parts(got), cos, sin, positions)
+        rotary_embedding(*qkv_views(got, heads, kv_heads, head_dim)[:2], cos, sin, positions)
     assert torch.equal(got, expected)
 
 
@@ -370,7 +366,6 @@ def test_rotary_kv_cache_write(emu, dtype, heads, kv_heads, head_dim, tokens):
     """The fused rotary + KV cache write on q, k, v views of a qkv output, some tokens without a slot: q, k and
     both caches bit-identical to the CPU op."""
     from lorax_core.ops import rotary_kv_cache_write
-    from test_layer_ops import qkv_views, rotary_cache_inputs
 
     _needs(emu, "rotary_kv_cache_write")
     qkv, caches, cos, sin, positions, slots = rotary_cache_inputs(tokens, heads, kv_heads, head_dim, dtype)

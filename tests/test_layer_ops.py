@@ -51,15 +51,19 @@ def test_rms_norm_equals_reference(rows, cols, dtype, strided, eps):
     assert_norm_same(out, expected_out)
 
 
+def qkv_views(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> list[torch.Tensor]:
+    """q [T, heads, D], k and v [T, kv_heads, D]: column slices of qkv (rows strided), as the model has them."""
+    parts = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return [p.view(qkv.shape[0], n, head_dim) for p, n in zip(parts, (heads, kv_heads, kv_heads))]
+
+
 @settings(max_examples=40, deadline=None)
 @given(tokens=st.integers(0, 9), heads=st.sampled_from([1, 4, 8]), kv_heads=st.sampled_from([1, 2]),
        head_dim=st.sampled_from([2, 16, 64, 128]), dtype=st.sampled_from(FLOAT_DTYPES))
 def test_rotary_equals_reference_in_place_on_fused_qkv(tokens, heads, kv_heads, head_dim, dtype):
     """q and k are column slices of one qkv output; v, between and after them, is left alone."""
-    q_size, kv_size = heads * head_dim, kv_heads * head_dim
-    qkv = torch.randn(tokens, q_size + 2 * kv_size).to(dtype)
-    q, k, v = (p.view(tokens, n, head_dim) for p, n in zip(qkv.split([q_size, kv_size, kv_size], dim=-1),
-                                                           (heads, kv_heads, kv_heads)))
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    q, k, v = qkv_views(qkv, heads, kv_heads, head_dim)
     cos, sin = torch.randn(50, head_dim).to(dtype), torch.randn(50, head_dim).to(dtype)
     positions = torch.randint(0, 50, (tokens,))
     expected_q, expected_k, v_before = q.clone(), k.clone(), v.clone()
@@ -80,12 +84,6 @@ def rotary_cache_inputs(tokens, heads, kv_heads, head_dim, dtype, block_size=4, 
     slots = torch.randperm(blocks * block_size, generator=g)[:tokens]
     slots[::3] = -1
     return qkv, caches, cos, sin, positions, slots
-
-
-def qkv_views(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int) -> list[torch.Tensor]:
-    """q [T, heads, D], k and v [T, kv_heads, D]: column slices of qkv (rows strided), as the model has them."""
-    parts = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    return [p.view(qkv.shape[0], n, head_dim) for p, n in zip(parts, (heads, kv_heads, kv_heads))]
 
 
 @settings(max_examples=40, deadline=None)
@@ -223,9 +221,8 @@ def test_rotary_cuda_equals_cpu(dtype, heads, kv_heads, head_dim, tokens):
     cos, sin = torch.randn(4096, head_dim).to(dtype), torch.randn(4096, head_dim).to(dtype)
     positions = torch.randint(0, 4096, (tokens,))
     gpu = qkv.cuda()
-    parts = lambda t: [p.view(tokens, -1, head_dim) for p in t.split([heads * head_dim, kv_heads * head_dim], -1)[:2]]  # noqa: E731
-    rotary_embedding(*parts(gpu), cos.cuda(), sin.cuda(), positions.cuda())
-    rotary_embedding(*parts(qkv), cos, sin, positions)
+    rotary_embedding(*qkv_views(gpu, heads, kv_heads, head_dim)[:2], cos.cuda(), sin.cuda(), positions.cuda())
+    rotary_embedding(*qkv_views(qkv, heads, kv_heads, head_dim)[:2], cos, sin, positions)
     assert torch.equal(gpu.cpu(), qkv)  # per-element products and sums, rounded as specified: exact
 
 
