@@ -140,3 +140,35 @@ def test_server_errors_show_as_readable_messages(live, browser):
         httpx.post(f"{live.url}/v1/load_lora_adapter", json={"lora_name": "r4_qv",
                                                               "lora_path": str(live.paths[1]["r4_qv"])},
                    headers=live.headers)
+
+
+def test_adapter_rows_are_updated_in_place(live, browser):
+    """The list refreshes every 5 s; a row rebuilt between finding it and clicking it made clicks go stale (a CI run
+    failed so). Rows are now kept per adapter: the same element survives a refresh, and only a served adapter's row
+    comes and goes."""
+    from selenium.webdriver.common.by import By
+
+    def row(name):
+        return browser.find_elements(By.CSS_SELECTOR, f'#adapters tbody tr[data-name="{name}"]')
+
+    def refresh():
+        browser.execute_async_script("refresh().then(arguments[arguments.length - 1])")
+
+    open_page(browser, live)
+    [kept] = row("r4_qv")
+    refresh()
+    kept.click()  # the element found before the refresh: StaleElementReferenceException if it had been rebuilt
+    assert "selected" in kept.get_attribute("class") and browser.find_element(By.ID, "selected-name").text == "r4_qv"
+
+    [other] = row("r8_all")
+    assert httpx.post(f"{live.url}/v1/unload_lora_adapter", json={"lora_name": "r4_qv"},
+                      headers=live.headers).status_code == 200
+    try:
+        refresh()
+        assert row("r4_qv") == [] and row("r8_all") == [other]
+    finally:
+        assert httpx.post(f"{live.url}/v1/load_lora_adapter", headers=live.headers,
+                          json={"lora_name": "r4_qv", "lora_path": str(live.paths[1]["r4_qv"])}).status_code == 200
+    refresh()
+    names = [r.get_attribute("data-name") for r in browser.find_elements(By.CSS_SELECTOR, "#adapters tbody tr")]
+    assert sorted(names) == sorted(SERVED) and row("r8_all") == [other]

@@ -50,21 +50,32 @@ function score(value, better) {
   return `<span class="${better ? "better" : ""}">${value.toFixed(1)}</span>`;
 }
 
+// Rows are kept and updated in place, keyed by adapter name: the list refreshes every few seconds, and a row that
+// was rebuilt under the pointer would lose the click a person (or a browser test) was making on it.
 function renderAdapters() {
   const body = $("adapters").querySelector("tbody");
-  body.replaceChildren();
-  for (const a of state.adapters) {
-    const row = document.createElement("tr");
-    row.dataset.name = a.name;
-    if (a.name === state.selected) row.classList.add("selected");
+  const old = new Map([...body.children].map((row) => [row.dataset.name, row]));
+  state.adapters.forEach((a, i) => {
+    let row = old.get(a.name);
+    old.delete(a.name);
+    if (!row) {
+      row = document.createElement("tr");
+      row.dataset.name = a.name;
+      for (let c = 0; c < 6; c++) row.appendChild(document.createElement("td"));
+      row.addEventListener("click", () => select(a.name));
+    }
+    row.classList.toggle("selected", a.name === state.selected);
     const better = a.adapter_score !== null && a.base_score !== null && a.adapter_score > a.base_score;
-    row.innerHTML = `<td></td><td></td><td>${a.rank}</td><td><span class="state state-${a.state}">${a.state}</span></td>` +
-      `<td>${score(a.adapter_score, better)}</td><td>${score(a.base_score, false)}</td>`;
-    row.children[0].textContent = a.name;
-    row.children[1].textContent = a.task || "";
-    row.addEventListener("click", () => select(a.name));
-    body.appendChild(row);
-  }
+    const cells = row.children;
+    cells[0].textContent = a.name;
+    cells[1].textContent = a.task || "";
+    cells[2].textContent = a.rank;
+    cells[3].innerHTML = `<span class="state state-${a.state}">${a.state}</span>`;
+    cells[4].innerHTML = score(a.adapter_score, better);
+    cells[5].innerHTML = score(a.base_score, false);
+    if (body.children[i] !== row) body.insertBefore(row, body.children[i] || null);
+  });
+  for (const row of old.values()) row.remove();  // adapters that are no longer served
 }
 
 function select(name) {
