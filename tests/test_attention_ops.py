@@ -27,7 +27,7 @@ def random_cache(lengths, block_size, kv_heads, head_dim, dtype, device="cpu", s
 
 
 @settings(max_examples=40, deadline=None)
-@given(lengths=st.lists(st.integers(1, 70), min_size=1, max_size=5), block_size=st.sampled_from([1, 4, 16]),
+@given(lengths=st.lists(st.integers(0, 70), min_size=1, max_size=5).filter(any), block_size=st.sampled_from([1, 4, 16]),
        kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 3, 4]), head_dim=st.sampled_from([8, 16, 64]),
        window=st.sampled_from([0, 1, 5, 32]))
 def test_decode_attention_equals_reference(lengths, block_size, kv_heads, group, head_dim, window):
@@ -72,12 +72,27 @@ def test_kv_cache_write_equals_reference(tokens, skip_every, dtype):
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
+def test_padding_rows_read_nothing_and_are_zero():
+    """Context length 0 is a padding row (CUDA graphs pad decode batches to their bucket): its output is zero, its
+    block table is not read, and the other rows are as without it."""
+    k, v, tables, lens = random_cache([5, 0, 9], 4, 2, 16, torch.float32)
+    tables[1] = 10**6  # would be outside the cache
+    q = torch.randn(3, 4, 16)
+    out = paged_attention_decode(q, k, v, tables, lens, 0.25)
+    assert torch.equal(out[1], torch.zeros(4, 16))
+    keep = torch.tensor([0, 2])
+    assert torch.equal(out[keep], paged_attention_decode(q[keep], k, v, tables[keep], lens[keep], 0.25))
+    assert_close(out, reference.paged_attention_decode(q, k, v, tables, lens, 0.25))
+
+
 def test_bad_inputs_name_the_problem():
     k, v, tables, lens = random_cache([5], 4, 2, 16, torch.float32)
     with pytest.raises(RuntimeError, match="heads a multiple of 2"):
         paged_attention_decode(torch.randn(1, 3, 16), k, v, tables, lens, 1.0)
     with pytest.raises(RuntimeError, match="context length 99"):
         paged_attention_decode(torch.randn(1, 2, 16), k, v, tables, torch.tensor([99], dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="context length -1"):
+        paged_attention_decode(torch.randn(1, 2, 16), k, v, tables, torch.tensor([-1], dtype=torch.int32), 1.0)
     with pytest.raises(RuntimeError, match="outside the cache"):
         kv_cache_write(k, v, torch.randn(1, 2, 16), torch.randn(1, 2, 16), torch.tensor([10_000]))
     with pytest.raises(RuntimeError, match="head_dim 512"):
@@ -98,7 +113,7 @@ def test_opcheck():
 @pytest.mark.parametrize("head_dim,group,window", [(128, 4, 0), (64, 1, 0), (16, 3, 5), (256, 2, 100), (80, 8, 0),
                                                     (128, 8, 37), (128, 9, 0), (32, 2, 0)])
 def test_decode_attention_cuda_equals_cpu(dtype, head_dim, group, window):
-    lengths = [1, 17, 300, 4096, 33]
+    lengths = [1, 17, 300, 4096, 0, 33]  # 0: a padding row of a CUDA graph
     k, v, tables, lens = random_cache(lengths, 16, 2, head_dim, dtype)
     q = torch.randn(len(lengths), 2 * group, head_dim).to(dtype)
     expected = paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window)

@@ -264,8 +264,8 @@ def test_random_layouts(emu, small_pools, lengths, data):
 def test_decode_attention(emu, dtype, head_dim, group, window):
     """Split kernel (16-byte loads: 8, 16 or 32 threads per position) with several splits, and general kernel
     (head sizes 16-byte loads do not tile, GQA groups over 8)."""
-    k, v, tables, lens = random_cache([5, 300, 17, 129], 16, 2, head_dim, dtype, seed=head_dim)
-    q = torch.randn(4, 2 * group, head_dim).to(dtype)
+    k, v, tables, lens = random_cache([5, 300, 0, 17, 129], 16, 2, head_dim, dtype, seed=head_dim)  # 0: padding
+    q = torch.randn(5, 2 * group, head_dim).to(dtype)
     expected = paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window)
     with emu():
         assert_close(paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window), expected)
@@ -273,7 +273,7 @@ def test_decode_attention(emu, dtype, head_dim, group, window):
 
 @emulated
 @settings(max_examples=30, deadline=None)
-@given(lengths=st.lists(st.integers(1, 200), min_size=1, max_size=4), block_size=st.sampled_from([1, 4, 16]),
+@given(lengths=st.lists(st.integers(0, 200), min_size=1, max_size=4).filter(any), block_size=st.sampled_from([1, 4, 16]),
        kv_heads=st.sampled_from([1, 2]), group=st.sampled_from([1, 2, 3, 8, 9]),
        head_dim=st.sampled_from([32, 64, 80, 128]), window=st.sampled_from([0, 1, 7, 64]),
        dtype=st.sampled_from(FLOAT_DTYPES))

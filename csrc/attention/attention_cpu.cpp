@@ -72,8 +72,9 @@ at::Tensor paged_attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_c
   const int32_t* tp = tables.data_ptr<int32_t>();
   const int32_t* lp = lens.data_ptr<int32_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= max_blocks * c.block_size, "paged_attention_decode: context length ", lp[b],
-                " of sequence ", b, " must be in 1..", max_blocks * c.block_size, " (its block table's capacity)");
+    TORCH_CHECK(lp[b] >= 0 && lp[b] <= max_blocks * c.block_size, "paged_attention_decode: context length ", lp[b],
+                " of sequence ", b, " must be in 0..", max_blocks * c.block_size,
+                " (its block table's capacity; 0 is a padding row)");
     for (int64_t i = 0; i < (lp[b] + c.block_size - 1) / c.block_size; ++i)
       TORCH_CHECK(tp[b * max_blocks + i] >= 0 && tp[b * max_blocks + i] < c.blocks, "paged_attention_decode: block ",
                   tp[b * max_blocks + i], " of sequence ", b, " is outside the cache's ", c.blocks, " blocks");

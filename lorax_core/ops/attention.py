@@ -24,6 +24,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         L = context_lens[b], positions P = [max(0, L - window), L) (window None / 0: [0, L)),
         keys K[j] = k_cache.flat[block_tables[b, j // block_size] * block_size + j % block_size, h // group]
         out[b, h] = softmax(scale * q[b, h] . K[P]) @ V[P]        group = heads / kv_heads (GQA), fp32 math
+        L = 0 is a padding row (CUDA graphs pad decode batches so): out[b] = 0, no block read
     Shapes: q [B, heads, head_dim] -> out [B, heads, head_dim]; block_tables int32 [B, max_blocks];
     context_lens int32 [B] (the new token included: its k, v are written first).
     """
