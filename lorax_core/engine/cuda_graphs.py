@@ -1,11 +1,17 @@
 """Decode steps replayed from CUDA graphs: one graph per batch-size bucket, captured once, over static input
 tensors that each step fills in. Padded rows have no KV slot, no context and no adapter segment, so they
-write nothing and read nothing."""
+write nothing and read nothing.
+
+Each bucket's static inputs are views of one device buffer (step_inputs.Layout), so a step fills them with one
+host-to-device copy, padding included, and no copy kernels. With `capture=False` nothing is captured and `run`
+calls the model eagerly on the same static inputs: what a replay computes, on any device (the CPU tests use it).
+"""
 from __future__ import annotations
 
 import torch
 
 from lorax_core.adapters import AdapterPool
+from lorax_core.engine.step_inputs import Layout, StepBatch
 from lorax_core.model.context import ForwardContext, LoraBatch
 from lorax_core.model.llama import CausalLM
 
@@ -15,62 +21,77 @@ def buckets(max_batch: int) -> list[int]:
     return sorted(set(sizes + [max_batch]))
 
 
+def layout(bs: int, max_blocks: int) -> Layout:
+    """A bucket's static inputs: bs rows, block tables as wide as the longest context allowed."""
+    long, int32 = torch.int64, torch.int32
+    return Layout([("input_ids", long, (bs,)), ("positions", long, (bs,)), ("slots", long, (bs,)),
+                   ("logits", long, (bs,)), ("context_lens", int32, (bs,)), ("seg_starts", int32, (bs + 1,)),
+                   ("seg_slots", int32, (bs,)), ("block_tables", int32, (bs, max_blocks))])
+
+
+class Bucket:
+    """The static inputs of one batch size: a device buffer, its views, and the context the model reads them by."""
+
+    def __init__(self, bs: int, max_blocks: int, pool: AdapterPool, device: torch.device):
+        self.layout = layout(bs, max_blocks)
+        self.pin = device.type == "cuda"
+        self.buffer = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=device)
+        self.inputs = self.layout.views(self.buffer)
+        self.load(StepBatch())  # no rows: every row padding
+        t = self.inputs
+        self.context = ForwardContext(positions=t["positions"], slot_mapping=t["slots"], block_tables=t["block_tables"],
+                                      context_lens=t["context_lens"],
+                                      lora=LoraBatch(pool, t["seg_starts"], t["seg_slots"]))
+
+    def load(self, b: StepBatch) -> torch.Tensor | None:
+        """Fill the static inputs with a decode step's rows, then padding rows (position 0, no slot, no context, no
+        adapter segment), in one copy. Returns the rows to take logits of (None: all, in order)."""
+        n = len(b.input_ids)
+        values = {"input_ids": b.input_ids, "positions": b.positions, "slots": b.slots, "context_lens": b.context_lens,
+                  "block_tables": b.block_tables, "logits": b.logits_rows or (),
+                  "seg_starts": b.seg_starts or [0], "seg_slots": b.seg_slots or ()}  # no adapter: [0, n) is base
+        fill = {"slots": -1, "seg_slots": -1, "seg_starts": n}  # segments past the last are empty: [n, n)
+        self.buffer.copy_(self.layout.pack(values, fill, pin=self.pin), non_blocking=True)
+        return None if b.logits_rows is None else self.inputs["logits"][:len(b.logits_rows)]
+
+
 class DecodeGraphs:
-    def __init__(self, model: CausalLM, pool: AdapterPool, max_batch: int, max_blocks: int):
-        self.model, self.sizes = model, buckets(max_batch)
+    def __init__(self, model: CausalLM, pool: AdapterPool, max_batch: int, max_blocks: int, capture: bool = True):
+        self.model, self.sizes, self.max_blocks = model, buckets(max_batch), max_blocks
         dev = next(model.parameters()).device
-        zeros = lambda *shape, dtype=torch.int32: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
-        self.input_ids, self.positions = zeros(max_batch, dtype=torch.long), zeros(max_batch, dtype=torch.long)
-        self.slot_mapping = zeros(max_batch, dtype=torch.long) - 1
-        self.block_tables, self.context_lens = zeros(max_batch, max_blocks), zeros(max_batch)
-        self.seg_starts, self.seg_slots = zeros(max_batch + 1), zeros(max_batch) - 1
-        self.pool = pool
+        self.buckets = {bs: Bucket(bs, max_blocks, pool, dev) for bs in self.sizes}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
-        self._capture()
-
-    def _context(self, bs: int) -> ForwardContext:
-        lora = LoraBatch(self.pool, self.seg_starts[: bs + 1], self.seg_slots[:bs])
-        return ForwardContext(positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
-                              block_tables=self.block_tables[:bs], context_lens=self.context_lens[:bs], lora=lora)
+        if capture:
+            self._capture()
 
     @torch.inference_mode()
     def _capture(self) -> None:
         memory_pool = None
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
-            ctx = self._context(bs)
-            self.model(self.input_ids[:bs], ctx)  # warm up (lazy inits, cuBLAS handles) outside the capture
+            bucket = self.buckets[bs]
+            self.model(bucket.inputs["input_ids"], bucket.context)  # warm up (lazy inits, cuBLAS) outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=memory_pool):
-                self.outputs[bs] = self.model(self.input_ids[:bs], ctx)
+                self.outputs[bs] = self.model(bucket.inputs["input_ids"], bucket.context)
             memory_pool = memory_pool or graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
     def fits(self, batch: int, width: int) -> bool:
-        return batch <= self.sizes[-1] and width <= self.block_tables.shape[1]
+        return batch <= self.sizes[-1] and width <= self.max_blocks
 
-    def run(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Hidden states [B, hidden] of a decode step built by the model runner (B <= the largest bucket)."""
-        b = input_ids.shape[0]
-        bs = next(s for s in self.sizes if s >= b)
-        self.input_ids[:b] = input_ids
-        self.positions[:b] = ctx.positions
-        self.positions[b:bs] = 0
-        self.slot_mapping[:b] = ctx.slot_mapping
-        self.slot_mapping[b:bs] = -1
-        self.block_tables[:bs] = 0
-        self.block_tables[:b, : ctx.block_tables.shape[1]] = ctx.block_tables
-        self.context_lens[:b] = ctx.context_lens
-        self.context_lens[b:bs] = 0
-        self.seg_slots[:bs] = -1
-        self.seg_starts[:bs + 1] = b
-        if ctx.lora is None:
-            self.seg_starts[0] = 0
-        else:
-            n = ctx.lora.seg_slots.shape[0]
-            self.seg_starts[: n + 1] = ctx.lora.seg_starts
-            self.seg_slots[:n] = ctx.lora.seg_slots
-        self.graphs[bs].replay()
-        return self.outputs[bs][:b]
+    def run(self, b: StepBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A decode step (no prefill rows): hidden states [B, hidden] of its rows, and the rows to take logits of
+        (None: all, in order)."""
+        n = len(b.input_ids)
+        bs = next(s for s in self.sizes if s >= n)
+        bucket = self.buckets[bs]
+        logits = bucket.load(b)
+        if bs in self.graphs:
+            self.graphs[bs].replay()
+            hidden = self.outputs[bs]
+        else:  # not captured: the same inputs, run eagerly
+            hidden = self.model(bucket.inputs["input_ids"], bucket.context)
+        return hidden[:n], logits

@@ -3,16 +3,18 @@
 Prefill chunks come first, then decode rows (attention treats the two parts differently); within each part rows
 are ordered by adapter so each adapter's rows form one segment: the LoRA ops read each adapter's weights once per
 projection, and the grouping is computed here once per step instead of inside each of the 7 x layers LoRA calls.
-A step of decode rows only replays a CUDA graph when one fits.
+The logits rows are taken in the caller's order, so no permutation follows. All of a step's integer inputs reach
+the device in one copy (step_inputs.py). A step of decode rows only replays a CUDA graph when one fits.
 """
 from __future__ import annotations
 
 import torch
 
 from lorax_core.adapters import AdapterPool
-from lorax_core.model.context import ForwardContext, LoraBatch
 from lorax_core.engine.cuda_graphs import DecodeGraphs
 from lorax_core.engine.sequence import Sequence
+from lorax_core.engine.step_inputs import StepBatch, upload
+from lorax_core.model.context import ForwardContext, LoraBatch
 from lorax_core.model.llama import CausalLM
 
 
@@ -32,75 +34,82 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, pool, graph_batch, -(-max_model_len // block_size))
 
     # --- batch tensors ---------------------------------------------------------------------------------------
-    def prepare(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ForwardContext]:
-        """Batch tensors of one step, rows in the order of `seqs`: prefill chunks first, then decode rows (a
-        one-token chunk after a cached prefix, read by the paged decode op)."""
-        chunks = [s for s in seqs if not _is_decode_row(s)]
-        decodes = seqs[len(chunks):]
-        assert all(_is_decode_row(s) for s in decodes), "prefill chunks must come before decode rows"
-        ids, positions, slots, cu, starts, prefix = [], [], [], [0], [], []
+    def batch(self, seqs: list[Sequence]) -> StepBatch:
+        """One step's inputs on the host. Rows: prefill chunks first, then decode rows (a one-token chunk after a
+        cached prefix, read by the paged decode op), each part ordered by adapter slot; the logits rows follow
+        `seqs`' order."""
+        order = sorted(range(len(seqs)), key=lambda i: (_is_decode_row(seqs[i]), seqs[i].adapter_slot))
+        ordered = [seqs[i] for i in order]
+        chunks = [s for s in ordered if not _is_decode_row(s)]
+        decodes = ordered[len(chunks):]
+        b = StepBatch()
         for seq in chunks:
             first, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.chunk
-            ids += seq.token_ids[first:end]
-            positions += range(first, end)
-            slots += self._slots(seq, range(first, end))
-            cu.append(end - first + cu[-1])
-            starts.append(first)
-            prefix.append(self._long(self._slots(seq, range(end))) if first else None)
+            b.input_ids += seq.token_ids[first:end]
+            b.positions += range(first, end)
+            b.slots += self._slots(seq, range(first, end))
+            b.cu_seqlens.append(end - first + b.cu_seqlens[-1])
+            b.chunk_starts.append(first)
+            b.prefix_slots.append(self._slots(seq, range(end)) if first else None)
         for seq in decodes:
-            ids.append(seq.last_token)
-            positions.append(len(seq) - 1)
-            slots += self._slots(seq, [len(seq) - 1])
-        rows_cu = cu + [cu[-1] + i + 1 for i in range(len(decodes))]
-        ctx = ForwardContext(positions=self._long(positions), slot_mapping=self._long(slots), num_prefill_tokens=cu[-1],
-                             cu_seqlens=cu, chunk_starts=starts, prefix_slots=prefix, lora=self._lora(seqs, rows_cu),
-                             logits_indices=self._long([rows_cu[i + 1] - 1 for i, s in enumerate(seqs) if s.samples]))
+            b.input_ids.append(seq.last_token)
+            b.positions.append(len(seq) - 1)
+            b.slots += self._slots(seq, [len(seq) - 1])
+        rows_cu = b.cu_seqlens + [b.cu_seqlens[-1] + i + 1 for i in range(len(decodes))]
         if decodes:
             width = max(len(s.block_table) for s in decodes)
-            ctx.block_tables = self._int([s.block_table + [0] * (width - len(s.block_table)) for s in decodes])
-            ctx.context_lens = self._int([len(s) for s in decodes])
-        return self._long(ids), ctx
+            b.block_tables = [s.block_table + [0] * (width - len(s.block_table)) for s in decodes]
+            b.context_lens = [len(s) for s in decodes]
+        if any(s.adapter_slot >= 0 for s in ordered):  # segments of consecutive rows sharing an adapter slot
+            b.seg_starts, b.seg_slots = [0], []
+            for k, seq in enumerate(ordered):
+                if b.seg_slots and b.seg_slots[-1] == seq.adapter_slot:
+                    b.seg_starts[-1] = rows_cu[k + 1]
+                else:
+                    b.seg_slots.append(seq.adapter_slot)
+                    b.seg_starts.append(rows_cu[k + 1])
+        where = {i: k for k, i in enumerate(order)}  # input position -> row order
+        rows = [rows_cu[where[i] + 1] - 1 for i, s in enumerate(seqs) if s.samples]
+        b.logits_rows = None if rows == list(range(len(b.input_ids))) else rows
+        return b
 
     def _slots(self, seq: Sequence, positions) -> list[int]:
         bs = self.block_size
         return [seq.block_table[p // bs] * bs + p % bs for p in positions]
 
-    def _lora(self, seqs: list[Sequence], cu: list[int]) -> LoraBatch | None:
-        """Segments of consecutive rows sharing an adapter slot (rows arrive grouped by slot)."""
-        if all(s.adapter_slot < 0 for s in seqs):
-            return None
-        starts, slots = [0], []
-        for i, seq in enumerate(seqs):
-            if slots and slots[-1] == seq.adapter_slot:
-                starts[-1] = cu[i + 1]
-            else:
-                slots.append(seq.adapter_slot)
-                starts.append(cu[i + 1])
-        return LoraBatch(self.pool, self._int(starts), self._int(slots))
-
-    def _long(self, values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
-
-    def _int(self, values) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int32).to(self.device, non_blocking=True)
+    def upload(self, b: StepBatch) -> tuple[torch.Tensor, ForwardContext]:
+        """The step's tensors on the model's device, sent in one copy: token ids and the forward context."""
+        long, int32 = torch.int64, torch.int32
+        fields = {"input_ids": (long, b.input_ids), "positions": (long, b.positions), "slots": (long, b.slots)}
+        if b.logits_rows is not None:
+            fields["logits"] = (long, b.logits_rows)
+        if b.block_tables:
+            fields |= {"block_tables": (int32, b.block_tables), "context_lens": (int32, b.context_lens)}
+        if b.seg_slots is not None:
+            fields |= {"seg_starts": (int32, b.seg_starts), "seg_slots": (int32, b.seg_slots)}
+        fields |= {f"prefix{i}": (long, p) for i, p in enumerate(b.prefix_slots) if p is not None}
+        t = upload(fields, self.device)
+        lora = LoraBatch(self.pool, t["seg_starts"], t["seg_slots"]) if b.seg_slots is not None else None
+        ctx = ForwardContext(positions=t["positions"], slot_mapping=t["slots"], num_prefill_tokens=b.num_prefill_tokens,
+                             cu_seqlens=b.cu_seqlens, chunk_starts=b.chunk_starts, lora=lora,
+                             prefix_slots=[t.get(f"prefix{i}") for i in range(len(b.prefix_slots))],
+                             block_tables=t.get("block_tables"), context_lens=t.get("context_lens"),
+                             logits_indices=t.get("logits"))
+        return t["input_ids"], ctx
 
     # --- run -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits fp32 [S, vocab] of the next token of each sequence whose chunk reaches its end (`seq.samples`),
         in the order of `seqs`."""
-        order = sorted(range(len(seqs)), key=lambda i: (_is_decode_row(seqs[i]), seqs[i].adapter_slot))
-        ordered = [seqs[i] for i in order]
-        input_ids, ctx = self.prepare(ordered)
+        b = self.batch(seqs)
         graphs = self.graphs
-        if ctx.num_prefill_tokens == 0 and graphs is not None and graphs.fits(len(seqs), ctx.block_tables.shape[1]):
-            hidden = graphs.run(input_ids, ctx)
+        if b.num_prefill_tokens == 0 and graphs is not None and graphs.fits(len(seqs), len(b.block_tables[0])):
+            hidden, logits_indices = graphs.run(b)
         else:
-            hidden = self.model(input_ids, ctx)
-        logits = self.model.compute_logits(hidden[ctx.logits_indices])
-        sampled = [i for i in order if seqs[i].samples]  # input position of each logits row
-        back = sorted(range(len(sampled)), key=sampled.__getitem__)  # logits rows in input order
-        return logits[torch.tensor(back, dtype=torch.long, device=logits.device)]
+            input_ids, ctx = self.upload(b)
+            hidden, logits_indices = self.model(input_ids, ctx), ctx.logits_indices
+        return self.model.compute_logits(hidden if logits_indices is None else hidden[logits_indices])
 
 
 def _is_decode_row(seq: Sequence) -> bool:

@@ -13,7 +13,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     after the repetition penalty. Seeded rows draw from their own generator.
     """
     logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
-    logits = _repetition_penalty(logits.clone(), seqs)
+    if any(s.params.repetition_penalty != 1.0 for s in seqs):
+        logits = _repetition_penalty(logits.clone(), seqs)  # the caller's logits stay as they were
     tokens = logits.argmax(dim=-1)
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if sampled:
