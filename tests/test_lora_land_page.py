@@ -172,3 +172,22 @@ def test_adapter_rows_are_updated_in_place(live, browser):
     refresh()
     names = [r.get_attribute("data-name") for r in browser.find_elements(By.CSS_SELECTOR, "#adapters tbody tr")]
     assert sorted(names) == sorted(SERVED) and row("r8_all") == [other]
+
+
+STALE_THEN_FRESH = """
+const done = arguments[arguments.length - 1];
+const real = window.fetch;
+const stale = new Response(JSON.stringify({base: "stale", adapters: []}), {headers: {"Content-Type": "application/json"}});
+window.fetch = () => new Promise((resolve) => setTimeout(() => resolve(stale), 300));
+const older = refresh();  // its answer arrives last
+window.fetch = real;
+Promise.all([older, refresh()]).then(() => done(document.getElementById("base-name").textContent));
+"""
+
+
+def test_an_older_refresh_answering_late_is_dropped(live, browser):
+    from selenium.webdriver.common.by import By
+
+    open_page(browser, live)
+    assert browser.execute_async_script(STALE_THEN_FRESH) == BASE
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#adapters tbody tr")) == len(SERVED)

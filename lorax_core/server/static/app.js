@@ -31,14 +31,16 @@ function showPageError(message) {
 }
 
 // --- the adapter list -----------------------------------------------------------------------------------------
+let refreshes = 0;  // refreshes started; an answer to an older one than the last is dropped (it may be stale)
+
 async function refresh() {
+  const ticket = ++refreshes;
   const response = await fetch("/ui/adapters", { headers: headers() });
-  if (!response.ok) {
-    showPageError(await errorMessage(response));
-    return;
-  }
-  showPageError("");
-  const data = await response.json();
+  const data = response.ok ? await response.json() : null;
+  const message = response.ok ? "" : await errorMessage(response);
+  if (ticket !== refreshes) return;
+  showPageError(message);
+  if (!data) return;
   state.base = data.base;
   state.adapters = data.adapters;
   $("base-name").textContent = data.base;
