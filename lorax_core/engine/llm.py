@@ -11,6 +11,7 @@ import torch
 from lorax_core.adapters import AdapterInfo, AdapterPool, AdapterRegistry, PoolConfig
 from lorax_core.engine.block_manager import BlockManager
 from lorax_core.engine.config import EngineConfig
+from lorax_core.engine.detokenizer import append_text
 from lorax_core.engine.model_runner import ModelRunner
 from lorax_core.engine.outputs import RequestError, RequestMetrics, RequestOutput, StreamDelta
 from lorax_core.engine.sampler import sample
@@ -232,17 +233,23 @@ class LLM:
 
     # --- internals -------------------------------------------------------------------------------------------
     def _update(self, seq: Sequence, token: int) -> None:
-        p = seq.params
-        if self.tokenizer is not None:
-            seq.text = self.tokenizer.decode(seq.completion_ids, skip_special_tokens=True)
-        cut = min((i for i in (seq.text.find(s) for s in p.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            seq.text = seq.text[:cut]
-            self.scheduler.finish(seq, "stop")
-        elif token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
-            self.scheduler.finish(seq, "stop")
+        p, tokenizer = seq.params, self.tokenizer
+        cut = -1
+        if tokenizer is not None:
+            unchanged = append_text(tokenizer, seq)  # seq.text[:unchanged] was searched at earlier steps
+            cut = _find_stop(seq.text, p.stop, max(0, unchanged - max(map(len, p.stop), default=0) + 1))
+        if cut >= 0 or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
         elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
-            self.scheduler.finish(seq, "length")
+            reason = "length"
+        else:
+            return
+        if tokenizer is not None:  # the final text is the tokens' decode, which differs from the text grown token
+            # by token only where bytes of invalid UTF-8 turned earlier bytes into U+FFFD (byte-fallback tokenizers)
+            seq.text = tokenizer.decode(seq.completion_ids, skip_special_tokens=True)
+            cut = _find_stop(seq.text, p.stop, 0) if cut >= 0 else -1
+            seq.text = seq.text[:cut] if cut >= 0 else seq.text
+        self.scheduler.finish(seq, reason)
 
     def _visible_text(self, seq: Sequence) -> str:
         """Text safe to stream: a possible stop-string prefix and a partial UTF-8 character are held back."""
@@ -298,6 +305,11 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES.values():
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     return dtype
+
+
+def _find_stop(text: str, stops: list[str], start: int) -> int:
+    """Where the first stop string in text[start:] begins, or -1."""
+    return min((i for i in (text.find(s, start) for s in stops) if i >= 0), default=-1)
 
 
 def _is_token_list(x) -> bool:

@@ -40,6 +40,9 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "error" | "abort"
         self.error: str | None = None
         self.text = ""  # detokenized completion (cut at a stop string)
+        # incremental detokenization (detokenizer.py): text[:text_committed] is final, the text of completion tokens
+        # [0, text_end); tokens [text_start, text_end) were the last committed
+        self.text_committed = self.text_start = self.text_end = 0
         self.logprobs: list[TokenLogprob] = []
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         # times on the scheduler's clock (seconds)

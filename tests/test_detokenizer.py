@@ -1,0 +1,88 @@
+"""Completion text grown token by token (lorax_core/engine/detokenizer.py): equal to decoding all the tokens at every
+whole character, for a byte-level BPE tokenizer (GPT-2 style, the tests' own) and a Llama-style one (metaspace,
+byte fallback, leading space stripped), while each step decodes a window of a few tokens."""
+from hypothesis import given, settings, strategies as st
+
+from model_helpers import make_tokenizer
+from lorax_core.engine.detokenizer import append_text
+from lorax_core.engine.sampling import SamplingParams
+from lorax_core.engine.sequence import Sequence
+
+TEXT = st.text(st.sampled_from("the cat sé€中😀\n x"), max_size=40)
+
+
+def llama_style_tokenizer():
+    """Like Llama's and Mistral's tokenizer.json: BPE over "▁"-joined pieces, 256 byte tokens for what the pieces
+    do not cover, and a decoder that drops the first leading space."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in ["▁", "t", "h", "e", "c", "a", "s", "x", "é", "▁t", "▁th", "▁the", "▁c", "▁ca", "▁cat", "▁s", "▁é"]:
+        vocab[piece] = len(vocab)
+    merges = [("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("▁", "c"), ("▁c", "a"), ("▁ca", "t"), ("▁", "s"), ("▁", "é")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+TOKENIZERS = {"byte-level": make_tokenizer(), "llama-style": llama_style_tokenizer()}
+
+
+class Windows:
+    """A tokenizer whose decode calls are recorded (their lengths)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def decode(self, ids, **kwargs):
+        self.lengths.append(len(ids))
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+def grow(tokenizer, ids, windows=None):
+    """Feed ids one at a time (to append_text with `windows`, a Windows, if given); yields (text grown so far, the
+    decode of all of them so far)."""
+    seq = Sequence([1, 7, 9], SamplingParams(), None)  # the prompt is not part of the text
+    for i, token in enumerate(ids):
+        seq.append(token)
+        append_text(windows or tokenizer, seq)
+        yield seq.text, tokenizer.decode(ids[:i + 1], skip_special_tokens=True)
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=st.sampled_from(sorted(TOKENIZERS)), words=st.lists(TEXT, min_size=1, max_size=4),
+       special=st.sampled_from([None, 1, 2]))
+def test_equals_decoding_every_token_at_each_whole_character(name, words, special):
+    tok = TOKENIZERS[name]
+    ids = []
+    for w in words:  # pieces tokenized apart, with special tokens between (skipped in the text)
+        ids += tok(w, add_special_tokens=False)["input_ids"] + ([special] if special else [])
+    steps = list(grow(tok, ids))
+    for grown, full in steps:
+        if not full.endswith("\ufffd"):  # a character still incomplete may decode either way until its last byte
+            assert grown == full
+    assert not steps or steps[-1][0] == steps[-1][1]
+
+
+def test_each_step_decodes_a_few_tokens():
+    tok = TOKENIZERS["llama-style"]
+    text = "the cat sé€中😀 x\n" * 40
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    windows = Windows(tok)
+    last = None
+    for last, _ in grow(tok, ids, windows):
+        pass
+    assert len(ids) > 400 and last == tok.decode(ids, skip_special_tokens=True)
+    assert max(windows.lengths) <= 8  # 😀 is 4 byte tokens: its window holds them and the token before
+
+
+def test_invalid_bytes_are_committed_after_a_while():
+    """Bytes that never complete a character do not keep the window growing."""
+    tok = TOKENIZERS["llama-style"]
+    ids = [3 + 0xE2] * 100  # 100 lead bytes of three-byte characters, none completed
+    windows = Windows(tok)
+    *_, (grown, full) = grow(tok, ids, windows)
+    assert grown == full == "\ufffd" * 100 and max(windows.lengths) <= 2 * 8 + 1
