@@ -1,7 +1,8 @@
 """Where a decode step's time goes: torch.profiler over engine steps of a Mistral-7B-shaped model (random weights,
 NF4 by default, rank-16 adapters on all projections, one adapter per request), with the host side of `LLM.step`
-cut into named ranges (schedule, prepare, forward or graph replay, logits; the rest of the step is sampling and
-bookkeeping).
+cut into named ranges (schedule, prepare: the step's inputs as host lists, upload: them in one copy to the device
+(eager steps), forward or graph replay (which fills the graph's static inputs with one copy first), logits; the rest
+of the step is sampling and bookkeeping).
 
 Writes profile.md (per setup: the ranges, then the GPU kernels by total time; --trace: a Chrome trace of the
 first setup too) under --out or $OUT. Run on a GPU machine after building: `python3 bench/profile_step.py --batch 1
@@ -27,7 +28,8 @@ import bench_adapters as ba  # noqa: E402
 
 RANGES = {  # (object path on the LLM, method) -> range name
     ("scheduler", "schedule"): "lorax::schedule",
-    ("runner", "prepare"): "lorax::prepare",
+    ("runner", "batch"): "lorax::prepare",
+    ("runner", "upload"): "lorax::upload",
     ("runner.model", "forward"): "lorax::forward (eager)",
     ("runner.graphs", "run"): "lorax::graph replay",
     ("runner.model", "compute_logits"): "lorax::logits",

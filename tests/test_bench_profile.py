@@ -7,7 +7,8 @@ def test_tiny_profile_reports_step_ranges(tmp_path):
     assert module.main(["--tiny", "--steps", "3", "--batch", "2", "--adapters", "2", "--rank", "4",
                         "--setups", "fp32,fp32-base", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "profile.md").read_text()
-    for name in ("lorax::step", "lorax::schedule", "lorax::prepare", "lorax::forward (eager)", "lorax::logits"):
+    for name in ("lorax::step", "lorax::schedule", "lorax::prepare", "lorax::upload", "lorax::forward (eager)",
+                 "lorax::logits"):
         assert f"| {name} |" in text, text
     assert "## fp32\n" in text and "## fp32-base\n" in text and "no adapter" in text
     steps = [line for line in text.splitlines() if line.startswith("| lorax::step |")]
