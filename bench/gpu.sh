@@ -35,6 +35,10 @@ fi
 if [ -z "${SKIP_ENGINE_BENCH:-}" ]; then
   python3 bench/bench_engine.py 2>&1 | tail -30 | tee "$OUT/engine.log" || status=1
 fi
+if [ -z "${SKIP_HOST_BENCH:-}" ]; then  # host time per step outside the model: detokenizing, the step's inputs
+  python3 bench/bench_host.py --out "$OUT" > "$OUT/host.log" 2>&1 || status=1
+  tail -12 "$OUT/host.log"
+fi
 if [ -z "${SKIP_PROFILE:-}" ]; then  # where a batch-1 decode step's time goes (issue #4's 2 ms target)
   python3 bench/profile_step.py --batch 1 --setups ${PROFILE_SETUPS:-nf4,nf4-eager,bf16-eager,nf4-eager-base} \
     --out "$OUT" > "$OUT/profile.log" 2>&1 || status=1
