@@ -86,3 +86,17 @@ def test_invalid_bytes_are_committed_after_a_while():
     windows = Windows(tok)
     *_, (grown, full) = grow(tok, ids, windows)
     assert grown == full == "\ufffd" * 100 and max(windows.lengths) <= 2 * 8 + 1
+
+
+def test_streamed_text_holds_back_a_possible_stop_string_and_a_partial_character():
+    from lorax_core.engine.llm import LLM
+
+    seq = Sequence([1], SamplingParams(stop=["END!"]), None)
+    for text, shown in [("ab", 0), ("abcdefg", 4), ("abcd\ufffd\ufffdxyz", 4), ("", 0)]:
+        seq.text = text
+        assert LLM._visible_len(seq) == shown, text
+    seq = Sequence([1], SamplingParams(), None)
+    seq.text = "abc\ufffd\ufffd"
+    assert LLM._visible_len(seq) == 3
+    seq.finish("length")
+    assert LLM._visible_len(seq) == 5  # a finished sequence's text is all sent

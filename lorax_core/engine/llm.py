@@ -211,14 +211,14 @@ class LLM:
     def next_delta(self, seq: Sequence, cursor: list[int]) -> StreamDelta | None:
         """The request's output since `cursor` ([tokens, characters] already sent; advanced here), or None when it
         has nothing new and has not finished. The last delta carries finish_reason and the request's metrics."""
-        ids = seq.completion_ids
-        if len(ids) <= cursor[0] and not seq.finished:
+        ids = seq.token_ids[seq.prompt_len + cursor[0]:]  # only what is new: no copy of the whole completion
+        if not ids and not seq.finished:
             return None
-        text = self._visible_text(seq)
+        shown = self._visible_len(seq)
         logprobs = seq.logprobs[cursor[0]:] if seq.params.logprobs is not None else None
         metrics = self._metrics(seq) if seq.finished else None
-        delta = StreamDelta(seq.id, text[cursor[1]:], ids[cursor[0]:], seq.finish_reason, logprobs, seq.error, metrics)
-        cursor[:] = len(ids), len(text)
+        delta = StreamDelta(seq.id, seq.text[cursor[1]:shown], ids, seq.finish_reason, logprobs, seq.error, metrics)
+        cursor[:] = cursor[0] + len(ids), max(shown, cursor[1])
         return delta
 
     def close(self) -> None:
@@ -251,14 +251,17 @@ class LLM:
             seq.text = seq.text[:cut] if cut >= 0 else seq.text
         self.scheduler.finish(seq, reason)
 
-    def _visible_text(self, seq: Sequence) -> str:
-        """Text safe to stream: a possible stop-string prefix and a partial UTF-8 character are held back."""
+    @staticmethod
+    def _visible_len(seq: Sequence) -> int:
+        """How much of the text is safe to stream: a possible stop-string prefix and a partial UTF-8 character are
+        held back."""
         text = seq.text
         if seq.finished:
-            return text
-        hold = max((len(s) - 1 for s in seq.params.stop), default=0)
-        text = text[: len(text) - hold] if hold else text
-        return text.rstrip("\ufffd")
+            return len(text)
+        n = len(text) - max((len(s) - 1 for s in seq.params.stop), default=0)
+        while n > 0 and text[n - 1] == "\ufffd":
+            n -= 1
+        return max(n, 0)
 
     def _output(self, seq: Sequence) -> RequestOutput:
         logprobs = seq.logprobs if seq.params.logprobs is not None else None
