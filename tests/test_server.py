@@ -193,13 +193,31 @@ def wait_for_abort(live, aborted_before, count=1):
 
 def test_a_client_that_gives_up_on_a_non_streamed_request_cancels_it(live):
     aborted = live.metrics().get(("lorax_requests_total", (("finish_reason", "abort"), ("model", BASE))), 0)
-    # eight prompts, each to the whole context (512 tokens), take the tiny model seconds (one alone took 0.34 s on
-    # the 2-core CI machine, too close to the 0.3 s after which the client leaves)
-    body = {"model": BASE, "prompt": ["the"] * 8, "max_tokens": 100_000, "ignore_eos": True, "temperature": 0}
+    # 16 prompts (as many as the server runs at once), each to the whole context (512 tokens), take the tiny model
+    # about 0.85 s on the 2-core CI machine; one alone takes 0.34 s, too close to the 0.3 s after which the client
+    # leaves (and the server notices within 0.1 s)
+    body = {"model": BASE, "prompt": ["the"] * 16, "max_tokens": 100_000, "ignore_eos": True, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{live.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
-    assert wait_for_abort(live, aborted, count=8)
+    assert wait_for_abort(live, aborted, count=16)
 
+
+
+def test_a_client_that_gives_up_while_its_choices_wait_cancels_them_all(live):
+    """64 prompts: 16 run, 48 wait for their turn when the client leaves. All of them end at once: the server
+    watches for the client while the choices start too (it waited for every first token, about 3 s here, before)."""
+    key = ("lorax_requests_total", (("finish_reason", "abort"), ("model", BASE)))
+    aborted = live.metrics().get(key, 0)
+    body = {"model": BASE, "prompt": ["the"] * 64, "max_tokens": 100_000, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{live.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+    for _ in range(300):
+        m = live.metrics()
+        if m[("lorax_requests_running", ())] == 0 and m[("lorax_requests_waiting", ())] == 0:
+            break
+        time.sleep(0.02)
+    assert m[("lorax_requests_running", ())] == 0 and m[("lorax_requests_waiting", ())] == 0
+    assert m.get(key, 0) - aborted >= 32  # before: only the last 16 to start (the others had run to the end)
 
 def test_metrics_count_requests_tokens_and_loads_per_adapter(live):
     before = live.metrics()

@@ -112,8 +112,13 @@ class Server:
                                 "choices in all; send several requests instead", param="n")
         params = [self.sampling(body, max_tokens, logprobs, len(ids), j) for ids in prompts for j in range(body.n)]
         ids = [ids for ids in prompts for _ in range(body.n)]
-        results = await asyncio.gather(*(self.start(i, p, adapter, body.model) for i, p in zip(ids, params)),
-                                       return_exceptions=True)
+        starts = [asyncio.ensure_future(self.start(i, p, adapter, body.model)) for i, p in zip(ids, params)]
+        try:
+            results = await asyncio.gather(*starts, return_exceptions=True)
+        except asyncio.CancelledError:  # the client went away while some requests still waited for their turn
+            results = await asyncio.gather(*starts, return_exceptions=True)  # the waiting ones are cancelled too
+            await _Choices([r for r in results if not isinstance(r, BaseException)]).close()
+            raise
         started = _Choices([r for r in results if not isinstance(r, BaseException)])
         refused = next((r for r in results if isinstance(r, BaseException)), None)
         if refused is not None:
@@ -132,7 +137,7 @@ class Server:
         return first, deltas
 
     async def _deltas(self, ids, params, adapter, model) -> AsyncIterator[StreamDelta]:
-        stats, accepted, finished = self.stats[model], False, False
+        stats, accepted, finished, refused = self.stats[model], False, False, False
         stream = self.engine.stream(ids, params, adapter)
         try:
             async for delta in stream:
@@ -143,11 +148,11 @@ class Server:
                 finished = delta.finish_reason is not None
                 yield delta
         except ValueError:
-            stats.refused += 1
+            stats.refused, refused = stats.refused + 1, True
             raise
         finally:
             await stream.aclose()  # aborts the request if it has not finished (a client that went away)
-            if accepted and not finished:
+            if not finished and not refused:  # aborted while it ran, or while it waited for its turn
                 stats.requests["abort"] += 1
 
 
@@ -400,7 +405,10 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and isinstance(
             body.prompt[0], (str, list)) else [body.prompt]
         ids = [server.tokenize(prompt) for prompt in prompts]
-        started = await server.start_choices(body, ids, body.max_tokens, body.logprobs, adapter)
+        started = await _unless_disconnected(request, server.start_choices(body, ids, body.max_tokens, body.logprobs,
+                                                                           adapter))
+        if started is None:
+            return Response(status_code=499)  # the client went away while its requests waited for their turn
         offsets = [0] * len(started)  # text_offset of each choice's next streamed token
 
         def whole_choice(i: int, out: StreamDelta) -> dict:
@@ -430,8 +438,10 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
         adapter = await server.adapter_for(body.model)
         ids = server.chat_prompt(body)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        started = await server.start_choices(body, [ids], body.max_completion_tokens or body.max_tokens, logprobs,
-                                             adapter)
+        started = await _unless_disconnected(request, server.start_choices(
+            body, [ids], body.max_completion_tokens or body.max_tokens, logprobs, adapter))
+        if started is None:
+            return Response(status_code=499)  # the client went away while its requests waited for their turn
 
         def whole_choice(i: int, out: StreamDelta) -> dict:
             return {"index": i, "message": {"role": "assistant", "content": out.text},
