@@ -1,4 +1,7 @@
 """Shared test settings: seeds, tolerances, the CUDA skip mark and comparison helpers (defined once, here)."""
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -42,7 +45,13 @@ def assert_rounds_exact(actual: torch.Tensor, exact: torch.Tensor, atol: float =
     torch.testing.assert_close(actual.float(), exact, rtol=half_ulp, atol=atol)
 
 
-NF4_GEMV_MAX_ROWS = 4  # nf4_linear's GEMV on CUDA (kGemvMaxM in csrc/nf4/nf4_cuda.h)
+def _gemv_max_rows() -> int:
+    """kGemvMaxM of csrc/nf4/nf4_cuda.h, read from the source so a change there reaches the tests' expectations."""
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "nf4" / "nf4_cuda.h").read_text()
+    return int(re.search(r"constexpr int64_t kGemvMaxM = (\d+);", header).group(1))
+
+
+NF4_GEMV_MAX_ROWS = _gemv_max_rows()  # nf4_linear's GEMV on CUDA takes up to this many rows of x
 
 
 def assert_nf4_linear(y: torch.Tensor, x: torch.Tensor, w, bias: torch.Tensor | None = None):

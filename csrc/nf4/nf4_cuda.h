@@ -29,7 +29,7 @@ void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, i
 // y[M, N] = x[M, K] @ W[N, K].T (+ bias), W in NF4, for few rows of x: a GEMV on CUDA cores for M <= kGemvMaxM
 // (needs K % 32 == 0), a fused dequant + tensor-core GEMM up to kGemmMaxM (N % 16 == 0, K % 128 == 0). Both
 // need fp16 / bf16 x, and x and codes 16-byte aligned.
-constexpr int64_t kGemvMaxM = 4;   // not yet measured on a GPU against the GEMM at these M
+constexpr int64_t kGemvMaxM = 4;   // not yet measured on a GPU against the GEMM at these M (tests read this line)
 constexpr int64_t kGemmMaxM = 32;  // above this, dequantize + cuBLAS was as fast on an H100
 bool gemm_supported(int64_t M, int64_t N, int64_t K, DType dtype);
 int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K, int num_sms);
