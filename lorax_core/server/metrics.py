@@ -56,8 +56,9 @@ class _Snapshot:
         self.stats, self.adapters, self.running, self.waiting = stats, adapters, running, waiting
 
     def collect(self):
-        requests = CounterMetricFamily("lorax_requests", "Finished requests by model and finish reason "
-                                       "(stop, length, error, abort)", labels=["model", "finish_reason"])
+        requests = CounterMetricFamily("lorax_requests", "Finished requests by model and finish reason (stop, length, "
+                                       "error, abort: the client went away, while the request ran or waited)",
+                                       labels=["model", "finish_reason"])
         refused = CounterMetricFamily("lorax_requests_refused", "Requests refused when queued", labels=["model"])
         prompt = CounterMetricFamily("lorax_prompt_tokens", "Prompt tokens of accepted requests", labels=["model"])
         generated = CounterMetricFamily("lorax_generation_tokens", "Generated tokens", labels=["model"])
