@@ -71,24 +71,24 @@ def detokenization(tok, lengths=(100, 500, 2000)) -> list[dict]:
     rng = random.Random(1)
     text = " ".join("".join(rng.choice("etaoinshrdlucmfwyp") for _ in range(rng.randint(1, 9))) for _ in range(4000))
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    rows = []
-    for n in lengths:
-        assert len(ids) > n + 200, "generated text too short"
-        full = per_call_us(lambda: tok.decode(ids[:n], skip_special_tokens=True), 200, sync=False)
-        seq = Sequence([1], SamplingParams(), None)
-        for token in ids[:n]:  # the state after n tokens; each timed call then adds one more token
-            seq.append(token)
-            append_text(tok, seq)
-        more = iter(ids[n:])
+    return [detokenization_row(tok, ids, n) for n in lengths]
 
-        def step():
-            seq.append(next(more, ids[n]))
-            append_text(tok, seq)
 
-        window = per_call_us(step, 20, sync=False)  # 7 x 20 tokens past n
-        rows.append({"part": "detokenize a step", "case": f"completion of {n} tokens", "baseline_us": full,
-                     "lorax_us": window})
-    return rows
+def detokenization_row(tok, ids: list[int], n: int) -> dict:
+    assert len(ids) > n + 200, "generated text too short"
+    full = per_call_us(lambda: tok.decode(ids[:n], skip_special_tokens=True), 200, sync=False)
+    seq = Sequence([1], SamplingParams(), None)
+    for token in ids[:n]:  # the state after n tokens; each timed call then adds one more token
+        seq.append(token)
+        append_text(tok, seq)
+    more = iter(ids[n:])
+
+    def step():
+        seq.append(next(more, ids[n]))
+        append_text(tok, seq)
+
+    window = per_call_us(step, 20, sync=False)  # 7 x 20 tokens past n
+    return {"part": "detokenize a step", "case": f"completion of {n} tokens", "baseline_us": full, "lorax_us": window}
 
 
 def decode_batch(b: int) -> StepBatch:
@@ -112,8 +112,12 @@ def decode_batch(b: int) -> StepBatch:
 
 def per_field(b: StepBatch, device) -> list[torch.Tensor]:
     """The model runner before: one tensor and one copy per field."""
-    long = lambda v: torch.tensor(v, dtype=torch.long).to(device, non_blocking=True)  # noqa: E731
-    int32 = lambda v: torch.tensor(v, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
+    def long(v):
+        return torch.tensor(v, dtype=torch.long).to(device, non_blocking=True)
+
+    def int32(v):
+        return torch.tensor(v, dtype=torch.int32).to(device, non_blocking=True)
+
     return [long(b.input_ids), long(b.positions), long(b.slots), long(list(range(len(b.input_ids)))),
             int32(b.block_tables), int32(b.context_lens), int32(b.seg_starts), int32(b.seg_slots)]
 
@@ -155,18 +159,19 @@ class OldStatic:
 
 
 def step_inputs(device, batches=(1, 8, 64)) -> list[dict]:
-    sync = device.type == "cuda"
-    rows = []
-    for bs in batches:
-        b = decode_batch(bs)
-        rows.append({"part": "a step's inputs to the device", "case": f"batch {bs}",
-                     "baseline_us": per_call_us(lambda: per_field(b, device), 200, sync),
-                     "lorax_us": per_call_us(lambda: packed(b, device), 200, sync)})
-        if sync:
-            old, bucket = OldStatic(bs, device), Bucket(bs, MAX_BLOCKS, None, device)
-            rows.append({"part": "CUDA graph inputs, filled", "case": f"batch {bs}",
-                         "baseline_us": per_call_us(lambda: old.fill(per_field(b, device), bs), 200, sync),
-                         "lorax_us": per_call_us(lambda: bucket.load(b), 200, sync)})
+    return [row for bs in batches for row in step_input_rows(device, bs)]
+
+
+def step_input_rows(device, bs: int) -> list[dict]:
+    sync, b = device.type == "cuda", decode_batch(bs)
+    rows = [{"part": "a step's inputs to the device", "case": f"batch {bs}",
+             "baseline_us": per_call_us(lambda: per_field(b, device), 200, sync),
+             "lorax_us": per_call_us(lambda: packed(b, device), 200, sync)}]
+    if sync:
+        old, bucket = OldStatic(bs, device), Bucket(bs, MAX_BLOCKS, None, device)
+        rows.append({"part": "CUDA graph inputs, filled", "case": f"batch {bs}",
+                     "baseline_us": per_call_us(lambda: old.fill(per_field(b, device), bs), 200, sync),
+                     "lorax_us": per_call_us(lambda: bucket.load(b), 200, sync)})
     return rows
 
 

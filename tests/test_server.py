@@ -202,7 +202,6 @@ def test_a_client_that_gives_up_on_a_non_streamed_request_cancels_it(live):
     assert wait_for_abort(live, aborted, count=16)
 
 
-
 def test_a_client_that_gives_up_while_its_choices_wait_cancels_them_all(live):
     """64 prompts: 16 run, 48 wait for their turn when the client leaves. All of them end at once: the server
     watches for the client while the choices start too (it waited for every first token, about 3 s here, before)."""
@@ -218,6 +217,7 @@ def test_a_client_that_gives_up_while_its_choices_wait_cancels_them_all(live):
         time.sleep(0.02)
     assert m[("lorax_requests_running", ())] == 0 and m[("lorax_requests_waiting", ())] == 0
     assert m.get(key, 0) - aborted >= 32  # before: only the last 16 to start (the others had run to the end)
+
 
 def test_metrics_count_requests_tokens_and_loads_per_adapter(live):
     before = live.metrics()
