@@ -19,12 +19,13 @@ struct CacheShape {
 // Checks shared by the backends; they return the cache shape.
 CacheShape check_kv_cache_write(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
                                 const at::Tensor& v, const at::Tensor& slot_mapping);
-// The CPU kernel of kv_cache_write, which rotary_kv_cache_write (layers) runs too; and its checks alone, slots
-// included (they need the slots on the host), so a fused op can refuse bad input before it changes anything.
-void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& slot_mapping);
+// The CPU kv_cache_write in its two halves, which rotary_kv_cache_write (layers) runs apart: the checks, slots
+// included (they need the slots on the host), so a fused op can refuse bad input before it changes anything; and
+// the write, unchecked, given the shape the checks returned.
 CacheShape check_kv_cache_write_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& k,
                                     const at::Tensor& v, const at::Tensor& slot_mapping);
+void write_kv_cache_cpu(const CacheShape& c, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& slot_mapping);
 CacheShape check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t window);
 

@@ -23,9 +23,8 @@ CacheShape check_kv_cache_write_cpu(const at::Tensor& k_cache, const at::Tensor&
   return c;
 }
 
-void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
-                        const at::Tensor& slot_mapping) {
-  const CacheShape c = check_kv_cache_write_cpu(k_cache, v_cache, k, v, slot_mapping);
+void write_kv_cache_cpu(const CacheShape& c, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor& slot_mapping) {
   const at::Tensor slots = slot_mapping.contiguous();
   const int64_t total = c.blocks * c.block_size, row = c.kv_heads * c.head_dim;
   const at::Tensor kept = slots.ge(0).nonzero().squeeze(1);  // tokens that have a slot
@@ -35,6 +34,12 @@ void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tens
 }
 
 namespace {
+
+void kv_cache_write_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& slot_mapping) {
+  write_kv_cache_cpu(check_kv_cache_write_cpu(k_cache, v_cache, k, v, slot_mapping), k_cache, v_cache, k, v,
+                     slot_mapping);
+}
 
 template <typename T>
 void attend_one(const T* q, const T* kc, const T* vc, const int32_t* blocks, int64_t len, int64_t first,

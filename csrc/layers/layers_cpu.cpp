@@ -106,9 +106,9 @@ void rotary_kv_cache_write_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& v
                                const at::Tensor& sin, const at::Tensor& positions, at::Tensor& k_cache,
                                at::Tensor& v_cache, const at::Tensor& slot_mapping) {
   check_rotary_kv_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping);
-  attention::check_kv_cache_write_cpu(k_cache, v_cache, k, v, slot_mapping);
+  const attention::CacheShape c = attention::check_kv_cache_write_cpu(k_cache, v_cache, k, v, slot_mapping);
   rotary_embedding_cpu(q, k, cos, sin, positions);
-  attention::kv_cache_write_cpu(k_cache, v_cache, k, v, slot_mapping);
+  attention::write_kv_cache_cpu(c, k_cache, v_cache, k, v, slot_mapping);  // the slots were checked above
 }
 
 // ATen's own vectorized silu, then the product: the same roundings as layers.h, and faster on the CPU than a
