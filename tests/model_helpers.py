@@ -20,6 +20,9 @@ ADAPTERS = {
                        rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 32}),
 }
 
+# a batch of nine requests: every adapter, some twice, and base-model rows among them
+MIXED_ROWS = ["r8_all", None, "r16_rslora", "r4_qv", "r8_pattern", None, "r8_all", "r16_rslora", None]
+
 
 def hf_config(kind: str, **overrides):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
@@ -70,6 +73,11 @@ def save_adapter(base_dir: Path, path: Path, seed: int = 0, **lora) -> Path:
                 p.normal_(0, 0.3)
     model.save_pretrained(path)
     return path
+
+
+def save_adapters(base_dir: Path, root: Path) -> dict[str, Path]:
+    """Every ADAPTERS adapter of this base, saved under root / its name (seeded by its place in ADAPTERS)."""
+    return {name: save_adapter(base_dir, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
 
 
 def bnb_config():

@@ -7,7 +7,7 @@ import time
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from model_helpers import ADAPTERS, save_adapter, save_model
+from model_helpers import save_adapters, save_model
 from lorax_core import LLM, AsyncLLM, SamplingParams
 from lorax_core.server import create_app
 
@@ -51,7 +51,7 @@ def write_model_and_adapters(root):
     tokenizer = AutoTokenizer.from_pretrained(base)
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(base)
-    adapters = {name: save_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
+    adapters = save_adapters(base, root)
     return base, adapters
 
 

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from model_helpers import ADAPTERS, save_adapter, save_model
+from model_helpers import ADAPTERS, save_adapter, save_adapters, save_model
 from lorax_core import LLM, SamplingParams
 from lorax_core.adapters import Tier
 
@@ -18,7 +18,7 @@ PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("registry")
     base = save_model(root / "base", "llama", tokenizer=False)
-    return base, {name: save_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
+    return base, save_adapters(base, root)
 
 
 def engine(paths, **options) -> LLM:

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from model_helpers import ADAPTERS, save_adapter, save_model
+from model_helpers import ADAPTERS, save_adapters, save_model
 from lorax_core import LLM, AsyncLLM, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -16,8 +16,8 @@ def engine(tmp_path_factory):
     root = tmp_path_factory.mktemp("async")
     base = save_model(root / "base", "llama")
     llm = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_num_seqs=8)
-    for i, (name, cfg) in enumerate(ADAPTERS.items()):
-        llm.load_adapter(name, save_adapter(base, root / name, seed=i, **cfg))
+    for name, path in save_adapters(base, root).items():
+        llm.load_adapter(name, path)
     async_llm = AsyncLLM(llm)
     yield async_llm
     async_llm.close()

@@ -449,12 +449,12 @@ def test_model_on_emulated_kernels_matches_peft(emu, kind, tmp_path):
     """The engine's logits with every emulated kernel in the model (LoRA, KV cache write, decode attention, the
     layer ops where built) equal transformers + PEFT row by row: prefill then decode steps of a mixed batch.
     head_dim 32 in fp32 takes the split attention kernel."""
-    from model_helpers import ADAPTERS, hf_logits, hf_peft_model, save_adapter, save_model
+    from model_helpers import hf_logits, hf_peft_model, save_adapters, save_model
 
     from lorax_core import LLM, SamplingParams
 
     base = save_model(tmp_path / "base", kind, tokenizer=False, hidden_size=128)
-    adapters = {n: save_adapter(base, tmp_path / n, seed=i, **c) for i, (n, c) in enumerate(ADAPTERS.items())}
+    adapters = save_adapters(base, tmp_path)
     llm = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_active_adapters=4, adapter_loader_threads=0)
     for name, path in adapters.items():
         llm.load_adapter(name, path)
@@ -486,12 +486,12 @@ def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path):
     codes: at least as close to it as the bf16 engine on the CPU kernels is, step by step. (With the GEMV's weights
     rounded to bf16, its decode logits equal the CPU kernels' bit for bit: the GEMV's fp32 weights are the only
     difference, and they are closer to fp32.)"""
-    from model_helpers import ADAPTERS, save_adapter, save_model
+    from model_helpers import save_adapters, save_model
 
     from lorax_core import LLM, SamplingParams
 
     base = save_model(tmp_path / "base", "llama", tokenizer=False, hidden_size=128, intermediate_size=256)
-    adapters = {n: save_adapter(base, tmp_path / n, seed=i, **c) for i, (n, c) in enumerate(ADAPTERS.items())}
+    adapters = save_adapters(base, tmp_path)
     llms = {}
     for dtype in ("bfloat16", "float32"):
         llms[dtype] = LLM(base, dtype=dtype, device="cpu", quantize="nf4", kv_block_size=4, max_active_adapters=4,

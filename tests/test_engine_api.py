@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_helpers import ADAPTERS, save_adapter, save_model
+from model_helpers import save_adapter, save_adapters, save_model
 from lorax_core import LLM, RequestError, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -17,7 +17,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("api")
     base = save_model(root / "base", "llama")
-    return base, {name: save_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
+    return base, save_adapters(base, root)
 
 
 @pytest.fixture(scope="module")

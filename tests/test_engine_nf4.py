@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 
-from model_helpers import ADAPTERS, bnb_config, hf_greedy, hf_logits, hf_peft_model, save_adapter, save_model
+from model_helpers import bnb_config, hf_greedy, hf_logits, hf_peft_model, save_adapters, save_model
 from lorax_core import LLM, SamplingParams
 from lorax_core.quant import NF4Linear
 
@@ -22,7 +22,7 @@ ROWS = ["r8_all", None, "r16_rslora", "r4_qv", "r8_all", None, "r8_pattern", "r1
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("nf4")
     base = save_model(root / "base", "llama", hidden_size=128, intermediate_size=256)
-    adapters = {name: save_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
+    adapters = save_adapters(base, root)
     hf = hf_peft_model(base, adapters, quantization_config=bnb_config(), dtype=torch.float32, device_map="cpu")
     llm = LLM(base, dtype="float32", device="cpu", quantize="nf4", kv_block_size=4, adapter_loader_threads=0)
     for name, path in adapters.items():

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from model_helpers import ADAPTERS, hf_greedy, hf_logits, hf_peft_model, save_adapter, save_model
+from model_helpers import ADAPTERS, hf_greedy, hf_logits, hf_peft_model, save_adapters, save_model
 from lorax_core import LLM, SamplingParams
 
 FP32_TOL = dict(rtol=1e-4, atol=1e-4)
@@ -16,7 +16,7 @@ ROWS = ["r4_qv", None, "r8_all", "r16_rslora", "r8_all", "r8_pattern", None, "r4
 def setup(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     base = save_model(root / "base", request.param)
-    adapters = {name: save_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
+    adapters = save_adapters(base, root)
     llm = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_active_adapters=4,
               adapter_loader_threads=0)  # adapters load on first use, so the first step has them all
     for name, path in adapters.items():

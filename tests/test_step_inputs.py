@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from model_helpers import ADAPTERS, save_adapter, save_model
+from model_helpers import MIXED_ROWS, save_adapters, save_model
 from lorax_core import LLM, SamplingParams
 from lorax_core.engine.cuda_graphs import DecodeGraphs, buckets
 from lorax_core.engine.step_inputs import Layout, upload
@@ -69,14 +69,13 @@ def test_upload_and_bad_fields():
 
 
 # --- decode steps over the static inputs of CUDA graphs, on the CPU -------------------------------------------------
-ROWS = ["r8_all", None, "r16_rslora", "r4_qv", "r8_pattern", None, "r8_all", "r16_rslora", None]
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("static")
     base = save_model(root / "base", "mistral", hidden_size=64, intermediate_size=128)
-    return base, {name: save_adapter(base, root / name, seed=i, **cfg) for i, (name, cfg) in enumerate(ADAPTERS.items())}
+    return base, save_adapters(base, root)
 
 
 def generate(paths, static: bool):
@@ -92,10 +91,11 @@ def generate(paths, static: bool):
         run = runner.graphs.run
         runner.graphs.run = lambda b: steps.append(len(b.input_ids)) or run(b)
     rng = random.Random(0)
-    prompts = [[rng.randrange(3, 300) for _ in range(rng.randrange(2, 30))] for _ in ROWS]
-    params = [SamplingParams(max_tokens=2 + i, temperature=0, ignore_eos=True, logprobs=0) for i in range(len(ROWS))]
+    prompts = [[rng.randrange(3, 300) for _ in range(rng.randrange(2, 30))] for _ in MIXED_ROWS]
+    params = [SamplingParams(max_tokens=2 + i, temperature=0, ignore_eos=True, logprobs=0)
+              for i in range(len(MIXED_ROWS))]
     with llm:
-        return llm.generate(prompts, params, adapters=ROWS), steps
+        return llm.generate(prompts, params, adapters=MIXED_ROWS), steps
 
 
 def test_static_decode_inputs_equal_eager(paths):
