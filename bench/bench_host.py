@@ -2,7 +2,8 @@
 
 1. Detokenization: decoding the whole completion at each step (the engine before the incremental detokenizer;
    the baseline) vs a window of a few tokens (lorax_core/engine/detokenizer.py), at completions of 100, 500 and
-   2000 tokens.
+   2000 tokens; and one window's decode: transformers' `tokenizer.decode` (the baseline) vs the Rust tokenizer's
+   (`text_decoder`).
 2. A decode step's integer inputs (ids, positions, slots, block tables for 4096 positions, context lengths, adapter
    segments): a tensor and a copy per field (the model runner before step_inputs.py; the baseline) vs one packed
    buffer sent in one copy, at batch 1, 8 and 64.
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_adapters import device_header  # noqa: E402  (bench/conftest.py's, loaded by path)
 
 from lorax_core.engine.cuda_graphs import Bucket  # noqa: E402
-from lorax_core.engine.detokenizer import append_text  # noqa: E402
+from lorax_core.engine.detokenizer import append_text, text_decoder  # noqa: E402
 from lorax_core.engine.sampling import SamplingParams  # noqa: E402
 from lorax_core.engine.sequence import Sequence  # noqa: E402
 from lorax_core.engine.step_inputs import StepBatch, upload  # noqa: E402
@@ -71,24 +72,33 @@ def detokenization(tok, lengths=(100, 500, 2000)) -> list[dict]:
     rng = random.Random(1)
     text = " ".join("".join(rng.choice("etaoinshrdlucmfwyp") for _ in range(rng.randint(1, 9))) for _ in range(4000))
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    return [detokenization_row(tok, ids, n) for n in lengths]
+    return [detokenization_row(tok, ids, n) for n in lengths] + [window_row(tok, ids)]
 
 
 def detokenization_row(tok, ids: list[int], n: int) -> dict:
     assert len(ids) > n + 200, "generated text too short"
     full = per_call_us(lambda: tok.decode(ids[:n], skip_special_tokens=True), 200, sync=False)
-    seq = Sequence([1], SamplingParams(), None)
+    seq, decode = Sequence([1], SamplingParams(), None), text_decoder(tok)
     for token in ids[:n]:  # the state after n tokens; each timed call then adds one more token
         seq.append(token)
-        append_text(tok, seq)
+        append_text(decode, seq)
     more = iter(ids[n:])
 
     def step():
         seq.append(next(more, ids[n]))
-        append_text(tok, seq)
+        append_text(decode, seq)
 
     window = per_call_us(step, 20, sync=False)  # 7 x 20 tokens past n
     return {"part": "detokenize a step", "case": f"completion of {n} tokens", "baseline_us": full, "lorax_us": window}
+
+
+def window_row(tok, ids: list[int]) -> dict:
+    """One window of 2 tokens (a step decodes two windows per sequence)."""
+    window, decode = ids[10:12], text_decoder(tok)
+    assert decode(window) == tok.decode(window, skip_special_tokens=True)
+    return {"part": "decode a window of 2 tokens", "case": "transformers decode vs the Rust tokenizer's",
+            "baseline_us": per_call_us(lambda: tok.decode(window, skip_special_tokens=True), 2000, sync=False),
+            "lorax_us": per_call_us(lambda: decode(window), 2000, sync=False)}
 
 
 def decode_batch(b: int) -> StepBatch:

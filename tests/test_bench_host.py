@@ -9,6 +9,8 @@ def test_quick_host_bench_writes_its_table(tmp_path):
     assert module.main(["--quick", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "host.json").read_text())
     assert [(r["part"], r["case"]) for r in rows] == [("detokenize a step", "completion of 100 tokens"),
+                                                      ("decode a window of 2 tokens",
+                                                       "transformers decode vs the Rust tokenizer's"),
                                                       ("a step's inputs to the device", "batch 8")]
     assert all(r["baseline_us"] > 0 and r["lorax_us"] > 0 for r in rows)
     text = (tmp_path / "host.md").read_text()

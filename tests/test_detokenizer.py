@@ -4,7 +4,7 @@ byte fallback, leading space stripped), while each step decodes a window of a fe
 from hypothesis import given, settings, strategies as st
 
 from model_helpers import make_tokenizer
-from lorax_core.engine.detokenizer import append_text
+from lorax_core.engine.detokenizer import append_text, text_decoder
 from lorax_core.engine.sampling import SamplingParams
 from lorax_core.engine.sequence import Sequence
 
@@ -32,35 +32,37 @@ TOKENIZERS = {"byte-level": make_tokenizer(), "llama-style": llama_style_tokeniz
 
 
 class Windows:
-    """A tokenizer whose decode calls are recorded (their lengths)."""
+    """A decode whose calls are recorded (their lengths)."""
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.lengths = tokenizer, []
+        self.decode, self.lengths = text_decoder(tokenizer), []
 
-    def decode(self, ids, **kwargs):
+    def __call__(self, ids):
         self.lengths.append(len(ids))
-        return self.tokenizer.decode(ids, **kwargs)
+        return self.decode(ids)
 
 
-def grow(tokenizer, ids, windows=None):
-    """Feed ids one at a time (to append_text with `windows`, a Windows, if given); yields (text grown so far, the
-    decode of all of them so far)."""
+def grow(tokenizer, ids, decode=None):
+    """Feed ids one at a time (to append_text with `decode`, text_decoder(tokenizer) if not given); yields (text
+    grown so far, the tokenizer's decode of all of them so far)."""
+    decode = decode or text_decoder(tokenizer)
     seq = Sequence([1, 7, 9], SamplingParams(), None)  # the prompt is not part of the text
     for i, token in enumerate(ids):
         seq.append(token)
-        append_text(windows or tokenizer, seq)
+        append_text(decode, seq)
         yield seq.text, tokenizer.decode(ids[:i + 1], skip_special_tokens=True)
 
 
 @settings(max_examples=150, deadline=None)
 @given(name=st.sampled_from(sorted(TOKENIZERS)), words=st.lists(TEXT, min_size=1, max_size=4),
-       special=st.sampled_from([None, 1, 2]))
-def test_equals_decoding_every_token_at_each_whole_character(name, words, special):
+       special=st.sampled_from([None, 1, 2]), rust=st.booleans())
+def test_equals_decoding_every_token_at_each_whole_character(name, words, special, rust):
+    """With the Rust tokenizer's decode (text_decoder's fast path) and with the transformers tokenizer's."""
     tok = TOKENIZERS[name]
     ids = []
     for w in words:  # pieces tokenized apart, with special tokens between (skipped in the text)
         ids += tok(w, add_special_tokens=False)["input_ids"] + ([special] if special else [])
-    steps = list(grow(tok, ids))
+    steps = list(grow(tok, ids, None if rust else lambda window: tok.decode(window, skip_special_tokens=True)))
     for grown, full in steps:
         if not full.endswith("\ufffd"):  # a character still incomplete may decode either way until its last byte
             assert grown == full
@@ -86,6 +88,41 @@ def test_invalid_bytes_are_committed_after_a_while():
     windows = Windows(tok)
     *_, (grown, full) = grow(tok, ids, windows)
     assert grown == full == "\ufffd" * 100 and max(windows.lengths) <= 2 * 8 + 1
+
+
+def test_text_decoder_calls_the_rust_tokenizer_only_where_that_is_all_decode_does():
+    from transformers import PreTrainedTokenizerFast
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the transformers decode was called")
+
+    tok = make_tokenizer()
+    ids = tok("the cat sat . isn't it", add_special_tokens=False)["input_ids"] + [2]
+    expected = tok.decode(ids, skip_special_tokens=True)
+    assert expected == "the cat sat . isn't it"
+    decode = text_decoder(tok)
+    tok.decode = refuse  # the class's decode is still transformers': the fast path does not call it
+    assert decode(ids) == expected
+    del tok.decode
+
+    # clean_up_tokenization_spaces: what decode does with it (transformers 5 ignores it for BPE models unless told
+    # otherwise) is found by a probe; the decoder gives what decode gives, with or without the clean-up
+    tok.clean_up_tokenization_spaces = True
+    for force in (False, True):
+        tok.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = force
+        expected = tok.decode(ids, skip_special_tokens=True)
+        decode = text_decoder(tok)
+        tok.decode = refuse
+        assert decode(ids) == expected
+        del tok.decode
+    assert expected == "the cat sat. isn't it"  # the clean-up was forced: " ." -> "."
+
+    class Custom(PreTrainedTokenizerFast):  # a subclass's own decode must be called
+        def _decode(self, token_ids, skip_special_tokens=False, **kwargs):
+            return "custom"
+
+    custom = Custom(tokenizer_object=tok.backend_tokenizer, eos_token="</s>")
+    assert custom.clean_up_tokenization_spaces is False and text_decoder(custom)(ids) == "custom"
 
 
 def test_streamed_text_holds_back_a_possible_stop_string_and_a_partial_character():

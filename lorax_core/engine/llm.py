@@ -11,7 +11,7 @@ import torch
 from lorax_core.adapters import AdapterInfo, AdapterPool, AdapterRegistry, PoolConfig
 from lorax_core.engine.block_manager import BlockManager
 from lorax_core.engine.config import EngineConfig
-from lorax_core.engine.detokenizer import append_text
+from lorax_core.engine.detokenizer import append_text, text_decoder
 from lorax_core.engine.model_runner import ModelRunner
 from lorax_core.engine.outputs import RequestError, RequestMetrics, RequestOutput, StreamDelta
 from lorax_core.engine.sampler import sample
@@ -43,6 +43,7 @@ class LLM:
         max_positions = min(mc.max_position_embeddings, config.max_model_len or mc.max_position_embeddings)
         self.model = load_model(model_dir, mc, self.dtype, self.device, quantize, max_positions)
         self.tokenizer = _load_tokenizer(model_dir)
+        self._decode = text_decoder(self.tokenizer) if self.tokenizer is not None else None
         self.eos_token_ids = _eos_ids(mc.eos_token_ids, model_dir, self.tokenizer)
 
         modules = mc.lora_modules()
@@ -233,10 +234,10 @@ class LLM:
 
     # --- internals -------------------------------------------------------------------------------------------
     def _update(self, seq: Sequence, token: int) -> None:
-        p, tokenizer = seq.params, self.tokenizer
+        p, decode = seq.params, self._decode
         cut = -1
-        if tokenizer is not None:
-            unchanged = append_text(tokenizer, seq)  # seq.text[:unchanged] was searched at earlier steps
+        if decode is not None:
+            unchanged = append_text(decode, seq)  # seq.text[:unchanged] was searched at earlier steps
             cut = _find_stop(seq.text, p.stop, max(0, unchanged - max(map(len, p.stop), default=0) + 1))
         if cut >= 0 or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
@@ -244,9 +245,9 @@ class LLM:
             reason = "length"
         else:
             return
-        if tokenizer is not None:  # the final text is the tokens' decode, which differs from the text grown token
+        if decode is not None:  # the final text is the tokens' decode, which differs from the text grown token
             # by token only where bytes of invalid UTF-8 turned earlier bytes into U+FFFD (byte-fallback tokenizers)
-            seq.text = tokenizer.decode(seq.completion_ids, skip_special_tokens=True)
+            seq.text = decode(seq.completion_ids)
             cut = _find_stop(seq.text, p.stop, 0) if cut >= 0 else -1
             seq.text = seq.text[:cut] if cut >= 0 else seq.text
         self.scheduler.finish(seq, reason)
