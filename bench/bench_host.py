@@ -9,6 +9,10 @@
    buffer sent in one copy, at batch 1, 8 and 64.
 3. On a GPU, a CUDA graph's static inputs: copies into each static tensor, padding included, about 16 small copy
    kernels (DecodeGraphs.run before step_inputs.py; the baseline) vs one copy into the bucket's buffer.
+4. Sampling a step's tokens over a 32000-token vocabulary (temperature; top-p; top-k): the sampler before (the
+   baseline: Exp(1) noise drawn on the CPU row by row and copied to the device, a sort of the whole vocabulary
+   whatever the parameters) vs lorax_core/engine/sampler.py (noise drawn on the device, no sort without top-k /
+   top-p / min-p, only the top k sorted when every row has top-k), at batch 1 and 64.
 
 Microseconds per call: the median of 7 repeats of 200 calls, wall clock, with torch.cuda.synchronize after each
 call on a GPU (so a copy's completion is included). `--tokenizer` takes a Hugging Face tokenizer (directory or hub
@@ -33,6 +37,7 @@ from bench_adapters import device_header  # noqa: E402  (bench/conftest.py's, lo
 
 from lorax_core.engine.cuda_graphs import Bucket  # noqa: E402
 from lorax_core.engine.detokenizer import append_text, text_decoder  # noqa: E402
+from lorax_core.engine.sampler import sample  # noqa: E402
 from lorax_core.engine.sampling import SamplingParams  # noqa: E402
 from lorax_core.engine.sequence import Sequence  # noqa: E402
 from lorax_core.engine.step_inputs import StepBatch, upload  # noqa: E402
@@ -185,6 +190,45 @@ def step_input_rows(device, bs: int) -> list[dict]:
     return rows
 
 
+def old_sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """The sampler before (sampled rows only: no penalty, no logprobs, no greedy rows)."""
+    params, dev = [s.params for s in seqs], logits.device
+    logits = logits / torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
+    top_k = torch.tensor([p.top_k or logits.shape[1] for p in params], device=dev).clamp(max=logits.shape[1])
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[1], device=dev).unsqueeze(0)
+    remove = ranks >= top_k.unsqueeze(1)
+    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
+    remove |= (probs.cumsum(dim=-1) - probs) >= top_p
+    min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
+    remove |= probs < min_p * probs[:, :1]
+    remove[:, 0] = False
+    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
+    probs = torch.zeros_like(probs).scatter_(1, order, probs)
+    noise = torch.empty(probs.shape, dtype=torch.float32)
+    for i in range(len(seqs)):
+        noise[i].exponential_()
+    return (probs / noise.to(dev)).argmax(dim=-1).tolist()
+
+
+SAMPLING = {"temperature 0.8": SamplingParams(temperature=0.8), "top-p 0.95": SamplingParams(top_p=0.95),
+            "top-k 50": SamplingParams(temperature=0.8, top_k=50)}
+
+
+def sampling(device, batches=(1, 64), cases=tuple(SAMPLING)) -> list[dict]:
+    return [sampling_row(device, bs, case) for bs in batches for case in cases]
+
+
+def sampling_row(device, bs: int, case: str) -> dict:
+    logits = torch.randn(bs, 32000, device=device) * 3
+    seqs = [Sequence([1], SAMPLING[case], None) for _ in range(bs)]
+    sync = device.type == "cuda"
+    return {"part": "sample a step (vocabulary 32000)", "case": f"batch {bs}, {case}",
+            "baseline_us": per_call_us(lambda: old_sample(logits, seqs), 50, sync),
+            "lorax_us": per_call_us(lambda: sample(logits, seqs), 50, sync)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
@@ -195,6 +239,7 @@ def main(argv=None) -> int:
     tok = tokenizer(args.tokenizer)
     rows = detokenization(tok, (100,) if args.quick else (100, 500, 2000))
     rows += step_inputs(device, (8,) if args.quick else (1, 8, 64))
+    rows += sampling(device, (1,), ("top-p 0.95",)) if args.quick else sampling(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [device_header(), "", f"Host microseconds per call on {device.type} (see bench/bench_host.py).", "",

@@ -11,7 +11,8 @@ def test_quick_host_bench_writes_its_table(tmp_path):
     assert [(r["part"], r["case"]) for r in rows] == [("detokenize a step", "completion of 100 tokens"),
                                                       ("decode a window of 2 tokens",
                                                        "transformers decode vs the Rust tokenizer's"),
-                                                      ("a step's inputs to the device", "batch 8")]
+                                                      ("a step's inputs to the device", "batch 8"),
+                                                      ("sample a step (vocabulary 32000)", "batch 1, top-p 0.95")]
     assert all(r["baseline_us"] > 0 and r["lorax_us"] > 0 for r in rows)
     text = (tmp_path / "host.md").read_text()
     assert text.startswith("device: CPU") and "| detokenize a step | completion of 100 tokens |" in text

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from lorax_core.engine.sampling import SamplingParams
 from lorax_core.engine.sequence import Sequence, TokenLogprob
 
 
@@ -15,12 +16,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
     if any(s.params.repetition_penalty != 1.0 for s in seqs):
         logits = _repetition_penalty(logits.clone(), seqs)  # the caller's logits stay as they were
-    tokens = logits.argmax(dim=-1)
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if sampled:
-        rows = torch.tensor(sampled, device=logits.device)
-        probs = _filtered_probs(logits[rows], [seqs[i].params for i in sampled])
-        tokens[rows] = _draw(probs, [seqs[i].generator for i in sampled])
+    if len(sampled) == len(seqs):
+        tokens = _draw(logits, seqs)
+    else:
+        tokens = logits.argmax(dim=-1)
+        if sampled:
+            rows = torch.tensor(sampled, device=logits.device)
+            tokens[rows] = _draw(logits[rows], [seqs[i] for i in sampled])
     if logprobs is not None:
         _record_logprobs(logprobs, tokens, seqs)
     return tokens.tolist()
@@ -36,29 +39,65 @@ def _repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Ten
     return logits
 
 
-def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
-    dev = logits.device
-    logits = logits / torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
-    top_k = torch.tensor([p.top_k or logits.shape[1] for p in params], device=dev).clamp(max=logits.shape[1])
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[1], device=dev).unsqueeze(0)
-    remove = ranks >= top_k.unsqueeze(1)
-    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-    top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
-    remove |= (probs.cumsum(dim=-1) - probs) >= top_p  # keep the smallest prefix whose mass reaches top_p
-    min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
-    remove |= probs < min_p * probs[:, :1]
-    remove[:, 0] = False  # the most likely token always survives
-    probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
-    return torch.zeros_like(probs).scatter_(1, order, probs)
+def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature) after the row's top-k, top-p and min-p: the argmax of
+    p / E with E ~ Exp(1) drawn per token is a draw from p.
+
+    Only what some row asks for is computed: without filters there is no sort; with top-k in every row, the top
+    max(k) tokens are sorted instead of the whole vocabulary (the others are removed anyway)."""
+    params = [s.params for s in seqs]
+    dev, vocab = logits.device, logits.shape[1]
+    if any(p.temperature != 1.0 for p in params):
+        logits = logits / _column(dev, [p.temperature for p in params])
+    if all(p.top_k == 0 and p.top_p >= 1.0 and p.min_p <= 0.0 for p in params):
+        return (logits.softmax(dim=-1) / _noise(logits.shape, dev, seqs)).argmax(dim=-1)
+    if all(0 < p.top_k < vocab for p in params):
+        top, order = logits.topk(max(p.top_k for p in params), dim=-1)  # sorted, largest first
+    else:
+        top, order = logits.sort(dim=-1, descending=True)
+    probs = _filtered(top, params)
+    picked = (probs / _noise(probs.shape, dev, seqs)).argmax(dim=-1, keepdim=True)
+    return order.gather(1, picked).squeeze(1)
 
 
-def _draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row: argmax(p / E) with E ~ Exp(1) is a draw from p (seeded rows use their generator)."""
-    noise = torch.empty(probs.shape, dtype=torch.float32)
-    for i, gen in enumerate(generators):
-        noise[i].exponential_(generator=gen)
-    return (probs / noise.to(probs.device)).argmax(dim=-1)
+def _filtered(top: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Probabilities over the tokens of `top` (each row's logits sorted, largest first, possibly cut short) with
+    those outside the row's top-k, top-p and min-p set to 0; the most likely token always stays."""
+    dev, width = top.device, top.shape[1]
+    remove = None
+    if any(0 < p.top_k < width for p in params):
+        ranks = torch.arange(width, device=dev).unsqueeze(0)
+        remove = ranks >= _column(dev, [p.top_k if p.top_k else width for p in params], torch.long)
+    probs = (top if remove is None else top.masked_fill(remove, float("-inf"))).softmax(dim=-1)
+    cuts = []
+    if any(p.top_p < 1.0 for p in params):  # keep the smallest prefix whose mass reaches top_p
+        top_p = _column(dev, [p.top_p if p.top_p < 1.0 else float("inf") for p in params])  # inf: rounding
+        cuts.append((probs.cumsum(dim=-1) - probs) >= top_p)  # cannot remove a row's tail without top-p
+    if any(p.min_p > 0.0 for p in params):
+        cuts.append(probs < _column(dev, [p.min_p for p in params]) * probs[:, :1])
+    if not cuts:
+        return probs
+    for cut in cuts:
+        remove = cut if remove is None else remove | cut
+    remove[:, 0] = False
+    return top.masked_fill(remove, float("-inf")).softmax(dim=-1)
+
+
+def _column(device: torch.device, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A [B, 1] tensor of per-row values."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True).unsqueeze(1)
+
+
+def _noise(shape: torch.Size, device: torch.device, seqs: list[Sequence]) -> torch.Tensor:
+    """Exp(1) noise on the device: one draw for the rows of unseeded requests (the global generator), a row of its
+    own for each seeded one (its generator: the same seed gives the same tokens, whatever else is in the batch)."""
+    noise = torch.empty(shape, dtype=torch.float32, device=device)
+    if any(s.params.seed is None for s in seqs):
+        noise.exponential_()
+    for i, seq in enumerate(seqs):
+        if seq.params.seed is not None:
+            noise[i].exponential_(generator=seq.generator(device))
+    return noise
 
 
 def _record_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> None:

@@ -44,12 +44,20 @@ class Sequence:
         # [0, text_end); tokens [text_start, text_end) were the last committed
         self.text_committed = self.text_start = self.text_end = 0
         self.logprobs: list[TokenLogprob] = []
-        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self._generator: torch.Generator | None = None  # a seeded request's, on the logits' device (generator())
         # times on the scheduler's clock (seconds)
         self.arrival_time = 0.0
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finished_time: float | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The seeded request's own random generator on `device` (made at its first draw), or None if unseeded."""
+        if self.params.seed is None:
+            return None
+        if self._generator is None:  # a sequence lives on one engine: its device does not change
+            self._generator = torch.Generator(device).manual_seed(self.params.seed)
+        return self._generator
 
     def __len__(self) -> int:
         return len(self.token_ids)

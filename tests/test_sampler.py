@@ -1,0 +1,111 @@
+"""The sampler (lorax_core/engine/sampler.py) against the distribution its parameters define, computed here in plain
+Python: temperature, then top-k, top-p and min-p on the renormalised probabilities (transformers' order)."""
+import math
+
+import pytest
+import torch
+
+from lorax_core.engine.sampler import sample
+from lorax_core.engine.sampling import SamplingParams
+from lorax_core.engine.sequence import Sequence
+
+LOGITS = [2.0, 1.5, 1.4, 0.3, 0.2, 0.0, -0.5, -1.0, -1.2, -3.0, -30.0, 1.0]
+
+
+def expected(logits: list[float], p: SamplingParams) -> list[float]:
+    """The probability of each token under p."""
+    z = [x / p.temperature for x in logits]
+    order = sorted(range(len(z)), key=lambda i: -z[i])[: p.top_k or len(z)]
+    top = max(z[i] for i in order)
+    weights = {i: math.exp(z[i] - top) for i in order}
+    total = sum(weights.values())
+    probs = {i: w / total for i, w in weights.items()}
+    kept, mass = [], 0.0
+    for i in order:  # the smallest prefix whose mass reaches top_p, then those at least min_p of the largest
+        if mass >= p.top_p:
+            break
+        kept.append(i)
+        mass += probs[i]
+    kept = [i for i in kept if probs[i] >= p.min_p * probs[order[0]]] or [order[0]]
+    total = sum(probs[i] for i in kept)
+    return [probs[i] / total if i in kept else 0.0 for i in range(len(logits))]
+
+
+def frequencies(rows: list[SamplingParams], n: int) -> list[list[float]]:
+    """Each row's token frequencies over n draws (each draw a batch of these rows, all with LOGITS)."""
+    logits = torch.tensor([LOGITS] * len(rows))
+    counts = torch.zeros(len(rows), len(LOGITS))
+    seqs = [Sequence([1], p, None) for p in rows]
+    for _ in range(n):
+        counts[torch.arange(len(rows)), torch.tensor(sample(logits, seqs))] += 1
+    return (counts / n).tolist()
+
+
+CASES = {
+    "temperature": SamplingParams(temperature=0.7),
+    "top-k": SamplingParams(temperature=1.3, top_k=4),
+    "top-p": SamplingParams(top_p=0.8),
+    "min-p": SamplingParams(temperature=0.9, min_p=0.2),
+    "all": SamplingParams(temperature=1.1, top_k=6, top_p=0.9, min_p=0.05),
+}
+
+
+@pytest.mark.parametrize("batch", [["temperature"], ["top-k"], ["top-k", "all"], list(CASES)],
+                         ids=["no filter", "top-k only", "top-k in every row", "mixed"])
+def test_draws_follow_the_filtered_distribution(batch):
+    """Each path of the sampler (no sort, top-k of every row, a whole sort) against the reference: each token's
+    frequency within 5 standard deviations of its probability over 3000 draws, filtered tokens never drawn."""
+    torch.manual_seed(0)
+    n = 3000
+    for name, freq in zip(batch, frequencies([CASES[name] for name in batch], n)):
+        probs = expected(LOGITS, CASES[name])
+        for token, (f, q) in enumerate(zip(freq, probs)):
+            assert f == 0 if q == 0 else abs(f - q) <= 5 * math.sqrt(q * (1 - q) / n) + 1e-3, (name, token, f, q)
+
+
+def test_reference_filters_as_documented():
+    """The reference itself, on cases worked by hand."""
+    p = expected([3.0, 2.0, 1.0, 0.0], SamplingParams(top_k=2))
+    assert p[2] == p[3] == 0 and p[0] == pytest.approx(math.e / (math.e + 1))
+    assert expected([3.0, 2.0, 1.0, 0.0], SamplingParams(top_p=0.5)) == [1.0, 0.0, 0.0, 0.0]  # 0.64 >= 0.5
+    p = expected([0.0, 0.0, -10.0], SamplingParams(min_p=0.1))
+    assert p == [0.5, 0.5, 0.0]
+
+
+def test_greedy_rows_take_the_argmax_and_seeded_rows_repeat_whatever_shares_their_batch():
+    torch.manual_seed(1)
+    logits = torch.randn(6, 50)
+    greedy, seeded = SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_p=0.95, seed=123)
+    others = [SamplingParams(temperature=1.5), SamplingParams(temperature=0.5, top_k=5), greedy, greedy]
+
+    def seeded_tokens(batch: list[SamplingParams], at: int, steps: int = 20) -> list[int]:
+        seqs = [Sequence([1], p, None) for p in batch]
+        rows = logits[:len(batch)].clone()
+        rows[at] = logits[5]
+        out = []
+        for _ in range(steps):
+            tokens = sample(rows, seqs)
+            for i, p in enumerate(batch):
+                if p.greedy:
+                    assert tokens[i] == int(rows[i].argmax())
+            out.append(tokens[at])
+        return out
+
+    alone = seeded_tokens([seeded], 0)
+    assert len(set(alone)) > 1  # it samples
+    assert seeded_tokens(others + [seeded], 4) == alone  # with other rows, at another position
+    assert seeded_tokens([seeded, *others[:2]], 0) == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.95, seed=124)
+    assert seeded_tokens([other_seed], 0) != alone
+
+
+def test_repetition_penalty_and_logprobs_see_the_logits_they_should():
+    """The penalty changes the greedy choice but not the caller's logits; logprobs are the model's (before the
+    penalty and temperature)."""
+    logits = torch.tensor([[3.0, 2.9, 0.0, -1.0]])
+    seq = Sequence([0], SamplingParams(temperature=0, repetition_penalty=2.0, logprobs=2), None)
+    assert sample(logits, [seq]) == [1]  # token 0 was in the prompt: 3.0 / 2 < 2.9
+    assert logits[0, 0] == 3.0
+    lp = torch.log_softmax(logits[0], dim=0)
+    assert seq.logprobs[0].token_id == 1 and seq.logprobs[0].logprob == pytest.approx(float(lp[1]))
+    assert seq.logprobs[0].top == pytest.approx({0: float(lp[0]), 1: float(lp[1])})
