@@ -109,3 +109,63 @@ def test_repetition_penalty_and_logprobs_see_the_logits_they_should():
     lp = torch.log_softmax(logits[0], dim=0)
     assert seq.logprobs[0].token_id == 1 and seq.logprobs[0].logprob == pytest.approx(float(lp[1]))
     assert seq.logprobs[0].top == pytest.approx({0: float(lp[0]), 1: float(lp[1])})
+
+
+def penalized_reference(logits: list[float], prompt: list[int], output: list[int], p: SamplingParams) -> list[float]:
+    """transformers' repetition penalty over the prompt and output, then OpenAI's presence and frequency penalties
+    over the output."""
+    out = list(logits)
+    for t in set(prompt + output):
+        out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * p.repetition_penalty
+    for t in set(output):
+        out[t] -= p.presence_penalty + p.frequency_penalty * output.count(t)
+    return out
+
+
+def test_penalties_equal_the_reference_row_by_row():
+    """Greedy rows with each penalty, all of them, none, over 12 steps of output (with repeats): each picks the
+    argmax of the reference's penalized logits."""
+    import random
+
+    rng = random.Random(0)
+    cases = [SamplingParams(temperature=0, repetition_penalty=1.3), SamplingParams(temperature=0, presence_penalty=1.2),
+             SamplingParams(temperature=0, frequency_penalty=0.7), SamplingParams(temperature=0, frequency_penalty=-0.5),
+             SamplingParams(temperature=0, repetition_penalty=0.8, presence_penalty=-1.0, frequency_penalty=2.0),
+             SamplingParams(temperature=0)]
+    vocab = 40
+    seqs = [Sequence([rng.randrange(vocab) for _ in range(5)], p, None) for p in cases]
+    for step in range(12):
+        logits = torch.randn(len(seqs), vocab, generator=torch.Generator().manual_seed(step))
+        tokens = sample(logits, seqs)
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            ref = penalized_reference(logits[i].tolist(), seq.token_ids[:seq.prompt_len], seq.completion_ids,
+                                      seq.params)
+            assert token == max(range(vocab), key=ref.__getitem__), (i, step)
+            seq.append(rng.choice([token, token, rng.randrange(vocab)]))  # repeats, so counts grow past 1
+    assert max(seqs[2].output_counts.values()) > 1
+
+
+def test_sampled_rows_draw_from_the_penalized_distribution():
+    """3000 rows, each with the same prompt and output so far and every penalty: token frequencies within 5
+    standard deviations of softmax(reference penalized logits)."""
+    torch.manual_seed(2)
+    params = SamplingParams(temperature=1.0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.8)
+    prompt, output, n = [2, 11, 7], [0, 0, 1, 3, 0, 6], 3000  # seen tokens with positive and negative logits
+    seqs = []
+    for _ in range(n):
+        seqs.append(Sequence(prompt, params, None))
+        for t in output:
+            seqs[-1].append(t)
+    tokens = torch.tensor(sample(torch.tensor([LOGITS] * n), seqs))
+    freq = (torch.bincount(tokens, minlength=len(LOGITS)) / n).tolist()
+    ref = penalized_reference(LOGITS, prompt, output, params)
+    probs = expected(ref, params)
+    assert ref[0] == pytest.approx(LOGITS[0] / 2 - 0.5 - 3 * 0.8) and ref[7] == LOGITS[7] * 2
+    for token, (f, q) in enumerate(zip(freq, probs)):
+        assert abs(f - q) <= 5 * math.sqrt(q * (1 - q) / n) + 1e-3, (token, f, q)
+
+
+def test_penalty_values_are_checked():
+    for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-2.1)):
+        with pytest.raises(ValueError, match="must be in \\[-2, 2\\]"):
+            SamplingParams(**bad)

@@ -92,6 +92,11 @@ def test_logprobs_stop_and_seed(live):
                                               extra_body={"ignore_eos": True}).choices[0].text for _ in range(2)]
     assert sampled[0] == sampled[1]
 
+    penalties = dict(presence_penalty=1.5, frequency_penalty=2.0)  # OpenAI's penalties reach the engine
+    penalized = live.client.completions.create(model=BASE, prompt="the", max_tokens=12, **GREEDY, **penalties)
+    expected = live.expected("the", BASE, 12, **penalties)
+    assert penalized.choices[0].text == expected.text != live.expected("the", BASE, 12).text
+
 
 def test_several_prompts_and_n_choices(live):
     """prompt = [p0, p1] with n = 2: choice 2i + j is prompt i, sample j (seed + j); streamed the same."""
@@ -125,7 +130,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
     with pytest.raises(openai.NotFoundError) as err:
         c.completions.create(model="nope", prompt="the", max_tokens=2)
     assert "`nope` does not exist" in err.value.body["message"] and err.value.body["code"] == "model_not_found"
-    bad = [dict(temperature=-1), dict(n=0), dict(n=65), dict(top_p=0), dict(max_tokens=0), dict(presence_penalty=1.0)]
+    bad = [dict(temperature=-1), dict(n=0), dict(n=65), dict(top_p=0), dict(max_tokens=0),
+           dict(presence_penalty=2.5), dict(frequency_penalty=-3)]
     for params in bad:
         with pytest.raises(openai.BadRequestError) as err:
             c.completions.create(model=BASE, prompt="the", **({"max_tokens": 2} | params))

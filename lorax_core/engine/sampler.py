@@ -10,12 +10,13 @@ from lorax_core.engine.sequence import Sequence, TokenLogprob
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """Pick each row's next token (logits fp32 [B, vocab]); records logprobs on sequences that asked for them.
 
-    Order as in transformers: repetition penalty, temperature, top-k, top-p, min-p; greedy rows take the argmax
-    after the repetition penalty. Seeded rows draw from their own generator.
+    Order as in transformers (and vLLM for the OpenAI penalties): repetition penalty, presence and frequency
+    penalties, temperature, top-k, top-p, min-p; greedy rows take the argmax after the penalties. Seeded rows draw
+    from their own generator.
     """
     logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
-    if any(s.params.repetition_penalty != 1.0 for s in seqs):
-        logits = _repetition_penalty(logits.clone(), seqs)  # the caller's logits stay as they were
+    if any(s.seen_ids is not None or s.output_counts is not None for s in seqs):
+        logits = _penalized(logits.clone(), seqs)  # the caller's logits stay as they were
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if len(sampled) == len(seqs):
         tokens = _draw(logits, seqs)
@@ -29,13 +30,31 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     return tokens.tolist()
 
 
-def _repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def _penalized(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition penalty (transformers: a seen token's logit divided by it if positive, else multiplied), then
+    presence and frequency penalties (OpenAI: minus presence + frequency * count for each output token), in place:
+    each a few ops for the whole batch, over the tokens each row has seen."""
+    dev = logits.device
+    rows, ids, factors = [], [], []
     for i, seq in enumerate(seqs):
-        penalty = seq.params.repetition_penalty
-        if penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
-            scores = logits[i, seen]
-            logits[i, seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+        if seq.seen_ids is not None:
+            rows += [i] * len(seq.seen_ids)
+            ids += seq.seen_ids
+            factors += [seq.params.repetition_penalty] * len(seq.seen_ids)
+    if rows:
+        at = (torch.tensor(rows).to(dev, non_blocking=True), torch.tensor(ids).to(dev, non_blocking=True))
+        scores, factor = logits[at], torch.tensor(factors).to(dev, non_blocking=True)
+        logits[at] = torch.where(scores > 0, scores / factor, scores * factor)
+    rows, ids, amounts = [], [], []
+    for i, seq in enumerate(seqs):
+        if seq.output_counts:
+            p = seq.params
+            rows += [i] * len(seq.output_counts)
+            ids += seq.output_counts.keys()
+            amounts += [p.presence_penalty + p.frequency_penalty * n for n in seq.output_counts.values()]
+    if rows:
+        at = (torch.tensor(rows).to(dev, non_blocking=True), torch.tensor(ids).to(dev, non_blocking=True))
+        logits[at] -= torch.tensor(amounts).to(dev, non_blocking=True)
     return logits
 
 

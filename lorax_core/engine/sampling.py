@@ -14,6 +14,8 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (as transformers)
+    presence_penalty: float = 0.0  # subtracted from a token's logit once it is in the output (OpenAI), -2..2
+    frequency_penalty: float = 0.0  # subtracted once per time a token is in the output (OpenAI), -2..2
     seed: int | None = None  # a per-request generator: the same seed gives the same tokens
     stop: list[str] | str | None = None  # the output ends before the first stop string (not included)
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
@@ -32,6 +34,8 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer or None, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),

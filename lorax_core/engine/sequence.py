@@ -44,6 +44,10 @@ class Sequence:
         # [0, text_end); tokens [text_start, text_end) were the last committed
         self.text_committed = self.text_start = self.text_end = 0
         self.logprobs: list[TokenLogprob] = []
+        # for the sampler's penalties, kept up to date by append and only for requests that use them: the tokens of
+        # the prompt and output (repetition_penalty), the times each token is in the output (presence, frequency)
+        self.seen_ids = set(prompt_ids) if params.repetition_penalty != 1.0 else None
+        self.output_counts = {} if params.presence_penalty or params.frequency_penalty else None
         self._generator: torch.Generator | None = None  # a seeded request's, on the logits' device (generator())
         # times on the scheduler's clock (seconds)
         self.arrival_time = 0.0
@@ -85,6 +89,10 @@ class Sequence:
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+        if self.seen_ids is not None:
+            self.seen_ids.add(token_id)
+        if self.output_counts is not None:
+            self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
 
     def finish(self, reason: str, error: str | None = None, when: float | None = None) -> None:
         self.status, self.finish_reason, self.error = Status.FINISHED, reason, error

@@ -67,15 +67,12 @@ class Server:
                  choice: int = 0) -> SamplingParams:
         """The engine's parameters for one choice; with a seed, choice j samples with seed + j (n distinct, each
         reproducible)."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(body, name):
-                raise APIError(400, f"{name} is not supported; use repetition_penalty (an extra field, > 1 "
-                                    "discourages repeats)", param=name)
         if max_tokens is None:  # as much as the context leaves
             max_tokens = max(1, self.llm.max_model_len - prompt_len)
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                   top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                                  presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                                   seed=None if body.seed is None else body.seed + choice, stop=body.stop,
                                   ignore_eos=body.ignore_eos, logprobs=logprobs)
         except ValueError as err:
