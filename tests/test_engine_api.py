@@ -149,15 +149,18 @@ def test_stream_stopped_early_cancels_the_request(llm):
 # --- refusals ----------------------------------------------------------------------------------------------
 def test_bad_requests_refused_others_complete(llm):
     good = prompts(2)
+    vocab = llm.model.config.vocab_size
+    biased = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logit_bias={3: 1.0, vocab: 5.0})
     with pytest.raises(RequestError) as err:
-        llm.generate([good[0], [], [5] * 595, good[1], [5, 6]], GREEDY,
-                     adapters=["r8_all", None, None, None, "nope"])
+        llm.generate([good[0], [], [5] * 595, good[1], [5, 6], [5, 6]], [GREEDY] * 5 + [biased],
+                     adapters=["r8_all", None, None, None, "nope", None])
     message = str(err.value)
     assert "request 1: the prompt is empty" in message
     assert "request 2: the prompt has 595 tokens" in message and "max_model_len" in message
     assert "request 4: unknown adapter 'nope'" in message and "load_adapter" in message
+    assert f"request 5: logit_bias names token ids [{vocab}] outside the vocabulary (0..{vocab - 1})" in message
     outs = err.value.outputs
-    assert [o.finish_reason for o in outs] == ["length", "error", "error", "length", "error"]
+    assert [o.finish_reason for o in outs] == ["length", "error", "error", "length", "error", "error"]
     assert outs[0].token_ids == llm.generate([good[0]], GREEDY, adapters=["r8_all"])[0].token_ids
     assert llm.blocks.free_blocks == llm.blocks.num_blocks
 
@@ -167,7 +170,8 @@ def test_bad_requests_refused_others_complete(llm):
     (dict(top_k=-2), "top_k must be"), (dict(max_tokens=0), "max_tokens must be"),
     (dict(min_p=2), "min_p must be"), (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
     (dict(logprobs=100), "logprobs must be"), (dict(stop=[""]), "stop must be non-empty"),
-    (dict(stop_token_ids=[-1]), "stop_token_ids must be"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids must be"), (dict(presence_penalty=3), "presence_penalty must be"),
+    (dict(frequency_penalty=-3), "frequency_penalty must be"), (dict(logit_bias={1: 200}), "logit_bias must map"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -112,9 +112,11 @@ def test_repetition_penalty_and_logprobs_see_the_logits_they_should():
 
 
 def penalized_reference(logits: list[float], prompt: list[int], output: list[int], p: SamplingParams) -> list[float]:
-    """transformers' repetition penalty over the prompt and output, then OpenAI's presence and frequency penalties
-    over the output."""
+    """OpenAI's logit bias, transformers' repetition penalty over the prompt and output, then OpenAI's presence and
+    frequency penalties over the output."""
     out = list(logits)
+    for t, b in (p.logit_bias or {}).items():
+        out[t] += b
     for t in set(prompt + output):
         out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * p.repetition_penalty
     for t in set(output):
@@ -131,6 +133,8 @@ def test_penalties_equal_the_reference_row_by_row():
     cases = [SamplingParams(temperature=0, repetition_penalty=1.3), SamplingParams(temperature=0, presence_penalty=1.2),
              SamplingParams(temperature=0, frequency_penalty=0.7), SamplingParams(temperature=0, frequency_penalty=-0.5),
              SamplingParams(temperature=0, repetition_penalty=0.8, presence_penalty=-1.0, frequency_penalty=2.0),
+             SamplingParams(temperature=0, logit_bias={3: 2.5, 7: -1.0, 11: 0.8}),
+             SamplingParams(temperature=0, logit_bias={5: 1.5}, repetition_penalty=1.5, frequency_penalty=0.5),
              SamplingParams(temperature=0)]
     vocab = 40
     seqs = [Sequence([rng.randrange(vocab) for _ in range(5)], p, None) for p in cases]
@@ -149,7 +153,8 @@ def test_sampled_rows_draw_from_the_penalized_distribution():
     """3000 rows, each with the same prompt and output so far and every penalty: token frequencies within 5
     standard deviations of softmax(reference penalized logits)."""
     torch.manual_seed(2)
-    params = SamplingParams(temperature=1.0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.8)
+    params = SamplingParams(temperature=1.0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.8,
+                            logit_bias={2: 1.0, 5: 1.0, 9: 2.0, 10: -100})  # 2 is in the prompt: biased, then penalized
     prompt, output, n = [2, 11, 7], [0, 0, 1, 3, 0, 6], 3000  # seen tokens with positive and negative logits
     seqs = []
     for _ in range(n):
@@ -160,12 +165,15 @@ def test_sampled_rows_draw_from_the_penalized_distribution():
     freq = (torch.bincount(tokens, minlength=len(LOGITS)) / n).tolist()
     ref = penalized_reference(LOGITS, prompt, output, params)
     probs = expected(ref, params)
-    assert ref[0] == pytest.approx(LOGITS[0] / 2 - 0.5 - 3 * 0.8) and ref[7] == LOGITS[7] * 2
+    assert ref[0] == pytest.approx(LOGITS[0] / 2 - 0.5 - 3 * 0.8) and ref[7] == LOGITS[7] * 2 and ref[9] == -1.0
     for token, (f, q) in enumerate(zip(freq, probs)):
         assert abs(f - q) <= 5 * math.sqrt(q * (1 - q) / n) + 1e-3, (token, f, q)
 
 
-def test_penalty_values_are_checked():
+def test_penalty_and_bias_values_are_checked():
     for bad in (dict(presence_penalty=2.5), dict(frequency_penalty=-2.1)):
         with pytest.raises(ValueError, match="must be in \\[-2, 2\\]"):
             SamplingParams(**bad)
+    for bad in ({5: 101.0}, {-1: 1.0}, {"5": 1.0}, [5]):
+        with pytest.raises(ValueError, match="logit_bias must map token ids >= 0 to biases in \\[-100, 100\\]"):
+            SamplingParams(logit_bias=bad)

@@ -96,6 +96,8 @@ def test_logprobs_stop_and_seed(live):
     penalized = live.client.completions.create(model=BASE, prompt="the", max_tokens=12, **GREEDY, **penalties)
     expected = live.expected("the", BASE, 12, **penalties)
     assert penalized.choices[0].text == expected.text != live.expected("the", BASE, 12).text
+    forced = live.client.completions.create(model=BASE, prompt="the", max_tokens=4, logit_bias={"17": 100}, **GREEDY)
+    assert forced.choices[0].text == live.oracle.tokenizer.decode([17] * 4)  # the bias wins every step
 
 
 def test_several_prompts_and_n_choices(live):
@@ -131,7 +133,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
         c.completions.create(model="nope", prompt="the", max_tokens=2)
     assert "`nope` does not exist" in err.value.body["message"] and err.value.body["code"] == "model_not_found"
     bad = [dict(temperature=-1), dict(n=0), dict(n=65), dict(top_p=0), dict(max_tokens=0),
-           dict(presence_penalty=2.5), dict(frequency_penalty=-3)]
+           dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(logit_bias={"x": 1}),
+           dict(logit_bias={"5": 101}), dict(logit_bias={"100000": 1})]
     for params in bad:
         with pytest.raises(openai.BadRequestError) as err:
             c.completions.create(model=BASE, prompt="the", **({"max_tokens": 2} | params))

@@ -100,6 +100,10 @@ class LLM:
         params = params or SamplingParams()
         stats = self.registry.stats(adapter) if adapter is not None else None  # ValueError if unknown
         ids = self.tokenize(prompt)
+        vocab = self.model.config.vocab_size
+        outside = [t for t in (params.logit_bias or {}) if t >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias names token ids {outside[:5]} outside the vocabulary (0..{vocab - 1})")
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(ids)} tokens; this engine's context is {self.max_model_len} tokens "
                              "(max_model_len) and at least one must be generated: shorten the prompt")

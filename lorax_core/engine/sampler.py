@@ -10,13 +10,13 @@ from lorax_core.engine.sequence import Sequence, TokenLogprob
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """Pick each row's next token (logits fp32 [B, vocab]); records logprobs on sequences that asked for them.
 
-    Order as in transformers (and vLLM for the OpenAI penalties): repetition penalty, presence and frequency
-    penalties, temperature, top-k, top-p, min-p; greedy rows take the argmax after the penalties. Seeded rows draw
-    from their own generator.
+    Order as in transformers (and vLLM for OpenAI's logit bias and penalties): logit bias, repetition penalty,
+    presence and frequency penalties, temperature, top-k, top-p, min-p; greedy rows take the argmax after the bias
+    and penalties. Seeded rows draw from their own generator.
     """
     logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
-    if any(s.seen_ids is not None or s.output_counts is not None for s in seqs):
-        logits = _penalized(logits.clone(), seqs)  # the caller's logits stay as they were
+    if any(s.params.logit_bias or s.seen_ids is not None or s.output_counts is not None for s in seqs):
+        logits = _adjusted(logits.clone(), seqs)  # the caller's logits stay as they were
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if len(sampled) == len(seqs):
         tokens = _draw(logits, seqs)
@@ -30,32 +30,42 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     return tokens.tolist()
 
 
-def _penalized(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Repetition penalty (transformers: a seen token's logit divided by it if positive, else multiplied), then
-    presence and frequency penalties (OpenAI: minus presence + frequency * count for each output token), in place:
-    each a few ops for the whole batch, over the tokens each row has seen."""
-    dev = logits.device
-    rows, ids, factors = [], [], []
-    for i, seq in enumerate(seqs):
-        if seq.seen_ids is not None:
-            rows += [i] * len(seq.seen_ids)
-            ids += seq.seen_ids
-            factors += [seq.params.repetition_penalty] * len(seq.seen_ids)
-    if rows:
-        at = (torch.tensor(rows).to(dev, non_blocking=True), torch.tensor(ids).to(dev, non_blocking=True))
-        scores, factor = logits[at], torch.tensor(factors).to(dev, non_blocking=True)
+def _adjusted(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Logit bias (added), repetition penalty (transformers: a seen token's logit divided by it if positive, else
+    multiplied), then presence and frequency penalties (OpenAI: minus presence + frequency * count for each output
+    token), in place: a few ops for the whole batch each, over the tokens each row names or has seen."""
+    bias = _entries(seqs, lambda seq: seq.params.logit_bias)
+    if bias:
+        at, amounts = _at(logits.device, bias)
+        logits[at] += amounts
+    repeats = _entries(seqs, lambda seq: seq.seen_ids and dict.fromkeys(seq.seen_ids, seq.params.repetition_penalty))
+    if repeats:
+        at, factor = _at(logits.device, repeats)
+        scores = logits[at]
         logits[at] = torch.where(scores > 0, scores / factor, scores * factor)
-    rows, ids, amounts = [], [], []
-    for i, seq in enumerate(seqs):
-        if seq.output_counts:
-            p = seq.params
-            rows += [i] * len(seq.output_counts)
-            ids += seq.output_counts.keys()
-            amounts += [p.presence_penalty + p.frequency_penalty * n for n in seq.output_counts.values()]
-    if rows:
-        at = (torch.tensor(rows).to(dev, non_blocking=True), torch.tensor(ids).to(dev, non_blocking=True))
-        logits[at] -= torch.tensor(amounts).to(dev, non_blocking=True)
+    counted = _entries(seqs, lambda seq: seq.output_counts and {
+        t: seq.params.presence_penalty + seq.params.frequency_penalty * n for t, n in seq.output_counts.items()})
+    if counted:
+        at, amounts = _at(logits.device, counted)
+        logits[at] -= amounts
     return logits
+
+
+def _entries(seqs: list[Sequence], values) -> list[tuple[int, dict[int, float]]]:
+    """(row, {token id: value}) for each row whose `values(seq)` is not empty."""
+    return [(i, v) for i, seq in enumerate(seqs) if (v := values(seq))]
+
+
+def _at(device: torch.device, entries: list[tuple[int, dict[int, float]]]) -> tuple[tuple, torch.Tensor]:
+    """The (rows, token ids) index of every entry's tokens on `device`, and their values (fp32)."""
+    rows = [i for i, v in entries for _ in range(len(v))]
+    ids = [t for _, v in entries for t in v]
+    values = [x for _, v in entries for x in v.values()]
+
+    def to(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=True)
+
+    return (to(torch.tensor(rows)), to(torch.tensor(ids))), to(torch.tensor(values, dtype=torch.float32))
 
 
 def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

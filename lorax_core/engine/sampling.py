@@ -16,6 +16,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (as transformers)
     presence_penalty: float = 0.0  # subtracted from a token's logit once it is in the output (OpenAI), -2..2
     frequency_penalty: float = 0.0  # subtracted once per time a token is in the output (OpenAI), -2..2
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before everything else (OpenAI)
     seed: int | None = None  # a per-request generator: the same seed gives the same tokens
     stop: list[str] | str | None = None  # the output ends before the first stop string (not included)
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
@@ -27,6 +28,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids)
+        bias = self.logit_bias or {}
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
@@ -36,6 +38,9 @@ class SamplingParams:
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (isinstance(bias, dict) and all(isinstance(t, int) and t >= 0 and isinstance(b, (int, float))
+                                            and -100 <= b <= 100 for t, b in bias.items()),
+             f"logit_bias must map token ids >= 0 to biases in [-100, 100], got {self.logit_bias!r}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer or None, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),

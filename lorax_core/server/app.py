@@ -69,10 +69,14 @@ class Server:
         reproducible)."""
         if max_tokens is None:  # as much as the context leaves
             max_tokens = max(1, self.llm.max_model_len - prompt_len)
+        bias = body.logit_bias or {}
+        if not all(key.isdigit() for key in bias):
+            raise APIError(400, f"logit_bias keys must be token ids, got {sorted(bias)[:5]}", param="logit_bias")
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                   top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                                  logit_bias={int(key): value for key, value in bias.items()} or None,
                                   seed=None if body.seed is None else body.seed + choice, stop=body.stop,
                                   ignore_eos=body.ignore_eos, logprobs=logprobs)
         except ValueError as err:
