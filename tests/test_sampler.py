@@ -131,7 +131,8 @@ def test_penalties_equal_the_reference_row_by_row():
 
     rng = random.Random(0)
     cases = [SamplingParams(temperature=0, repetition_penalty=1.3), SamplingParams(temperature=0, presence_penalty=1.2),
-             SamplingParams(temperature=0, frequency_penalty=0.7), SamplingParams(temperature=0, frequency_penalty=-0.5),
+             SamplingParams(temperature=0, frequency_penalty=0.7),
+             SamplingParams(temperature=0, frequency_penalty=-0.5),
              SamplingParams(temperature=0, repetition_penalty=0.8, presence_penalty=-1.0, frequency_penalty=2.0),
              SamplingParams(temperature=0, logit_bias={3: 2.5, 7: -1.0, 11: 0.8}),
              SamplingParams(temperature=0, logit_bias={5: 1.5}, repetition_penalty=1.5, frequency_penalty=0.5),

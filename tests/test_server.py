@@ -134,7 +134,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
     assert "`nope` does not exist" in err.value.body["message"] and err.value.body["code"] == "model_not_found"
     bad = [dict(temperature=-1), dict(n=0), dict(n=65), dict(top_p=0), dict(max_tokens=0),
            dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(logit_bias={"x": 1}),
-           dict(logit_bias={"5": 101}), dict(logit_bias={"100000": 1})]
+           dict(logit_bias={"5": 101}), dict(logit_bias={"100000": 1}), dict(echo=True), dict(suffix="x"),
+           dict(best_of=3), dict(extra_body={"response_format": {"type": "json_object"}})]
     for params in bad:
         with pytest.raises(openai.BadRequestError) as err:
             c.completions.create(model=BASE, prompt="the", **({"max_tokens": 2} | params))
@@ -150,6 +151,16 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
     assert raw.status_code == 400 and "not valid JSON" in raw.json()["error"]["message"]
     raw = httpx.post(f"{live.url}/v1/completions", json={"prompt": "the"}, headers={"Authorization": f"Bearer {KEY}"})
     assert raw.status_code == 400 and raw.json()["error"]["param"] == "model"
+    # what the server cannot honour is refused, naming the field, rather than served without it
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for field, params in [("tools", dict(tools=[tool])),
+                          ("response_format", dict(response_format={"type": "json_object"}))]:
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2, **params)
+        assert err.value.body["param"] == field and "is not supported" in err.value.body["message"]
+    plain = c.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                      response_format={"type": "text"})
+    assert plain.choices[0].finish_reason == "length"
     # and the server still serves
     out = c.completions.create(model="r8_all", prompt="the red cat", max_tokens=8, **GREEDY)
     assert out.choices[0].text == live.expected("the red cat", "r8_all").text

@@ -67,6 +67,10 @@ class Server:
                  choice: int = 0) -> SamplingParams:
         """The engine's parameters for one choice; with a seed, choice j samples with seed + j (n distinct, each
         reproducible)."""
+        unsupported = body.unsupported()
+        if unsupported:
+            raise APIError(400, f"{unsupported} is not supported by this server (no guided decoding, tool calls, "
+                                "echo, suffix or best_of); send the request without it", param=unsupported)
         if max_tokens is None:  # as much as the context leaves
             max_tokens = max(1, self.llm.max_model_len - prompt_len)
         bias = body.logit_bias or {}
@@ -401,8 +405,6 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
         adapter = await server.adapter_for(body.model)
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         prompts = body.prompt if isinstance(body.prompt, list) and body.prompt and isinstance(
             body.prompt[0], (str, list)) else [body.prompt]
         ids = [server.tokenize(prompt) for prompt in prompts]

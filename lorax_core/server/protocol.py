@@ -42,6 +42,16 @@ class SamplingRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # token id (a string, as JSON keys are) -> bias in [-100, 100]
+    # OpenAI fields the server cannot honour: a request that sets them is refused rather than served without them
+    response_format: dict | None = None  # {"type": "text"} only: no JSON mode or schema (guided decoding)
+    tools: list | None = None
+    functions: list | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set to something this server does not do, or None."""
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        return next((name for name in ("tools", "functions") if getattr(self, name)), None)
     user: str | None = None
     ignore_eos: bool = False
     top_k: int = Field(0, ge=0)
@@ -54,6 +64,17 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def unsupported(self) -> str | None:
+        if self.echo:
+            return "echo"
+        if self.suffix:
+            return "suffix"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of"
+        return super().unsupported()
 
 
 class ContentPart(BaseModel):
