@@ -18,7 +18,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     if any(s.params.logit_bias or s.seen_ids is not None or s.output_counts is not None for s in seqs):
         logits = _adjusted(logits.clone(), seqs)  # the caller's logits stay as they were
     sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if len(sampled) == len(seqs):
+    if sampled and len(sampled) == len(seqs):
         tokens = _draw(logits, seqs)
     else:
         tokens = logits.argmax(dim=-1)
