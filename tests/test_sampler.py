@@ -9,6 +9,7 @@ from lorax_core.engine.sampler import sample
 from lorax_core.engine.sampling import SamplingParams
 from lorax_core.engine.sequence import Sequence
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 LOGITS = [2.0, 1.5, 1.4, 0.3, 0.2, 0.0, -0.5, -1.0, -1.2, -3.0, -30.0, 1.0]
 
 
@@ -31,9 +32,9 @@ def expected(logits: list[float], p: SamplingParams) -> list[float]:
     return [probs[i] / total if i in kept else 0.0 for i in range(len(logits))]
 
 
-def frequencies(rows: list[SamplingParams], n: int) -> list[list[float]]:
-    """Each row's token frequencies over n draws (each draw a batch of these rows, all with LOGITS)."""
-    logits = torch.tensor([LOGITS] * len(rows))
+def frequencies(rows: list[SamplingParams], n: int, device: str) -> list[list[float]]:
+    """Each row's token frequencies over n draws (each draw a batch of these rows, all with LOGITS on `device`)."""
+    logits = torch.tensor([LOGITS] * len(rows), device=device)
     counts = torch.zeros(len(rows), len(LOGITS))
     seqs = [Sequence([1], p, None) for p in rows]
     for _ in range(n):
@@ -52,12 +53,13 @@ CASES = {
 
 @pytest.mark.parametrize("batch", [["temperature"], ["top-k"], ["top-k", "all"], list(CASES)],
                          ids=["no filter", "top-k only", "top-k in every row", "mixed"])
-def test_draws_follow_the_filtered_distribution(batch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_draws_follow_the_filtered_distribution(batch, device):
     """Each path of the sampler (no sort, top-k of every row, a whole sort) against the reference: each token's
     frequency within 5 standard deviations of its probability over 3000 draws, filtered tokens never drawn."""
     torch.manual_seed(0)
     n = 3000
-    for name, freq in zip(batch, frequencies([CASES[name] for name in batch], n)):
+    for name, freq in zip(batch, frequencies([CASES[name] for name in batch], n, device)):
         probs = expected(LOGITS, CASES[name])
         for token, (f, q) in enumerate(zip(freq, probs)):
             assert f == 0 if q == 0 else abs(f - q) <= 5 * math.sqrt(q * (1 - q) / n) + 1e-3, (name, token, f, q)
@@ -72,9 +74,10 @@ def test_reference_filters_as_documented():
     assert p == [0.5, 0.5, 0.0]
 
 
-def test_greedy_rows_take_the_argmax_and_seeded_rows_repeat_whatever_shares_their_batch():
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_rows_take_the_argmax_and_seeded_rows_repeat_whatever_shares_their_batch(device):
     torch.manual_seed(1)
-    logits = torch.randn(6, 50)
+    logits = torch.randn(6, 50).to(device)
     greedy, seeded = SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_p=0.95, seed=123)
     others = [SamplingParams(temperature=1.5), SamplingParams(temperature=0.5, top_k=5), greedy, greedy]
 
@@ -99,14 +102,15 @@ def test_greedy_rows_take_the_argmax_and_seeded_rows_repeat_whatever_shares_thei
     assert seeded_tokens([other_seed], 0) != alone
 
 
-def test_repetition_penalty_and_logprobs_see_the_logits_they_should():
+@pytest.mark.parametrize("device", DEVICES)
+def test_repetition_penalty_and_logprobs_see_the_logits_they_should(device):
     """The penalty changes the greedy choice but not the caller's logits; logprobs are the model's (before the
     penalty and temperature)."""
-    logits = torch.tensor([[3.0, 2.9, 0.0, -1.0]])
+    logits = torch.tensor([[3.0, 2.9, 0.0, -1.0]], device=device)
     seq = Sequence([0], SamplingParams(temperature=0, repetition_penalty=2.0, logprobs=2), None)
     assert sample(logits, [seq]) == [1]  # token 0 was in the prompt: 3.0 / 2 < 2.9
     assert logits[0, 0] == 3.0
-    lp = torch.log_softmax(logits[0], dim=0)
+    lp = torch.log_softmax(logits[0], dim=0).cpu()
     assert seq.logprobs[0].token_id == 1 and seq.logprobs[0].logprob == pytest.approx(float(lp[1]))
     assert seq.logprobs[0].top == pytest.approx({0: float(lp[0]), 1: float(lp[1])})
 
@@ -124,7 +128,8 @@ def penalized_reference(logits: list[float], prompt: list[int], output: list[int
     return out
 
 
-def test_penalties_equal_the_reference_row_by_row():
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalties_equal_the_reference_row_by_row(device):
     """Greedy rows with each penalty, all of them, none, over 12 steps of output (with repeats): each picks the
     argmax of the reference's penalized logits."""
     import random
@@ -141,7 +146,7 @@ def test_penalties_equal_the_reference_row_by_row():
     seqs = [Sequence([rng.randrange(vocab) for _ in range(5)], p, None) for p in cases]
     for step in range(12):
         logits = torch.randn(len(seqs), vocab, generator=torch.Generator().manual_seed(step))
-        tokens = sample(logits, seqs)
+        tokens = sample(logits.to(device), seqs)
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
             ref = penalized_reference(logits[i].tolist(), seq.token_ids[:seq.prompt_len], seq.completion_ids,
                                       seq.params)
@@ -150,7 +155,8 @@ def test_penalties_equal_the_reference_row_by_row():
     assert max(seqs[2].output_counts.values()) > 1
 
 
-def test_sampled_rows_draw_from_the_penalized_distribution():
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampled_rows_draw_from_the_penalized_distribution(device):
     """3000 rows, each with the same prompt and output so far and every penalty: token frequencies within 5
     standard deviations of softmax(reference penalized logits)."""
     torch.manual_seed(2)
@@ -162,7 +168,7 @@ def test_sampled_rows_draw_from_the_penalized_distribution():
         seqs.append(Sequence(prompt, params, None))
         for t in output:
             seqs[-1].append(t)
-    tokens = torch.tensor(sample(torch.tensor([LOGITS] * n), seqs))
+    tokens = torch.tensor(sample(torch.tensor([LOGITS] * n, device=device), seqs))
     freq = (torch.bincount(tokens, minlength=len(LOGITS)) / n).tolist()
     ref = penalized_reference(LOGITS, prompt, output, params)
     probs = expected(ref, params)
