@@ -1,11 +1,37 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: build the extension with the machine's own python3 and torch, run the whole
-# test suite (CUDA tests included) and the benchmarks, and write logs and tables under $OUT.
+# On a lent GPU machine: build the extension with the machine's own python3 and torch, then run the phases named in
+# PHASES (default: all, in this order):
+#   tests     the whole test suite, CUDA tests included (TESTS_ARGS, e.g. "-m cuda", narrows it)
+#   kernels   the kernel microbenchmarks (pytest-benchmark; BENCH_ARGS)
+#   engine    bench_engine.py: decode ms/step and prefill vs transformers + PEFT
+#   host      bench_host.py: host time per step outside the model
+#   profile   profile_step.py: where a batch-1 decode step's time goes (PROFILE_SETUPS)
+#   serving   bench_serving.py: the LoRAX load test vs transformers + PEFT (SERVING_ARGS)
+#   adapters  bench_adapters.py: serving with 1..128 adapters
+# SKIP_<PHASE>=1 (SKIP_TESTS, SKIP_KERNEL_BENCH, SKIP_ENGINE_BENCH, SKIP_HOST_BENCH, SKIP_PROFILE,
+# SKIP_SERVING_BENCH, SKIP_ADAPTERS_BENCH) also leaves a phase out.
+#
+# The device tool allows 10 minutes a command and brings back at most 8 files from $OUT. So every file the phases
+# write goes to $RES (default /tmp/lorax-gpu), packed into $OUT/results.tgz after each phase, and everything printed
+# goes live to $OUT/gpu.log: a call killed at its limit still brings back the log and the finished phases.
+# Unpack here with `tar xzf results.tgz`. Build outputs stay on a warm machine, so later calls rebuild little.
+# A plan of three calls, each meant to fit in 10 minutes (not yet timed this way; a phase's start time is logged):
+#   PHASES=tests bash bench/gpu.sh                     (TESTS_ARGS="-m cuda" if the CPU tests ran in CI)
+#   PHASES=kernels,engine,host,profile bash bench/gpu.sh
+#   PHASES=serving,adapters bash bench/gpu.sh          (SERVING_ARGS="--cell-seconds 6" if it runs long)
 # Missing wheels (bitsandbytes) travel in .whl/ (see bench/RESULTS.md for how to fetch them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/out}
-mkdir -p "$OUT"
+DEST=${OUT:-bench/out}
+RES=${RES:-/tmp/lorax-gpu}
+mkdir -p "$DEST" "$RES"
+export OUT="$RES"  # where the benchmarks write their tables (bench/conftest.py and each script's --out default)
+exec > >(tee -a "$DEST/gpu.log") 2>&1
+pack() { tar czf "$DEST/results.tgz" -C "$RES" . ; }
+want() {  # want PHASE SKIP_VARIABLE
+  [[ ",${PHASES:-tests,kernels,engine,host,profile,serving,adapters}," == *",$1,"* ]] && [ -z "${!2:-}" ]
+}
+
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -15,40 +41,59 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16
 # TORCH_CHECK) with its torch; the system compiler's builds do not (seen 2026-11-23). LORAX_CXX overrides.
 if [ -x /usr/bin/g++ ]; then export CXX=${LORAX_CXX:-/usr/bin/g++}; fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"; } | tee "$OUT/device.txt"
+  python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
+  git rev-parse --short HEAD 2> /dev/null; } | tee "$RES/device.txt"
 
 start=$(date +%s)
-if ! python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"; exit 1
+if ! python3 -m pip install -v --no-build-isolation --no-deps -e . > "$RES/build.log" 2>&1; then
+  tail -40 "$RES/build.log"; pack; exit 1
 fi
 echo "build: $(( $(date +%s) - start )) s"
+pack
 
 status=0
-if [ -z "${SKIP_TESTS:-}" ]; then
-  python3 -m pytest -q --maxfail=30 tests ${TESTS_ARGS:-} 2>&1 | tee "$OUT/tests.log" || status=1
+phase() { echo "== $1 ($(date +%T))"; }
+if want tests SKIP_TESTS; then
+  phase tests
+  python3 -m pytest -q --maxfail=30 tests ${TESTS_ARGS:-} 2>&1 | tee "$RES/tests.log" | tail -40 || status=1
+  pack
 fi
-if [ -z "${SKIP_KERNEL_BENCH:-}" ]; then
-  python3 -m pytest -q bench -m bench ${BENCH_ARGS:-} --benchmark-json="$OUT/bench.json" 2>&1 \
-    | grep -v "^bench/" > "$OUT/bench.log" || status=1
-  tail -40 "$OUT/bench.log"
+if want kernels SKIP_KERNEL_BENCH; then
+  phase kernels
+  python3 -m pytest -q bench -m bench ${BENCH_ARGS:-} --benchmark-json="$RES/bench.json" 2>&1 \
+    | grep -v "^bench/" > "$RES/bench.log" || status=1
+  tail -40 "$RES/bench.log"
+  pack
 fi
-if [ -z "${SKIP_ENGINE_BENCH:-}" ]; then
-  python3 bench/bench_engine.py 2>&1 | tail -30 | tee "$OUT/engine.log" || status=1
+if want engine SKIP_ENGINE_BENCH; then
+  phase engine
+  python3 bench/bench_engine.py 2>&1 | tail -30 | tee "$RES/engine.log" || status=1
+  pack
 fi
-if [ -z "${SKIP_HOST_BENCH:-}" ]; then  # host time per step outside the model: detokenizing, the step's inputs
-  python3 bench/bench_host.py --out "$OUT" > "$OUT/host.log" 2>&1 || status=1
-  tail -12 "$OUT/host.log"
+if want host SKIP_HOST_BENCH; then  # host time per step outside the model: detokenizing, the step's inputs, sampling
+  phase host
+  python3 bench/bench_host.py --out "$RES" > "$RES/host.log" 2>&1 || status=1
+  tail -20 "$RES/host.log"
+  pack
 fi
-if [ -z "${SKIP_PROFILE:-}" ]; then  # where a batch-1 decode step's time goes (issue #4's 2 ms target)
+if want profile SKIP_PROFILE; then  # where a batch-1 decode step's time goes (issue #4's 2 ms target)
+  phase profile
   python3 bench/profile_step.py --batch 1 --setups ${PROFILE_SETUPS:-nf4,nf4-eager,bf16-eager,nf4-eager-base} \
-    --out "$OUT" > "$OUT/profile.log" 2>&1 || status=1
+    --out "$RES" > "$RES/profile.log" 2>&1 || status=1
+  tail -5 "$RES/profile.log"
+  pack
 fi
-if [ -z "${SKIP_SERVING_BENCH:-}" ]; then  # the LoRAX load test vs transformers + PEFT (issue #7); no matplotlib
+if want serving SKIP_SERVING_BENCH; then  # the LoRAX load test vs transformers + PEFT (issue #7); no matplotlib
   # here: redraw the plots from serving.json with `python3 bench/bench_serving.py --plot serving.json`
-  python3 bench/bench_serving.py --out "$OUT" ${SERVING_ARGS:-} > "$OUT/serving.log" 2>&1 || status=1
-  tail -5 "$OUT/serving.log"
+  phase serving
+  python3 bench/bench_serving.py --out "$RES" ${SERVING_ARGS:-} > "$RES/serving.log" 2>&1 || status=1
+  tail -5 "$RES/serving.log"
+  pack
 fi
-if [ -z "${SKIP_ADAPTERS_BENCH:-}" ]; then
-  python3 bench/bench_adapters.py --out "$OUT" 2>&1 | tail -30 | tee "$OUT/adapters.log" || status=1
+if want adapters SKIP_ADAPTERS_BENCH; then
+  phase adapters
+  python3 bench/bench_adapters.py --out "$RES" 2>&1 | tail -30 | tee "$RES/adapters.log" || status=1
+  pack
 fi
+echo "== done, status $status"
 exit $status
