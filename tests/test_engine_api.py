@@ -281,3 +281,23 @@ def test_unsupported_quantization_refused(tmp_path):
     (base / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quantization gptq is not supported"):
         LLM(base, device="cpu")
+
+
+def test_a_failed_step_ends_that_calls_requests_and_the_engine_goes_on(llm, monkeypatch):
+    """If a step raises (a bug, an interrupt), generate ends its own requests, so the next call is not stuck
+    behind them, and their KV blocks are free."""
+    import lorax_core.engine.llm as engine
+
+    calls = []
+
+    def broken(logits, seqs):
+        calls.append(len(seqs))
+        raise RuntimeError("sampler broke")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "sample", broken)
+        with pytest.raises(RuntimeError, match="sampler broke"):
+            llm.generate(prompts(3), GREEDY)
+    assert calls and not llm.scheduler.running and not llm.scheduler.waiting
+    assert llm.blocks.free_blocks == llm.blocks.num_blocks
+    assert len(llm.generate(prompts(2), GREEDY)[1].token_ids) == GREEDY.max_tokens

@@ -100,6 +100,12 @@ def test_greedy_rows_take_the_argmax_and_seeded_rows_repeat_whatever_shares_thei
     assert seeded_tokens([seeded, *others[:2]], 0) == alone
     other_seed = SamplingParams(temperature=1.0, top_p=0.95, seed=124)
     assert seeded_tokens([other_seed], 0) != alone
+    # whichever path the batch takes: top-k of every row (as wide as the largest k), a whole sort, no sort
+    for seeded in (SamplingParams(temperature=1.0, top_k=5, seed=9), SamplingParams(temperature=0.8, seed=9)):
+        alone = seeded_tokens([seeded], 0)
+        assert len(set(alone)) > 1
+        for other in (SamplingParams(top_k=40), SamplingParams(top_p=0.9), SamplingParams(), greedy):
+            assert seeded_tokens([other, seeded], 1) == alone, (seeded, other)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -175,6 +181,20 @@ def test_sampled_rows_draw_from_the_penalized_distribution(device):
     assert ref[0] == pytest.approx(LOGITS[0] / 2 - 0.5 - 3 * 0.8) and ref[7] == LOGITS[7] * 2 and ref[9] == -1.0
     for token, (f, q) in enumerate(zip(freq, probs)):
         assert abs(f - q) <= 5 * math.sqrt(q * (1 - q) / n) + 1e-3, (token, f, q)
+
+
+def test_extreme_values_do_not_break_the_batch():
+    """A temperature too small to divide by is greedy; top-k past int64 is off; logprobs past the vocabulary give
+    the whole vocabulary; seeds of 64 bits work, larger ones are refused."""
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.0]] * 4)
+    seqs = [Sequence([1], p, None) for p in (SamplingParams(temperature=1e-40), SamplingParams(top_k=2**70),
+                                             SamplingParams(top_k=2, logprobs=20), SamplingParams(seed=2**64 - 1))]
+    tokens = sample(logits, seqs)
+    assert tokens[0] == 1 and tokens[2] in (1, 3) and len(seqs[2].logprobs[0].top) == 4
+    assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-4).greedy
+    for seed in (2**64, -2**63 - 1):
+        with pytest.raises(ValueError, match="seed must be None or an integer in"):
+            SamplingParams(seed=seed)
 
 
 def test_penalty_and_bias_values_are_checked():

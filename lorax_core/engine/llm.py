@@ -187,8 +187,14 @@ class LLM:
             except ValueError as err:
                 errors[i] = str(err)
                 seqs.append(None)
-        while any(s is not None and not s.finished for s in seqs):
-            self.step()
+        try:
+            while any(s is not None and not s.finished for s in seqs):
+                self.step()
+        except BaseException:  # a failed step (or Ctrl-C): end this call's requests so the engine stays usable
+            for s in seqs:
+                if s is not None and not s.finished:
+                    self.abort(s)
+            raise
         outputs = [self._output(s) if s is not None else
                    RequestOutput(-1, [], [], "", "error", adapter_list[i], error=errors[i]) for i, s in enumerate(seqs)]
         if errors:

@@ -85,7 +85,7 @@ def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     else:
         top, order = logits.sort(dim=-1, descending=True)
     probs = _filtered(top, params)
-    picked = (probs / _noise(probs.shape, dev, seqs)).argmax(dim=-1, keepdim=True)
+    picked = (probs / _noise(probs.shape, dev, seqs, order, vocab)).argmax(dim=-1, keepdim=True)
     return order.gather(1, picked).squeeze(1)
 
 
@@ -96,7 +96,7 @@ def _filtered(top: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     remove = None
     if any(0 < p.top_k < width for p in params):
         ranks = torch.arange(width, device=dev).unsqueeze(0)
-        remove = ranks >= _column(dev, [p.top_k if p.top_k else width for p in params], torch.long)
+        remove = ranks >= _column(dev, [p.top_k if 0 < p.top_k < width else width for p in params], torch.long)
     probs = (top if remove is None else top.masked_fill(remove, float("-inf"))).softmax(dim=-1)
     cuts = []
     if any(p.top_p < 1.0 for p in params):  # keep the smallest prefix whose mass reaches top_p
@@ -117,21 +117,30 @@ def _column(device: torch.device, values: list, dtype: torch.dtype = torch.float
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True).unsqueeze(1)
 
 
-def _noise(shape: torch.Size, device: torch.device, seqs: list[Sequence]) -> torch.Tensor:
-    """Exp(1) noise on the device: one draw for the rows of unseeded requests (the global generator), a row of its
-    own for each seeded one (its generator: the same seed gives the same tokens, whatever else is in the batch)."""
+def _noise(shape: torch.Size, device: torch.device, seqs: list[Sequence], order: torch.Tensor | None = None,
+           vocab: int = 0) -> torch.Tensor:
+    """Exp(1) noise on the device for each token of `shape` ([rows, tokens]: the vocabulary, or the tokens `order`
+    names out of `vocab`, sorted). Unseeded rows draw together from the global generator. A seeded row draws a
+    whole vocabulary's noise from its own generator, in token order, and takes the entries `order` names: what it
+    draws and which token gets which draw do not depend on the batch, so the same seed gives the same tokens
+    whatever else shares the batch."""
     noise = torch.empty(shape, dtype=torch.float32, device=device)
     if any(s.params.seed is None for s in seqs):
         noise.exponential_()
     for i, seq in enumerate(seqs):
         if seq.params.seed is not None:
-            noise[i].exponential_(generator=seq.generator(device))
+            generator = seq.generator(device)
+            if order is None:
+                noise[i].exponential_(generator=generator)
+            else:
+                row = torch.empty(vocab, dtype=torch.float32, device=device).exponential_(generator=generator)
+                noise[i] = row[order[i]]
     return noise
 
 
 def _record_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> None:
     """Logprobs of the model's distribution (before penalties and temperature), as OpenAI and vLLM report them."""
-    k = max(s.params.logprobs or 0 for s in seqs)
+    k = min(max(s.params.logprobs or 0 for s in seqs), logprobs.shape[1])  # a vocabulary may be under 20 tokens
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
     token_list, top_values, top_ids = tokens.tolist(), top_values.tolist(), top_ids.tolist()

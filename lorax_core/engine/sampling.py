@@ -4,12 +4,13 @@ from __future__ import annotations
 import dataclasses
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy (as vLLM): dividing logits by it overflows fp32
 
 
 @dataclasses.dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW): greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -41,7 +42,8 @@ class SamplingParams:
             (isinstance(bias, dict) and all(isinstance(t, int) and t >= 0 and isinstance(b, (int, float))
                                             and -100 <= b <= 100 for t, b in bias.items()),
              f"logit_bias must map token ids >= 0 to biases in [-100, 100], got {self.logit_bias!r}"),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer or None, got {self.seed!r}"),
+            (self.seed is None or (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64),
+             f"seed must be None or an integer in [-2**63, 2**64), got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids!r}"),
@@ -54,4 +56,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
