@@ -106,6 +106,25 @@ def test_hub_adapter_offline_is_refused(paths, monkeypatch):
         llm.load_adapter("sql", "no-such-org/no-such-adapter")
 
 
+def test_adapter_with_nan_weights_fails_only_its_requests(paths, reference, tmp_path):
+    """Its header is valid, so load_adapter takes it; reading its weights finds the NaN and fails its requests,
+    saying so."""
+    from safetensors.torch import load_file, save_file
+
+    _, adapters = paths
+    llm = engine(paths)
+    shutil.copytree(adapters["r8_all"], tmp_path / "nan")
+    weights = tmp_path / "nan" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, weights)
+    llm.load_adapter("diverged", tmp_path / "nan")
+    outs = llm.generate(PROMPTS + [PROMPTS[0]], GREEDY, ["r8_all", "r4_qv", None, "diverged"])
+    assert [o.token_ids for o in outs[:3]] == reference
+    assert outs[3].finish_reason == "error" and "NaN or infinite" in outs[3].error and "diverged" in outs[3].error
+
+
 @pytest.mark.parametrize("breakage", ["truncated", "deleted", "other_base"])
 def test_adapter_broken_after_registration_fails_only_its_requests(paths, reference, tmp_path, breakage):
     base, adapters = paths

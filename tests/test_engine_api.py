@@ -198,6 +198,11 @@ def _broken_adapter(src, dst, config_edit=None, weights_edit=None):
     return dst
 
 
+def _json(path, value):
+    (path / "adapter_config.json").write_text(json.dumps(value))
+    return path
+
+
 def _truncate(path):
     data = (path / "adapter_model.safetensors").read_bytes()
     (path / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
@@ -208,7 +213,9 @@ def _truncate(path):
     ("dora", "DoRA"), ("modules_to_save", "modules_to_save"), ("bias", "trains biases"),
     ("lm_head", "not a LoRA A/B weight"), ("other_base", "trained for another base model"),
     ("not_lora", "only LORA adapters"), ("missing", "adapter_config.json not found"),
-    ("corrupt", "cannot be read"), ("rank", "max_lora_rank"),
+    ("corrupt", "cannot be read"), ("rank", "max_lora_rank"), ("alpha_0", "lora_alpha=0"), ("r_0", "r=0"),
+    ("r_none", "r=None"), ("r_text", "r='abc'"), ("list", "holds a list"), ("bad_pattern", "not a valid pattern"),
+    ("r_mismatch", "weights of rank 8, adapter_config.json says 16"), ("twice", "has two lora_A weights"),
 ])
 def test_broken_adapters_refused_with_the_fix(llm, paths, tmp_path, case, message):
     src = paths[1]["r8_all"]
@@ -224,6 +231,15 @@ def test_broken_adapters_refused_with_the_fix(llm, paths, tmp_path, case, messag
         "missing": lambda: tmp_path,
         "corrupt": lambda: _truncate(_broken_adapter(src, tmp_path / case)),
         "rank": lambda: save_adapter(paths[0], tmp_path / case, r=128, lora_alpha=8, target_modules=["q_proj"]),
+        "alpha_0": lambda: _broken_adapter(src, tmp_path / case, lambda c: c.update(lora_alpha=0)),
+        "r_0": lambda: _broken_adapter(src, tmp_path / case, lambda c: c.update(r=0)),
+        "r_none": lambda: _broken_adapter(src, tmp_path / case, lambda c: c.update(r=None)),
+        "r_text": lambda: _broken_adapter(src, tmp_path / case, lambda c: c.update(r="abc")),
+        "list": lambda: _json(_broken_adapter(src, tmp_path / case), []),
+        "bad_pattern": lambda: _broken_adapter(src, tmp_path / case, lambda c: c.update(alpha_pattern={"q_proj(": 4})),
+        "r_mismatch": lambda: _broken_adapter(src, tmp_path / case, lambda c: c.update(r=16)),  # PEFT refuses it
+        "twice": lambda: _broken_adapter(src, tmp_path / case, weights_edit=lambda t: t | {  # two names, one A
+            k.replace("lora_A.weight", "lora_A.default.weight"): v.clone() for k, v in t.items() if "lora_A" in k}),
     }
     with pytest.raises(ValueError, match=message) as err:
         llm.load_adapter(case, make[case]())

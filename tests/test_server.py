@@ -188,6 +188,39 @@ def test_adapters_load_and_unload_at_run_time(live, tmp_path):
     assert {m.id for m in c.models.list().data} == {BASE, *SERVED}
 
 
+def test_a_slow_hub_download_does_not_stall_generation(live, monkeypatch):
+    """load_lora_adapter fetches a hub id off the engine's thread: requests keep being served meanwhile."""
+    import threading
+
+    import lorax_core.server.app as server_app
+
+    local = live.paths[1]["r16_rslora"]
+
+    def slow_download(source, what):  # a hub id whose download takes 2 s
+        assert source == "someone/some-adapter"
+        time.sleep(2.0)
+        return local
+
+    monkeypatch.setattr(server_app, "resolve_model_dir", slow_download)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    answer = {}
+    load = threading.Thread(target=lambda: answer.update(r=httpx.post(
+        f"{live.url}/v1/load_lora_adapter", json={"lora_name": "from_hub", "lora_path": "someone/some-adapter"},
+        headers=headers, timeout=30)))
+    load.start()
+    time.sleep(0.3)  # the download is under way
+    start = time.monotonic()
+    out = live.client.completions.create(model=BASE, prompt="the", max_tokens=4, **GREEDY)
+    assert time.monotonic() - start < 1.2 and load.is_alive()  # served while the download went on
+    assert out.choices[0].text == live.expected("the", BASE, 4).text
+    load.join()
+    assert answer["r"].status_code == 200 and answer["r"].json()["rank"] == 16
+    info = {a["name"]: a for a in httpx.get(f"{live.url}/v1/adapters", headers=headers).json()["data"]}
+    assert "from_hub" in info
+    assert httpx.post(f"{live.url}/v1/unload_lora_adapter", json={"lora_name": "from_hub"},
+                      headers=headers).status_code == 200
+
+
 def test_a_client_that_disconnects_mid_stream_cancels_its_request(live):
     aborted = live.metrics().get(("lorax_requests_total", (("finish_reason", "abort"), ("model", BASE))), 0)
     body = {"model": BASE, "prompt": "the", "max_tokens": 100_000, "stream": True, "ignore_eos": True,

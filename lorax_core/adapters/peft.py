@@ -70,6 +70,8 @@ def inspect_peft_adapter(name: str, path: str | Path, modules: dict[str, tuple[i
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         refuse(f"adapter_config.json is not valid JSON ({err})", "re-save the adapter with PEFT")
+    if not isinstance(config, dict):
+        refuse(f"adapter_config.json holds a {type(config).__name__}, not an object of settings", "re-save the adapter")
     if config.get("peft_type") != "LORA":
         refuse(f"peft_type is {config.get('peft_type')!r}, only LORA adapters are served", "train a LoRA adapter")
     for key, feature in _UNSUPPORTED.items():
@@ -87,6 +89,24 @@ def inspect_peft_adapter(name: str, path: str | Path, modules: dict[str, tuple[i
         refuse(f"adapter_model.safetensors cannot be read ({type(err).__name__}: {err})",
                "the file is corrupt or truncated; copy or re-save it")
 
+    r, alpha, rslora = config.get("r", 8), config.get("lora_alpha", 8), bool(config.get("use_rslora"))
+    if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1):
+        refuse(f"adapter_config.json has r={r!r}, which is not a rank (an integer >= 1)", "set r to the rank trained")
+    if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isfinite(alpha) and alpha != 0):
+        refuse(f"adapter_config.json has lora_alpha={alpha!r}: the adapter's scale alpha / r must be a nonzero "
+               "number (0 would change nothing)", "set lora_alpha to the value trained with (PEFT's default is 8)")
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            refuse(f"{field} is a {type(patterns).__name__}, not a mapping of module patterns", "re-save the adapter")
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except re.error as err:
+                refuse(f"{field} key {key!r} is not a valid pattern ({err})", "re-save the adapter")
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
+                refuse(f"{field}[{key!r}] = {value!r} is not a positive number", "re-save the adapter")
+
     pairs: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
         match = _KEY.fullmatch(key)
@@ -100,11 +120,14 @@ def inspect_peft_adapter(name: str, path: str | Path, modules: dict[str, tuple[i
         if layer >= num_layers:
             refuse(f"has weights for layer {layer}, the base model has {num_layers} layers",
                    "use the base model the adapter was trained on")
-        pairs.setdefault((layer, module), {})[ab] = key
+        pair = pairs.setdefault((layer, module), {})
+        if ab in pair:
+            refuse(f"has two lora_{ab} weights for layer {layer} {module} ({pair[ab]!r} and {key!r})",
+                   "keep one adapter per directory (PEFT saves each adapter of a model in its own)")
+        pair[ab] = key
     if not pairs:
         refuse("has no LoRA weights", "save the adapter after training")
 
-    r, alpha, rslora = int(config.get("r", 8)), float(config.get("lora_alpha", 8)), bool(config.get("use_rslora"))
     scale = alpha / (math.sqrt(r) if rslora else r)
     ranks, keys, factors = {}, {}, {}
     for (layer, module), ab in sorted(pairs.items()):
@@ -116,9 +139,13 @@ def inspect_peft_adapter(name: str, path: str | Path, modules: dict[str, tuple[i
         if len(a) != 2 or len(b) != 2 or a[1] != n_in or b != (n_out, rank):
             refuse(f"layer {layer} {module} has A {a} and B {b}, this base model needs A [r, {n_in}] and B "
                    f"[{n_out}, r]", "the adapter was trained for another base model; use that one")
-        if not 1 <= rank <= max_rank:
-            refuse(f"rank {rank} is above the engine's max_lora_rank {max_rank}", "raise max_lora_rank")
         full = f"model.layers.{layer}.{'self_attn' if module[0] in 'qkvo' else 'mlp'}.{module}"
+        expected = _pattern(config.get("rank_pattern"), full, r)
+        if rank != expected:
+            refuse(f"layer {layer} {module} has weights of rank {rank}, adapter_config.json says {expected} (r or "
+                   "rank_pattern; PEFT refuses this adapter too)", "re-save the adapter with PEFT")
+        if rank > max_rank:
+            refuse(f"rank {rank} is above the engine's max_lora_rank {max_rank}", "raise max_lora_rank")
         m_alpha = float(_pattern(config.get("alpha_pattern"), full, alpha))
         ranks[(layer, module)], keys[(layer, module)] = rank, (ab["A"], ab["B"])
         factors[(layer, module)] = m_alpha / (math.sqrt(rank) if rslora else rank) / scale
@@ -142,6 +169,11 @@ def load_peft_adapter(spec: AdapterSpec) -> AdapterWeights:
         raise ValueError(f"adapter {spec.name!r} ({spec.path}): adapter_model.safetensors cannot be loaded "
                          f"({type(err).__name__}: {err}); it changed or broke after load_adapter: restore the file "
                          "and register it again with load_adapter") from None
+    broken = [spec.keys[key][0].rsplit(".lora_A", 1)[0] for key, (a, b) in weights.items()
+              if not (torch.isfinite(a).all() and torch.isfinite(b).all())]
+    if broken:
+        raise ValueError(f"adapter {spec.name!r} ({spec.path}): the weights of {broken[:3]} hold NaN or infinite "
+                         "values (training diverged?); retrain the adapter or use an earlier checkpoint")
     return AdapterWeights(spec.name, spec.path, weights, spec.scale, spec.rank, spec.target_modules)
 
 

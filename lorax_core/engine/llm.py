@@ -70,14 +70,16 @@ class LLM:
         torch.manual_seed(config.seed)  # unseeded requests draw from the global generator
 
     # --- adapters --------------------------------------------------------------------------------------------
-    def load_adapter(self, name: str, source: str | Path) -> AdapterInfo:
+    def load_adapter(self, name: str, source: str | Path, directory: Path | None = None) -> AdapterInfo:
         """Register a PEFT LoRA adapter from a directory or hub id, validated now (config and safetensors header)
         against this base model; requests name it in `adapters`. Its weights are read when a request needs
-        them (in the background), and kept in host memory and the device pool while there is room."""
+        them (in the background), and kept in host memory and the device pool while there is room. `directory`:
+        where `source` already resolved to (a server fetches hub ids off the engine's thread)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
         self._refuse_if_in_use(name, "replace")
-        return self.registry.register(name, str(source), resolve_model_dir(source, f"adapter {name!r}"))
+        directory = directory or resolve_model_dir(source, f"adapter {name!r}")
+        return self.registry.register(name, str(source), directory)
 
     def unload_adapter(self, name: str) -> None:
         """Forget an adapter (device pool, host memory and registry); refused while requests use it."""

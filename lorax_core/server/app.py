@@ -28,6 +28,7 @@ from lorax_core.engine.async_llm import AsyncLLM
 from lorax_core.engine.outputs import StreamDelta
 from lorax_core.engine.sampling import SamplingParams
 from lorax_core.engine.sequence import TokenLogprob
+from lorax_core.model.loader import resolve_model_dir
 from lorax_core.server.metrics import ModelStats, render_metrics
 from lorax_core.server.protocol import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, SamplingRequest,
                                         UnloadAdapterRequest)
@@ -321,10 +322,14 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
         if body.lora_name == model_name:
             raise APIError(400, f"`{model_name}` is the base model's name; give the adapter another name",
                            param="lora_name")
-        try:
-            info = await engine.call(server.llm.load_adapter, body.lora_name, body.lora_path)
+        try:  # a hub id is fetched here, off the engine's thread: a slow download does not stall generation
+            directory = await asyncio.to_thread(resolve_model_dir, body.lora_path, f"adapter {body.lora_name!r}")
+            info = await engine.call(server.llm.load_adapter, body.lora_name, body.lora_path, directory)
         except (ValueError, OSError) as err:
             raise APIError(400, f"adapter `{body.lora_name}` was not loaded: {err}", param="lora_path") from None
+        except Exception as err:  # noqa: BLE001 - a bug: still an OpenAI error body, the connection stays usable
+            raise APIError(500, f"adapter `{body.lora_name}` was not loaded: {type(err).__name__}: {err}",
+                           type="internal_error") from None
         server.stats[body.lora_name].loads += 1
         return {"status": "ok", "name": info.name, "rank": info.rank, "target_modules": list(info.target_modules)}
 
