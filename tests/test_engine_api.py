@@ -183,6 +183,20 @@ def test_bad_token_ids_and_prompt_types(llm):
         llm.add_request([5, 10_000])
     with pytest.raises(ValueError, match="a prompt is a string or a list of token ids"):
         llm.add_request(3.5)
+    with pytest.raises(ValueError, match="a prompt is a string or a list of token ids"):
+        llm.add_request([True, False])
+
+
+def test_numpy_and_tensor_prompts(llm):
+    """A 1-D array or tensor is one prompt, a 2-D one a prompt per row, numpy ints are token ids."""
+    import numpy as np
+
+    ids = [5, 6, 7, 8]
+    expected = llm.generate([ids], GREEDY)[0].token_ids
+    assert llm.generate(np.array(ids), GREEDY)[0].token_ids == expected
+    assert [o.token_ids for o in llm.generate(torch.tensor([ids, ids]), GREEDY)] == [expected, expected]
+    assert llm.generate([[np.int64(t) for t in ids]], GREEDY)[0].token_ids == expected
+    assert [d for d in llm.stream(np.array(ids), GREEDY)][-1].finish_reason == "length"
 
 
 def _broken_adapter(src, dst, config_edit=None, weights_edit=None):

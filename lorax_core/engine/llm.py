@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import json
+import numbers
 from collections.abc import Iterator, Sequence as Seq
 from pathlib import Path
 
@@ -122,14 +123,14 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer in the model directory; pass token ids instead")
             ids = self.tokenizer(prompt)["input_ids"] if prompt else []
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
+        elif _is_token_list(prompt := _listed(prompt)) or (isinstance(prompt, (list, tuple)) and not prompt):
+            ids = [int(t) for t in prompt]
             vocab = self.model.config.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         else:
-            raise ValueError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+            raise ValueError(f"a prompt is a string or a list of token ids (integers), got {prompt!r:.80}")
         if not ids:
             raise ValueError("the prompt is empty; give at least one token")
         return ids
@@ -175,6 +176,7 @@ class LLM:
         Raises RequestError (a ValueError) after the others complete if some requests were refused; its
         `.outputs` holds all of them. A request whose adapter fails to load at run time (its file broke after
         load_adapter) ends with finish_reason "error" and the message in `.error`; the others are unaffected."""
+        prompts = _listed(prompts)  # a numpy array or tensor: one prompt (1-D) or one per row (2-D)
         prompts = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
         n = len(prompts)
         params_list = list(params) if isinstance(params, Seq) else [params] * n
@@ -329,7 +331,14 @@ def _find_stop(text: str, stops: list[str], start: int) -> int:
 
 
 def _is_token_list(x) -> bool:
-    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) for t in x)
+    """A non-empty list of integers (numpy's too; not bools)."""
+    return (isinstance(x, (list, tuple)) and len(x) > 0
+            and all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in x))
+
+
+def _listed(x):
+    """A numpy array or torch tensor as (nested) lists; anything else as it is."""
+    return x.tolist() if hasattr(x, "tolist") and not isinstance(x, (str, list, tuple)) else x
 
 
 def _load_tokenizer(model_dir: Path):
