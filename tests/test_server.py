@@ -135,7 +135,8 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
     bad = [dict(temperature=-1), dict(n=0), dict(n=65), dict(top_p=0), dict(max_tokens=0),
            dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(logit_bias={"x": 1}),
            dict(logit_bias={"5": 101}), dict(logit_bias={"100000": 1}), dict(echo=True), dict(suffix="x"),
-           dict(best_of=3), dict(extra_body={"response_format": {"type": "json_object"}})]
+           dict(best_of=3), dict(extra_body={"response_format": {"type": "json_object"}}),
+           dict(logit_bias={"①": 1})]
     for params in bad:
         with pytest.raises(openai.BadRequestError) as err:
             c.completions.create(model=BASE, prompt="the", **({"max_tokens": 2} | params))
@@ -158,6 +159,10 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(live):
         with pytest.raises(openai.BadRequestError) as err:
             c.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2, **params)
         assert err.value.body["param"] == field and "is not supported" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                  top_logprobs=2)
+    assert err.value.body["param"] == "top_logprobs"
     plain = c.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                       response_format={"type": "text"})
     assert plain.choices[0].finish_reason == "length"

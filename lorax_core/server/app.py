@@ -75,7 +75,7 @@ class Server:
         if max_tokens is None:  # as much as the context leaves
             max_tokens = max(1, self.llm.max_model_len - prompt_len)
         bias = body.logit_bias or {}
-        if not all(key.isdigit() for key in bias):
+        if not all(key.isascii() and key.isdigit() for key in bias):
             raise APIError(400, f"logit_bias keys must be token ids, got {sorted(bias)[:5]}", param="logit_bias")
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -445,6 +445,8 @@ def create_app(engine: AsyncLLM, model_name: str, api_key: str | None = None, sc
     async def chat_completions(body: ChatRequest, request: Request):
         adapter = await server.adapter_for(body.model)
         ids = server.chat_prompt(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         started = await _unless_disconnected(request, server.start_choices(
             body, [ids], body.max_completion_tokens or body.max_tokens, logprobs, adapter))
