@@ -100,6 +100,8 @@ def test_greedy_rows_take_the_argmax_and_seeded_rows_repeat_whatever_shares_thei
     assert seeded_tokens([seeded, *others[:2]], 0) == alone
     other_seed = SamplingParams(temperature=1.0, top_p=0.95, seed=124)
     assert seeded_tokens([other_seed], 0) != alone
+    far = SamplingParams(temperature=1.0, top_p=0.95, seed=123 + 2**32)  # the CPU generator keeps 32 bits of a seed
+    assert seeded_tokens([far], 0) != alone
     # whichever path the batch takes: top-k of every row (as wide as the largest k), a whole sort, no sort
     for seeded in (SamplingParams(temperature=1.0, top_k=5, seed=9), SamplingParams(temperature=0.8, seed=9)):
         alone = seeded_tokens([seeded], 0)

@@ -60,7 +60,7 @@ class Sequence:
         if self.params.seed is None:
             return None
         if self._generator is None:  # a sequence lives on one engine: its device does not change
-            self._generator = torch.Generator(device).manual_seed(self.params.seed)
+            self._generator = torch.Generator(device).manual_seed(_mixed(self.params.seed))
         return self._generator
 
     def __len__(self) -> int:
@@ -97,3 +97,13 @@ class Sequence:
     def finish(self, reason: str, error: str | None = None, when: float | None = None) -> None:
         self.status, self.finish_reason, self.error = Status.FINISHED, reason, error
         self.finished_time = when
+
+
+def _mixed(seed: int) -> int:
+    """The seed through splitmix64's finalizer, a bijection on 64 bits: the CPU generator keeps only 32 bits of its
+    seed, so seeds 2**32 apart (or a request's seed and seed + j of its other choices, after some arithmetic) would
+    draw alike; mixed first, any two seeds differ in those 32 bits but by chance."""
+    z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
