@@ -32,7 +32,7 @@ def assert_norm_same(actual: torch.Tensor, expected: torch.Tensor):
         return assert_close(actual, expected)
     eps = torch.finfo(actual.dtype).eps
     torch.testing.assert_close(actual, expected, rtol=2 * eps, atol=torch.finfo(actual.dtype).tiny)
-    assert (actual != expected).sum() <= 0.01 * actual.numel()
+    assert (actual != expected).sum() <= max(1, 0.01 * actual.numel())  # one flip is rare, not 1% of 63 elements
 
 
 @settings(max_examples=40, deadline=None)
