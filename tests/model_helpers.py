@@ -88,12 +88,24 @@ def bnb_config():
                               bnb_4bit_compute_dtype=torch.float32)
 
 
+def bnb_in_fp32(model):
+    """The model with every bitsandbytes 4-bit layer computing in its compute dtype. On a CPU with AVX512-BF16,
+    bitsandbytes (0.50) repacks an eval-mode layer's weight at its first call and then multiplies in bf16 whatever
+    the compute dtype: about 1e-2 off fp32 instead of 1e-6. The oracle wants the fp32 product."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def hf_peft_model(base_dir: Path, adapters: dict[str, Path], **load_kwargs):
     """transformers + PEFT with every adapter loaded (the oracle); select one with set_adapter."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs).eval()
+    base = bnb_in_fp32(AutoModelForCausalLM.from_pretrained(base_dir, **load_kwargs).eval())
     names = list(adapters)
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
