@@ -9,7 +9,8 @@
 // Tokens are processed in groups that share one adapter: group g covers token_order[starts[g] : starts[g + 1]]
 // (or tokens starts[g] .. starts[g + 1] - 1 when token_order is empty) and uses adapter group_adapters[g]
 // (-1: no adapter, the rows are skipped). SGMV's segments are such groups; BGMV builds them by bucketing tokens by
-// adapter (each backend has its own `Group` function), so each distinct adapter's weights are read once per call.
+// adapter (each backend has its own `Group` function), so each distinct adapter's weights are read once per call
+// (on CUDA, up to kPerTokenMaxTokens tokens are a group each, and L2 serves an adapter's weights after the first).
 // Shrink writes every element of v (zeros past an adapter's rank and for rows without one), so v needs no
 // initialization; expand updates y in place and accepts y with a row stride (a column slice of a fused output).
 // One call serves the modules of a fused projection (q, k, v or gate, up), which share their input x: v is

@@ -13,34 +13,19 @@
 #include "common/checks.h"
 #include "lora/lora.h"
 #include "lora/lora_cuda.h"
+#include "lora/lora_cuda_args.h"
 
 namespace lorax::lora {
 namespace {
 
-cuda::Pool pool_args(const PoolView& p) {
-  const auto s = p.page_table.sizes();
-  return {p.arena.data_ptr(), p.page_table.data_ptr<int32_t>(), p.ranks.data_ptr<int32_t>(), s[0], s[1], s[2], s[4],
-          s[5], p.layer, p.modules.front(), log2_exact(p.page_size, "lora (CUDA): page_size")};
-}
-
-static_assert(cuda::kModulesPerCall == static_cast<int>(kMaxModules));
-
-cuda::Modules module_args(const PoolView& p, const std::vector<int64_t>& columns) {
-  cuda::Modules m{};
-  m.count = static_cast<int>(p.modules.size());
-  for (int i = 0; i < m.count; ++i) m.index[i] = p.modules[i];
-  for (size_t i = 0; i < columns.size(); ++i) m.column[i] = columns[i];
-  return m;
-}
-
 cuda::TokenGroups group_args(const Groups& g, int64_t tokens) {
-  return {g.starts.data_ptr<int32_t>(), g.adapters.data_ptr<int32_t>(),
+  return {g.starts.defined() ? g.starts.data_ptr<int32_t>() : nullptr, g.adapters.data_ptr<int32_t>(),
           g.order.defined() ? g.order.data_ptr<int32_t>() : nullptr, g.adapters.numel(), tokens};
 }
 
 void check_groups(const Groups& g, const at::Tensor& act, int64_t max_rank, const char* op) {
-  TORCH_CHECK(g.starts.device() == act.device() && g.adapters.device() == act.device(), op,
-              ": the segments / adapter indices are on ", g.starts.device(), ", the activations on ", act.device());
+  TORCH_CHECK((!g.starts.defined() || g.starts.device() == act.device()) && g.adapters.device() == act.device(), op,
+              ": the segments / adapter indices are on ", g.adapters.device(), ", the activations on ", act.device());
   // Token positions are int32; the expand tile's v must fit in 48 KB of shared memory.
   TORCH_CHECK(act.size(0) <= std::numeric_limits<int32_t>::max(), op, " (CUDA): ", act.size(0),
               " tokens in one call; at most 2^31 - 1");
@@ -68,12 +53,14 @@ void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// BGMV's tokens bucketed by adapter on the GPU in one kernel (the CPU's version is a handful of ATen ops).
+// BGMV's tokens bucketed by adapter on the GPU in one kernel (the CPU's version is a handful of ATen ops); up to
+// kPerTokenMaxTokens tokens, one group per token and no kernel (the indices are the groups' adapters).
 Groups group_kernel(const at::Tensor& adapter_indices, int64_t slots) {
   TORCH_CHECK(adapter_indices.is_cuda(), "bgmv (CUDA): adapter_indices must be on the GPU, got ",
               adapter_indices.device());
-  TORCH_CHECK(slots + 1 <= 6000, "bgmv (CUDA): ", slots, " pool slots; at most 5999");
   const at::Tensor indices = adapter_indices.reshape({-1}).to(at::kInt).contiguous();
+  if (indices.numel() <= cuda::kPerTokenMaxTokens) return {at::Tensor(), indices, at::Tensor()};
+  TORCH_CHECK(slots + 1 <= 6000, "bgmv (CUDA): ", slots, " pool slots; at most 5999");
   const auto options = indices.options();
   at::Tensor starts = at::empty({slots + 2}, options), adapters = at::empty({slots + 1}, options);
   at::Tensor order = at::empty({indices.numel()}, options);

@@ -29,6 +29,8 @@ struct Modules {
   int count;
 };
 
+// Groups of tokens sharing an adapter. starts == null: group k is token k alone (G = T, adapters = per-token
+// adapter indices, order null).
 struct TokenGroups {
   const int32_t* starts;    // [G + 1]; the kernels clamp each group to positions [0, tokens)
   const int32_t* adapters;  // [G], -1 = none (as is any index outside [0, slots))
@@ -36,6 +38,9 @@ struct TokenGroups {
   int64_t count;            // G
   int64_t tokens;           // T
 };
+
+// BGMV calls of at most this many tokens skip the grouping: each token is its own group (TokenGroups).
+constexpr int64_t kPerTokenMaxTokens = 64;
 
 // BGMV's grouping in one kernel: tokens bucketed by adapter index (-1 and indices outside [0, slots) = none).
 // Writes starts [slots + 2], adapters [slots + 1] (= -1 .. slots - 1) and order [T]; the order inside a bucket is

@@ -12,7 +12,10 @@
 // Expand, y[t, :] += scale * v[t] @ B[a].T: one CTA per (tile of up to kExpandTile tokens, block of outputs); the
 // tile's v (times the scale) sits in shared memory, each thread owns 16 bytes of outputs for every token of the
 // tile (loaded before the weights) and walks the rank with 8 rows' loads in flight. BGMV first buckets its tokens
-// by adapter in one kernel (group_by_adapter). CTAs without a tile, or past their adapter's rank, exit at once.
+// by adapter in one kernel (group_by_adapter) when it has more than kPerTokenMaxTokens tokens; fewer (decode) are
+// one group each, read straight from the adapter indices: no grouping kernel, a CTA per token and block of rows or
+// outputs, and tokens that share an adapter read its rows from L2 after the first. CTAs without a tile, or past
+// their adapter's rank, exit at once.
 // One call serves the modules of a fused projection (q, k, v): their blocks are stacked along the grid's y, so
 // three modules cost one launch, not three.
 #include <cuda_bf16.h>
@@ -26,6 +29,7 @@
 #include "common/launch.cuh"
 #include "common/warp.cuh"
 #include "lora/lora_cuda.h"
+#include "lora/lora_device.cuh"
 
 namespace lorax::lora::cuda {
 namespace {
@@ -47,14 +51,6 @@ template <typename T, int VEC>
 struct alignas(VEC * sizeof(T)) Packed {
   T e[VEC];
 };
-
-__device__ __forceinline__ int64_t layer_module(const Pool& p, int64_t adapter) {
-  return (adapter * p.layers + p.layer) * p.modules + p.module;
-}
-
-__device__ __forceinline__ const int32_t* row_pages(const Pool& p, int64_t adapter, int ab, int64_t row) {
-  return p.page_table + ((layer_module(p, adapter) * 2 + ab) * p.max_rank_table + row) * p.chunks;
-}
 
 __device__ __forceinline__ int token_at(const TokenGroups& g, int pos) { return g.order ? g.order[pos] : pos; }
 
@@ -108,6 +104,10 @@ struct TileRef {
 // would find no tokens (a decode step's 64 one-token segments: 64 CTAs, not 64 x 4).
 template <int Tile>
 __device__ TileRef find_tile(const TokenGroups& g) {
+  if (g.starts == nullptr) {  // one group per token (BGMV's decode calls): tile = token = group blockIdx.x
+    const int t = static_cast<int>(blockIdx.x);
+    return TileRef{t, t, t < g.tokens ? 1 : 0};
+  }
   __shared__ TileRef found;
   if (threadIdx.x < 32) {
     const int lane = threadIdx.x, want = static_cast<int>(blockIdx.x), count = static_cast<int>(g.count),
@@ -437,7 +437,8 @@ void dispatch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, c
                      float* v, int64_t max_rank, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = aligned16(x, in, sizeof(T)) && aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
-  if (tokens <= kNarrowMaxTokens) {  // decode: warps split `in`, so a row is a step of loads, not several
+  // decode: warps split `in`, so a row is a step of loads, not several
+  if (tokens <= kNarrowMaxTokens || g.starts == nullptr) {
     dim3 grid(tile_bound(tokens, g.count, kNarrowTile), m.count * ceil_div(max_rank, kNarrowRows));
     if (vec) {
       launch(shrink_narrow_kernel<T, kVec>, grid, kShrinkWarps * 32, 0, stream, static_cast<const T*>(x), in, p, m, g,

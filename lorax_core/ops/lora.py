@@ -15,13 +15,14 @@ def _pool_args(pool: AdapterPool):
     return pool.arena, pool.page_table, pool.ranks
 
 
-def _modules(pool: AdapterPool, y: torch.Tensor, modules: str | Sequence[str]) -> tuple[list[int], list[int]]:
-    """Pool indices of the modules and their column offsets in y, which holds their outputs side by side."""
+def _modules(pool: AdapterPool, width: int, modules: str | Sequence[str]) -> tuple[list[int], list[int]]:
+    """Pool indices of the modules and their column offsets in y, whose `width` columns hold their outputs side by
+    side."""
     names = [modules] if isinstance(modules, str) else list(modules)
     indices = [pool.module_index(n) for n in names]
     columns = list(itertools.accumulate((pool.config.modules[n][1] for n in names), initial=0))
-    if columns[-1] != y.shape[-1]:
-        raise ValueError(f"y has {y.shape[-1]} columns; the outputs of {names} take {columns[-1]}")
+    if columns[-1] != width:
+        raise ValueError(f"y has {width} columns; the outputs of {names} take {columns[-1]}")
     return indices, columns
 
 
@@ -35,7 +36,7 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, pool: AdapterPool, layer: int, module
         c_i = out_0 + ... + out_(i-1): y holds the modules' outputs side by side (a fused projection: q, k, v)
     Shapes: x [T, in], y [T, sum(out_i)] (same dtype as the pool), seg_starts [S + 1], seg_slots [S]. Returns y.
     """
-    m, columns = _modules(pool, y, modules)
+    m, columns = _modules(pool, y.shape[-1], modules)
     torch.ops.lorax_core.sgmv(y, x, *_pool_args(pool), pool.scales, seg_starts, seg_slots, layer, m, columns,
                               pool.page_size)
     return y
@@ -43,13 +44,15 @@ def sgmv(y: torch.Tensor, x: torch.Tensor, pool: AdapterPool, layer: int, module
 
 def bgmv(y: torch.Tensor, x: torch.Tensor, pool: AdapterPool, layer: int, modules: str | Sequence[str],
          slots: torch.Tensor) -> torch.Tensor:
-    """Add each token's LoRA delta to y, in place (decode); tokens sharing an adapter read its weights once.
+    """Add each token's LoRA delta to y, in place (decode). Each distinct adapter's weights come from memory once:
+    on CUDA, up to 64 tokens run a CTA per token and tokens sharing an adapter read it from L2 after the first; more
+    tokens are grouped by adapter first (one kernel) and each group reads it once.
 
     Semantics:
         for token t with a = slots[t] >= 0, module i:  y[t, c_i : c_i + out_i] += scale[a] * (x[t] @ A_i[a].T) @ B_i[a].T
         slots[t] = -1: unchanged; c_i as in sgmv
     Shapes: x [T, in], y [T, sum(out_i)] (same dtype as the pool), slots [T] int. Returns y.
     """
-    m, columns = _modules(pool, y, modules)
+    m, columns = _modules(pool, y.shape[-1], modules)
     torch.ops.lorax_core.bgmv(y, x, *_pool_args(pool), pool.scales, slots, layer, m, columns, pool.page_size)
     return y
