@@ -3,7 +3,9 @@ transformers + PEFT (+ bitsandbytes 4-bit) generating with the same adapters in 
 
 Reports decode milliseconds per step at batch 1, 8, 32, 64 (rank-16 adapters on every projection, chosen at
 random per request), decode tokens/s, and prefill tokens/s; NF4 decode at batch 1 and 8 once more with programmatic
-dependent launch off (csrc/common/launch.cuh), to measure what it gives. Writes engine.md and engine.json under $OUT.
+dependent launch off (csrc/common/launch.cuh), and at batch 1 with the NF4 GEMV's epilogue off (nf4_linear, sgmv and
+silu_mul as separate kernels: lorax_core.model.layers.FUSED_NF4), to measure what each gives. Writes engine.md and
+engine.json under $OUT.
 Run on a GPU machine: `python3 bench/bench_engine.py` (bench/gpu.sh does). Wall-clock timings over many steps,
 after a warm-up, with torch.cuda.synchronize around each timed region.
 """
@@ -61,12 +63,15 @@ def timed(fn) -> float:
 
 
 def engine_rows(base: Path, adapters: dict, quantize: str | None, batches=BATCHES, prefill: bool = True,
-                pdl: bool = True) -> list[dict]:
+                pdl: bool = True, fused: bool = True) -> list[dict]:
     from lorax_core import LLM, SamplingParams
     from lorax_core._library import set_programmatic_launch
+    from lorax_core.model import layers
 
     was = set_programmatic_launch(pdl)  # read by every launch, and baked into the CUDA graphs LLM captures
+    layers.FUSED_NF4 = fused  # read as the graphs are captured
     impl = "lorax" if pdl else "lorax, PDL off"
+    impl += "" if fused else ", NF4 GEMV epilogue off"
     llm = LLM(base, dtype="bfloat16", quantize=quantize, device="cuda", max_num_seqs=max(BATCHES))
     for name, path in adapters.items():
         llm.load_adapter(name, path)
@@ -92,6 +97,7 @@ def engine_rows(base: Path, adapters: dict, quantize: str | None, batches=BATCHE
     del llm
     torch.cuda.empty_cache()
     set_programmatic_launch(was)
+    layers.FUSED_NF4 = True
     return rows
 
 
@@ -144,6 +150,7 @@ def main() -> int:
     rows += engine_rows(work / "base", adapters, None)
     rows += engine_rows(work / "base", adapters, "nf4")
     rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 8), prefill=False, pdl=False)
+    rows += engine_rows(work / "base", adapters, "nf4", batches=(1,), prefill=False, fused=False)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(work / "base", quantization_config=bnb, device_map="cuda")

@@ -19,6 +19,16 @@ TORCH_LIBRARY(lorax_core, m) {
       "nf4_linear(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, float offset, "
       "int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias) -> Tensor");
 
+  // nf4_linear, plus the LoRA delta of each row's adapter (sgmv's arguments: all given, or none; columns from 0 to
+  // out_features), then with silu_mul SwiGLU's silu_mul of the output's halves (gate, up) -> [..., out_features / 2]:
+  // on CUDA, for one row of x, the GEMV does it all in its epilogue after one shrink kernel (each result rounded
+  // once before silu_mul); else the ops one after the other.
+  m.def(
+      "nf4_linear_sgmv(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, "
+      "float offset, int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias, Tensor? arena, "
+      "Tensor? page_table, Tensor? ranks, Tensor? scales, Tensor? seg_starts, Tensor? seg_slots, int layer, "
+      "int[] modules, int[] columns, int page_size, bool silu_mul) -> Tensor");
+
   // Multi-adapter LoRA through the paged adapter pool (csrc/lora/lora.h has the layout). One call serves the
   // modules of a fused projection, which share x. Shrink: v [T, modules * max_rank] fp32, module i's block =
   // x @ A_i[a(t)].T; expand (in place): y[:, columns[i] : columns[i + 1]] += scales[a(t)] * v_i @ B_i[a(t)].T.

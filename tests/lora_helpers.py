@@ -43,3 +43,51 @@ def token_slots(num_tokens, slots, popularity, base_every=0, rng=None):
     if base_every:
         out = [-1 if i % base_every == 0 else s for i, s in enumerate(out)]
     return out
+
+
+def linear_sgmv_case(modules, names, ranks, tokens, lengths, seg_adapters, dtype=torch.float32, device="cpu",
+                     page_size=64, bias=True, seed=0):
+    """Inputs of nf4_linear_sgmv and their fp32 result before silu_mul.
+
+    A pool of len(ranks) adapters over `modules` ({name: (in, out)}; adapter i has ranks[i] per module, the last one
+    only the first of `names`), an NF4 weight whose outputs are those of `names` side by side, segments of `lengths`
+    rows with adapters `seg_adapters` (-1: none). The exact result uses the pool's stored (rounded) LoRA weights:
+    x @ W.T + bias + each row's scale * (x @ A.T) @ B.T, in fp32.
+    """
+    from lorax_core.quant import NF4Weight
+
+    gen = torch.Generator().manual_seed(seed)
+    pool = make_pool(modules, num_layers=2, budget_pages=60000, page_size=page_size, max_slots=8, dtype=dtype,
+                     device=device)
+    dense = {}
+    for i, r in enumerate(ranks):
+        only = names[:1] if i == len(ranks) - 1 and i > 0 else None
+        weights = random_adapter(modules, r, num_layers=2, only=only, gen=gen)
+        slot = pool.load(f"a{i}", weights, scale=0.5 + i / 4)
+        pool.wait(f"a{i}")
+        dense[slot] = (weights, 0.5 + i / 4)
+    k = modules[names[0]][0]
+    outs = [modules[n][1] for n in names]
+    n_out = sum(outs)
+    w = NF4Weight.quantize(torch.randn(n_out, k, generator=gen), 64, True)
+    x = torch.randn(tokens, k, generator=gen).to(dtype)
+    b = torch.randn(n_out, generator=gen).to(dtype) if bias else None
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    seg = torch.tensor(seg_adapters, dtype=torch.int32)
+    layer = 1
+    exact = x.float() @ w.dequantize(torch.float32).T + (b.float() if bias else 0)
+    for s, a in enumerate(seg_adapters):
+        if a < 0:
+            continue
+        weights, scale = dense[a]
+        col = 0
+        for name, out in zip(names, outs):
+            if (layer, name) in weights:
+                a_w, b_w = (t.to(dtype).float() for t in weights[(layer, name)])
+                rows = slice(int(starts[s]), int(starts[s + 1]))
+                exact[rows, col:col + out] += scale * (x[rows].float() @ a_w.T) @ b_w.T
+            col += out
+    to = {"device": device}
+    args = {"x": x.to(**to), "w": w.to(device), "bias": b.to(**to) if bias else None, "pool": pool, "layer": layer,
+            "modules": names, "seg_starts": starts.to(**to), "seg_slots": seg.to(**to)}
+    return args, exact.to(device)

@@ -28,6 +28,10 @@ from lorax_core.ops import bgmv, kv_cache_write, nf4_linear, paged_attention_dec
 from lorax_core.quant import NF4Weight
 from test_attention_ops import random_cache
 from test_layer_ops import qkv_views, rotary_cache_inputs
+from test_nf4_sgmv import CASES as NF4_SGMV_CASES
+from test_nf4_sgmv import QKV as NF4_SGMV_MODULES
+from test_nf4_sgmv import case_id as nf4_sgmv_case_id
+from test_nf4_sgmv import check_device_op as check_nf4_sgmv
 
 MODE = os.environ.get("LORAX_EMU")  # "asan" inside test_emulated_kernels' subprocess
 emulated = pytest.mark.emulated
@@ -414,7 +418,7 @@ def _check_nf4_linear(emu, n, k, m, dtype, blocksize, double_quant=True, bias=Fa
 @pytest.mark.parametrize("n,k,blocksize", [(256, 512, 64), (48, 384, 32), (16, 128, 256), (1024, 4096, 64)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 17, 33])
 def test_nf4_linear(emu, dtype, n, k, blocksize, m):
-    """Every path of nf4_linear: the GEMV (up to 4 rows), the tensor-core GEMM with its split-K sum (up to 32
+    """Every path of nf4_linear: the GEMV (one row), the tensor-core GEMM with its split-K sum (up to 32
     rows) and dequantize + matmul (more rows)."""
     _check_nf4_linear(emu, n, k, m, dtype, blocksize, bias=m % 2 == 1)
 
@@ -422,7 +426,7 @@ def test_nf4_linear(emu, dtype, n, k, blocksize, m):
 @emulated
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_nf4_gemv_rounds_the_exact_product(emu, dtype):
-    """The GEMV (1 to 4 rows) multiplies by the fp32 weights: each result is x @ W.T in fp32 rounded once. (The GEMM
+    """The GEMV (NF4_GEMV_MAX_ROWS rows) multiplies by the fp32 weights: each result is x @ W.T in fp32 rounded once. (The GEMM
     rounds W to x's dtype first: at 5 rows, dozens of these 64 x 4096 results miss by more than half an ulp.)"""
     w = NF4Weight.quantize(torch.randn(64, 4096), 64, True)
     for m in range(1, NF4_GEMV_MAX_ROWS + 1):
@@ -439,6 +443,21 @@ def test_nf4_gemv_rounds_the_exact_product(emu, dtype):
 def test_nf4_linear_random_shapes(emu, n, chunks, m, blocksize, double_quant, bias, dtype):
     """Odd numbers of output features and k of any multiple of 32 (the kernels' tails), 1..40 rows."""
     _check_nf4_linear(emu, n, 32 * chunks, m, dtype, blocksize, double_quant, bias)
+
+
+@emulated
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", NF4_SGMV_CASES, ids=nf4_sgmv_case_id)
+def test_nf4_linear_sgmv(emu, dtype, case):
+    """The GEMV with the LoRA expand and silu_mul in its epilogue (one row), and the ops one after the other (more),
+    emulated: k of 256 (most lanes have no chunk: their LoRA share is taken before the loop) and 2048."""
+    def run(f):
+        with emu():
+            return f()
+
+    check_nf4_sgmv(case, dtype, "cpu", run)
+    wide = {n: (2048, out) for n, (_, out) in NF4_SGMV_MODULES.items()}
+    check_nf4_sgmv(case, dtype, "cpu", run, modules=wide)
 
 
 # ------------------------------------------------------------------------------------------- the whole model
@@ -480,12 +499,13 @@ def test_model_on_emulated_kernels_matches_peft(emu, kind, tmp_path):
 
 
 @emulated
-def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path):
-    """The NF4 engine in bf16 as it runs on a GPU, every kernel emulated (the NF4 GEMV for decode rows, the
-    tensor-core GEMM for prompt rows, LoRA, attention, the layer ops), against the fp32 engine on the same NF4
-    codes: at least as close to it as the bf16 engine on the CPU kernels is, step by step. (With the GEMV's weights
-    rounded to bf16, its decode logits equal the CPU kernels' bit for bit: the GEMV's fp32 weights are the only
-    difference, and they are closer to fp32.)"""
+@pytest.mark.parametrize("rows", [["r8_all", None, "r16_rslora"], ["r16_rslora"], [None]], ids=str)
+def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path, rows):
+    """The NF4 engine in bf16 as it runs on a GPU, every kernel emulated (the tensor-core GEMM for prompt rows and
+    several decode rows; at one decode row the GEMV with the LoRA expand and SwiGLU in its epilogue; LoRA,
+    attention, the layer ops), against the fp32 engine on the same NF4 codes: at least as close to it as the bf16
+    engine on the CPU kernels is, step by step. (The GEMV multiplies by the fp32 weights and rounds its outputs once:
+    nearer fp32 than the CPU kernels, which round the weights, the product and the LoRA sum each to bf16.)"""
     from model_helpers import save_adapters, save_model
 
     from lorax_core import LLM, SamplingParams
@@ -498,14 +518,13 @@ def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path):
                           adapter_loader_threads=0)
         for name, path in adapters.items():
             llms[dtype].load_adapter(name, path)
-    rows = ["r8_all", None, "r16_rslora"]
     rng = random.Random(1)
-    prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in (9, 3, 14)]  # 26 prompt rows: the GEMM
+    prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in (9, 3, 14)[:len(rows)]]  # prompt rows: the GEMM
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     for llm in llms.values():
         for prompt, adapter in zip(prompts, rows):
             llm.add_request(prompt, params, adapter)
-    for step in range(4):  # then 3 decode rows per step: the GEMV
+    for step in range(4):  # then one decode row per sequence and step
         batches = {dtype: llm.scheduler.schedule() for dtype, llm in llms.items()}
         exact = llms["float32"].runner.run(batches["float32"])
         with emu():

@@ -65,7 +65,8 @@ def test_linear_cuda_matches_reference(dtype, shape, blocksize):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4096, 4096), (1000, 14336), (7, 96)])
 def test_linear_cuda_few_rows_round_the_exact_product(dtype, shape):
-    """Up to 4 rows take the GEMV, which multiplies x by the fp32 weights: x @ W.T in fp32, rounded once."""
+    """Up to NF4_GEMV_MAX_ROWS rows take the GEMV, which multiplies x by the fp32 weights: x @ W.T in fp32, rounded
+    once."""
     n, k = shape
     w = NF4Weight.quantize(torch.randn(n, k), 64, True).to("cuda")
     exact_w = w.dequantize(torch.float32)

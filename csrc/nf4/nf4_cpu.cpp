@@ -157,6 +157,11 @@ at::Tensor op_dequantize_absmax(const at::Tensor& qabsmax, const at::Tensor& cod
   return absmax_fp32_cpu(make_absmax_state(qabsmax, code2, absmax2, offset, blocksize2));
 }
 
+at::Tensor op_linear_sgmv(LORAX_NF4_LINEAR_SGMV_PARAMS) {
+  return linear_sgmv_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,
+                               LORAX_NF4_LINEAR_SGMV_LORA, silu_mul);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lorax_core, CPU, m) {
@@ -165,6 +170,7 @@ TORCH_LIBRARY_IMPL(lorax_core, CPU, m) {
   m.impl("nf4_dequantize_absmax", &op_dequantize_absmax);
   m.impl("nf4_dequantize", &op_dequantize);
   m.impl("nf4_linear", &op_linear);
+  m.impl("nf4_linear_sgmv", &op_linear_sgmv);
 }
 
 }  // namespace lorax::nf4

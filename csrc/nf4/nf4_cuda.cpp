@@ -1,5 +1,6 @@
 // NF4 ops on CUDA: tensor checks and allocation here, kernels in nf4_kernels.cu.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,6 +11,8 @@
 #include "common/dtype.h"
 
 #include "common/checks.h"
+#include "lora/lora.h"
+#include "lora/lora_cuda_args.h"
 #include "nf4/nf4.h"
 #include "nf4/nf4_cuda.h"
 
@@ -147,6 +150,70 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   return y;
 }
 
+// One row of x: the LoRA shrink (the sgmv_shrink op: one kernel), then the GEMV with the expand, bias and silu_mul
+// in its epilogue. Otherwise the ops one after the other.
+at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
+  const LoraArgs l = LORAX_NF4_LINEAR_SGMV_LORA;
+  check_linear_sgmv(x, out_features, l, silu_mul);
+  const int64_t K = x.size(-1), N = out_features, M = K > 0 ? x.numel() / K : 0;
+  const bool half_dtype = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  if (M != 1 || !half_dtype || !x.is_cuda() ||
+      !cuda::gemm_supported(1, N, K, lorax::kernel_dtype(x.scalar_type(), "nf4")) ||
+      (l.given() && l.arena->scalar_type() != x.scalar_type()))
+    return linear_sgmv_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,
+                                 l, silu_mul);
+  CHECK_SAME_DEVICE(x, codes);
+  c10::cuda::CUDAGuard guard(x.device());
+  AbsmaxHold h = absmax_args(codes, make_absmax_state(absmax, code2, absmax2, offset, blocksize2));
+  check_nf4_sizes("nf4_linear_sgmv", codes, h.absmax.numel(), blocksize, N * K);
+  at::Tensor xc = aligned16(x);
+  at::Tensor c = aligned16(codes);
+  std::optional<at::Tensor> b;
+  if (bias) {
+    CHECK_SAME_DEVICE(x, *bias);
+    TORCH_CHECK(bias->numel() == N, "nf4_linear_sgmv: bias has ", bias->numel(), " values, expected ", N);
+    b = bias->to(x.scalar_type()).contiguous();
+  }
+  at::Tensor v, scale_t, starts, slots;  // kept alive for the kernels
+  cuda::GemvLora lora{};
+  if (l.given()) {
+    static auto shrink = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lorax_core::sgmv_shrink", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                               at::IntArrayRef, int64_t)>();
+    // checks x, the pool, the modules, the segments; one kernel
+    v = shrink.call(xc, *l.arena, *l.page_table, *l.ranks, *l.seg_starts, *l.seg_slots, l.layer, l.modules,
+                    l.page_size);
+    const lora::PoolView pv{*l.arena, *l.page_table, *l.ranks, l.layer, l.modules, l.page_size};
+    std::vector<int64_t> outs;
+    for (size_t i = 0; i + 1 < l.columns.size(); ++i) {
+      TORCH_CHECK(l.columns[i] <= l.columns[i + 1], "nf4_linear_sgmv: columns must not decrease, got ", l.columns);
+      outs.push_back(l.columns[i + 1] - l.columns[i]);
+    }
+    lora::check_pool(pv, outs, 1, "nf4_linear_sgmv");
+    TORCH_CHECK(l.scales->scalar_type() == at::kFloat && l.scales->numel() == l.page_table->size(0),
+                "nf4_linear_sgmv: scales must be float32 [slots] with ", l.page_table->size(0), " entries");
+    CHECK_SAME_DEVICE(x, *l.scales);
+    scale_t = l.scales->contiguous();
+    const lora::Groups g = lora::groups_from_segments(*l.seg_starts, *l.seg_slots);
+    starts = g.starts;
+    slots = g.adapters;
+    CHECK_SAME_DEVICE(x, starts);
+    CHECK_SAME_DEVICE(x, slots);
+    lora = {lora::pool_args(pv), lora::module_args(pv, l.columns), v.data_ptr<float>(), l.page_table->size(4),
+            scale_t.data_ptr<float>(), starts.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), slots.numel()};
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(silu_mul ? N / 2 : N);
+  at::Tensor y = at::empty(out_shape, x.options());
+  cuda::gemv(xc.data_ptr(), lorax::kernel_dtype(x.scalar_type(), "nf4"), K, c.data_ptr<uint8_t>(), h.args,
+             log2_exact(blocksize, "nf4 (CUDA): blocksize"), N, b ? b->data_ptr() : nullptr,
+             l.given() ? &lora : nullptr, silu_mul, y.data_ptr(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) {
@@ -155,6 +222,7 @@ TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) {
   m.impl("nf4_dequantize_absmax", &dequantize_absmax_cuda);
   m.impl("nf4_dequantize", &dequantize_cuda);
   m.impl("nf4_linear", &linear_cuda);
+  m.impl("nf4_linear_sgmv", &linear_sgmv_cuda);
 }
 
 }  // namespace lorax::nf4

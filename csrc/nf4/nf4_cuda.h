@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "common/dtype.h"
+#include "lora/lora_cuda.h"
 
 namespace lorax::nf4::cuda {
 
@@ -29,12 +30,34 @@ void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, i
 // y[M, N] = x[M, K] @ W[N, K].T (+ bias), W in NF4, for few rows of x: a GEMV on CUDA cores for M <= kGemvMaxM
 // (needs K % 32 == 0), a fused dequant + tensor-core GEMM up to kGemmMaxM (N % 16 == 0, K % 128 == 0). Both
 // need fp16 / bf16 x, and x and codes 16-byte aligned.
-constexpr int64_t kGemvMaxM = 4;   // not yet measured on a GPU against the GEMM at these M (tests read this line)
+// On an H100 the GEMV beat the GEMM's M = 8 tile only at M = 1 (and there not for K = 14336); at M = 2..4 it was
+// 1.2-1.7x slower (bench/RESULTS.md, 2026-11-24). So one row (tests read this line).
+constexpr int64_t kGemvMaxM = 1;
 constexpr int64_t kGemmMaxM = 32;  // above this, dequantize + cuBLAS was as fast on an H100
 bool gemm_supported(int64_t M, int64_t N, int64_t K, DType dtype);
 int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K, int num_sms);
 void gemm(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a,
           int blocksize_log2, int64_t N, const void* bias, float* workspace, int num_sms, void* y,
           cudaStream_t stream);
+
+// The LoRA expand of the one row of x, added in the GEMV's epilogue: y[0, column[i] + o] += scales[a] *
+// v[0, i * max_rank : i * max_rank + rank] . B_i[a][o, :], a = the adapter of the segment holding row 0 (none: no
+// delta). v is the shrink of x (lora::cuda::shrink). mods.column runs from 0 to N.
+struct GemvLora {
+  lora::cuda::Pool pool;
+  lora::cuda::Modules mods;
+  const float* v;
+  int64_t max_rank;
+  const float* scales;
+  const int32_t* seg_starts;  // [segments + 1]
+  const int32_t* seg_slots;   // [segments]
+  int64_t segments;
+};
+
+// The GEMV (one row of x: gemm_supported(1, N, K, dtype)) with its epilogue: + bias, + the LoRA delta when lora is
+// not null, each output rounded once to x's dtype; with silu_mul (N even) the outputs g = y[:, :N/2] and
+// u = y[:, N/2:] become y' [1, N/2] = T(T(silu(g)) * u), as layers' silu_mul rounds.
+void gemv(const void* x, DType dtype, int64_t K, const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2,
+          int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, cudaStream_t stream);
 
 }  // namespace lorax::nf4::cuda

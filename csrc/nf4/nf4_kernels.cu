@@ -11,6 +11,7 @@
 #include "common/launch.cuh"
 #include "common/mma.cuh"
 #include "common/warp.cuh"
+#include "lora/lora_device.cuh"
 #include "nf4/nf4_cuda.h"
 #include "nf4/nf4_table.h"
 
@@ -312,9 +313,14 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 // not rounded to T before they multiply x, so the result is nearer the exact product than dequantize + matmul.
 // Before its PDL prologue (launch.cuh) each warp asks L2 for its rows' codes: they stream in while the kernel
 // before it finishes.
+// The epilogue can do what would otherwise be two or three more kernels of a decode step (gemv() in nf4_cuda.h):
+// - the LoRA expand (kLora, one row of x): the warp's lanes split its two rows' rank; the page lookups and loads of
+//   B start in the first step, while the codes are in flight, and the delta joins the sum before its one rounding;
+// - SwiGLU (silu_mul): the warp's two rows are gate row i and up row N/2 + i, and it writes T(T(silu(g)) * u).
 constexpr int kGemvRows = 2;
 constexpr int kGemvWarps = 4;
 constexpr int kGemvUnroll = 4;
+static_assert(kGemvRows == 2, "silu_mul pairs a warp's two rows (gate, up); the LoRA lanes split by row parity");
 
 // The two activations in a 32-bit word as floats (the lower k in the low half).
 template <typename T>
@@ -328,26 +334,81 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t w) {
   return __half22float2(*reinterpret_cast<const __half2*>(&w));
 }
 
-template <typename T, int MT>
+template <typename T>
+__device__ __forceinline__ float rounded(float v) {
+  return to_float(from_float<T>(v));
+}
+
+// The pool slot of the segment holding row 0, or -1 (none, or a slot outside the pool): as the LoRA kernels
+// clamp segments, row 0 is in segment k when starts[k] <= 0 < starts[k + 1].
+__device__ __forceinline__ int row0_adapter(const GemvLora& l) {
+  for (int64_t k = 0; k < l.segments; ++k) {
+    if (l.seg_starts[k] <= 0 && l.seg_starts[k + 1] > 0) {
+      const int a = l.seg_slots[k];
+      return a >= 0 && a < l.pool.slots ? a : -1;
+    }
+  }
+  return -1;
+}
+
+// Lane l's share of the LoRA delta of output row rows[l % 2] (rank rows l / 2, l / 2 + 16, ...), scaled; the sum over
+// the lanes of one parity is the row's delta.
+template <typename T>
+__device__ __forceinline__ float lora_part(const GemvLora& l, const int64_t (&rows)[kGemvRows], int lane) {
+  const int adapter = row0_adapter(l);
+  if (adapter < 0) return 0.0f;
+  const int64_t n = lane % 2 == 0 ? rows[0] : rows[1];
+  int i = 0;  // the module whose columns hold n
+  while (i + 1 < l.mods.count && n >= l.mods.column[i + 1]) ++i;
+  lora::cuda::Pool p = l.pool;
+  p.module = l.mods.index[i];
+  const int rank = p.ranks[lora::cuda::layer_module(p, adapter)];
+  const int64_t o = n - l.mods.column[i];
+  const T* arena = static_cast<const T*>(p.arena);
+  const int64_t chunk = o >> p.page_log2, in_page = o & ((int64_t{1} << p.page_log2) - 1);
+  const float* v = l.v + i * l.max_rank;
+  float part = 0.0f;
+  for (int j = lane / 2; j < rank; j += 16) {
+    const int64_t page = lora::cuda::row_pages(p, adapter, 1, j)[chunk];
+    part = fmaf(v[j], to_float(arena[(page << p.page_log2) + in_page]), part);
+  }
+  return part * l.scales[adapter];
+}
+
+template <typename T, int MT, bool kLora>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restrict__ x, int K,
                                                                const uint8_t* __restrict__ codes, AbsmaxArgs a,
                                                                int bs_log2, int N, const T* __restrict__ bias,
-                                                               T* __restrict__ y) {
+                                                               GemvLora lora, bool silu_mul, T* __restrict__ y) {
+  static_assert(!kLora || MT == 1, "the LoRA epilogue serves one row of x");
   const int lane = threadIdx.x % 32, chunks = K / 32;
-  const int64_t row0 = (int64_t{blockIdx.x} * kGemvWarps + threadIdx.x / 32) * kGemvRows;
-  int64_t rows[kGemvRows];  // past the last row, the warp reads the last one again and writes nothing
+  const int64_t warp_id = int64_t{blockIdx.x} * kGemvWarps + threadIdx.x / 32;
+  // The warp's weight rows: 2w and 2w + 1, or with silu_mul gate row w and up row N/2 + w. Past the last row the
+  // warp reads the last one again and writes nothing.
+  const int64_t half = N / 2, outputs = silu_mul ? half : N;
+  const bool live = (silu_mul ? warp_id : warp_id * kGemvRows) < outputs;
+  int64_t rows[kGemvRows];
+  if (silu_mul) {
+    rows[0] = min(warp_id, half - 1);
+    rows[1] = rows[0] + half;
+  } else {
 #pragma unroll
-  for (int r = 0; r < kGemvRows; ++r) rows[r] = min(row0 + r, int64_t{N} - 1);
-  if (row0 < N)
+    for (int r = 0; r < kGemvRows; ++r) rows[r] = min(warp_id * kGemvRows + r, int64_t{N} - 1);
+  }
+  if (live)
     for (int c = lane; c < chunks; c += 32)
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r) prefetch_l2(codes + (rows[r] * K + 32 * int64_t{c}) / 2);
   pdl_prologue();
   __shared__ Tables t;
   load_tables(t, a);
-  if (row0 >= N) return;  // the whole warp
+  if (!live) return;  // the whole warp
 
   float acc[kGemvRows][MT] = {};
+  float delta = 0.0f;  // this lane's share of the LoRA delta (kLora): in the first step, or here for a lane with none
+  if constexpr (kLora) {
+    if (lane >= chunks) delta = lora_part<T>(lora, rows, lane);
+  }
   for (int c0 = lane; c0 < chunks; c0 += 32 * kGemvUnroll) {
     uint4 q[kGemvUnroll][kGemvRows];
     RawAbsmax s[kGemvUnroll][kGemvRows];
@@ -360,6 +421,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
           q[u][r] = __ldcs(reinterpret_cast<const uint4*>(codes + e / 2));
           s[u][r] = load_absmax(a, e >> bs_log2);
         }
+    if constexpr (kLora) {
+      if (c0 == lane) delta = lora_part<T>(lora, rows, lane);  // its loads overlap the codes'
+    }
 #pragma unroll
     for (int u = 0; u < kGemvUnroll; ++u) {
       if (c0 + 32 * u >= chunks) continue;
@@ -393,14 +457,37 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
     }
   }
 
+  float out[kGemvRows][MT];  // rounded to T: what y would hold
 #pragma unroll
   for (int r = 0; r < kGemvRows; ++r)
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      const float sum = warp_sum(acc[r][m]);
-      if (lane == r * MT + m && row0 + r < N)
-        y[int64_t{m} * N + row0 + r] = from_float<T>(bias != nullptr ? sum + to_float(bias[row0 + r]) : sum);
+      float sum = warp_sum(acc[r][m]);
+      if (bias != nullptr) sum += to_float(bias[rows[r]]);
+      out[r][m] = sum;
     }
+  if constexpr (kLora) {
+#pragma unroll
+    for (int offset = 16; offset >= 2; offset /= 2) delta += __shfl_xor_sync(0xffffffffu, delta, offset);
+    out[0][0] += __shfl_sync(0xffffffffu, delta, 0);  // lanes of even parity: row 0's delta
+    out[1][0] += __shfl_sync(0xffffffffu, delta, 1);
+  }
+  if (silu_mul) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (lane == m) {
+        const float g = rounded<T>(out[0][m]), u = rounded<T>(out[1][m]);
+        const float silu = rounded<T>(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))));
+        y[m * half + warp_id] = from_float<T>(__fmul_rn(silu, u));
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      if (lane == r * MT + m && warp_id * kGemvRows + r < N) y[int64_t{m} * N + rows[r]] = from_float<T>(out[r][m]);
 }
 
 int grid_for(int64_t items, int threads) {
@@ -430,12 +517,12 @@ void launch_gemm(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
   launch(splitk_epilogue_kernel<T>, grid_for(MN, 256), 256, 0, stream, ws, p.splits, MN, N, bias, y);
 }
 
-template <typename T, int MT>
+template <typename T, int MT, bool kLora>
 void launch_gemv(const T* x, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N, const T* bias,
-                 T* y, cudaStream_t stream) {
-  constexpr int kRowsPerCta = kGemvRows * kGemvWarps;
-  launch(gemv_kernel<T, MT>, (N + kRowsPerCta - 1) / kRowsPerCta, kGemvWarps * 32, 0, stream, x, K, codes, a, bs_log2,
-         N, bias, y);
+                 const GemvLora& lora, bool silu_mul, T* y, cudaStream_t stream) {
+  const int64_t warps = silu_mul ? N / 2 : (N + kGemvRows - 1) / kGemvRows;
+  launch(gemv_kernel<T, MT, kLora>, static_cast<int>((warps + kGemvWarps - 1) / kGemvWarps), kGemvWarps * 32, 0,
+         stream, x, K, codes, a, bs_log2, N, bias, lora, silu_mul, y);
 }
 
 template <typename T>
@@ -443,17 +530,11 @@ void dispatch_gemm(const void* x_, int64_t M, int64_t K, const uint8_t* codes, c
                    int64_t N, const void* bias_, float* ws, int num_sms, void* y_, cudaStream_t stream) {
   const T *x = static_cast<const T*>(x_), *bias = static_cast<const T*>(bias_);
   T* y = static_cast<T*>(y_);
-  auto gemv = [&](auto mt) { launch_gemv<T, decltype(mt)::value>(x, K, codes, a, bs_log2, N, bias, y, stream); };
   auto gemm = [&](auto nt) {
     launch_gemm<T, decltype(nt)::value>(x, M, K, codes, a, bs_log2, N, bias, ws, num_sms, y, stream);
   };
-  static_assert(kGemvMaxM == 4, "dispatch_gemm instantiates the GEMV for 1 to 4 rows");
-  switch (M) {
-    case 1: return gemv(std::integral_constant<int, 1>{});
-    case 2: return gemv(std::integral_constant<int, 2>{});
-    case 3: return gemv(std::integral_constant<int, 3>{});
-    case 4: return gemv(std::integral_constant<int, 4>{});
-  }
+  static_assert(kGemvMaxM == 1, "dispatch_gemm instantiates the GEMV for one row");
+  if (M == 1) return launch_gemv<T, 1, false>(x, K, codes, a, bs_log2, N, bias, GemvLora{}, false, y, stream);
   if (M <= 8) gemm(std::integral_constant<int, 1>{});
   else if (M <= 16) gemm(std::integral_constant<int, 2>{});
   else gemm(std::integral_constant<int, 4>{});
@@ -504,6 +585,23 @@ void gemm(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes
     dispatch_gemm<__nv_bfloat16>(x, M, K, codes, a, blocksize_log2, N, bias, workspace, num_sms, y, stream);
   else
     dispatch_gemm<__half>(x, M, K, codes, a, blocksize_log2, N, bias, workspace, num_sms, y, stream);
+}
+
+void gemv(const void* x, DType dtype, int64_t K, const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2,
+          int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, cudaStream_t stream) {
+  auto run = [&](auto t) {
+    using T = decltype(t);
+    const T *xt = static_cast<const T*>(x), *b = static_cast<const T*>(bias);
+    T* yt = static_cast<T*>(y);
+    if (lora != nullptr)
+      launch_gemv<T, 1, true>(xt, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, yt, stream);
+    else
+      launch_gemv<T, 1, false>(xt, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, yt, stream);
+  };
+  if (dtype == DType::kBFloat16)
+    run(__nv_bfloat16{});
+  else
+    run(__half{});
 }
 
 }  // namespace lorax::nf4::cuda

@@ -5,7 +5,14 @@ import torch
 from torch import nn
 
 from lorax_core.model.context import ForwardContext
-from lorax_core.ops import add_rms_norm, rms_norm, rotary_kv_cache_write
+from lorax_core.ops import add_rms_norm, nf4_linear_sgmv, rms_norm, rotary_kv_cache_write
+from lorax_core.ops import silu_mul as silu_mul_op
+from lorax_core.quant.nf4 import NF4Linear
+
+# NF4 projections go through nf4_linear_sgmv: on CUDA at one row (batch-1 decode) its GEMV adds the LoRA delta and
+# SwiGLU in its epilogue. False: nf4_linear, sgmv and silu_mul one after the other (bench_engine.py's baseline row;
+# the same results off that one-row path). Read when a step runs, so CUDA graphs keep what they captured.
+FUSED_NF4 = True
 
 
 class RMSNorm(nn.Module):
@@ -77,7 +84,25 @@ class Projection(nn.Module):
         self.layer = layer
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> list[torch.Tensor]:
+        y = self._output(x, ctx, silu_mul=False)
+        return list(y.split(list(self.parts.values()), dim=-1)) if len(self.parts) > 1 else [y]
+
+    def activated(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """SwiGLU's silu(gate) * up of a projection whose two parts are gate and up."""
+        return self._output(x, ctx, silu_mul=True)
+
+    def _output(self, x: torch.Tensor, ctx: ForwardContext, silu_mul: bool) -> torch.Tensor:
+        if FUSED_NF4 and isinstance(self.base, NF4Linear):
+            bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
+            lora = ctx.lora
+            if lora is None:
+                return nf4_linear_sgmv(x, self.base.weight, bias, silu_mul=silu_mul)
+            return nf4_linear_sgmv(x, self.base.weight, bias, lora.pool, self.layer, self.module_names,
+                                   lora.seg_starts, lora.seg_slots, silu_mul=silu_mul)
         y = self.base(x)
         if ctx.lora is not None:  # one shrink and one expand for all parts, updating y's columns in place
             ctx.lora.apply(y, x, self.layer, self.module_names)
-        return list(y.split(list(self.parts.values()), dim=-1)) if len(self.parts) > 1 else [y]
+        if silu_mul:
+            gate, up = y.split(list(self.parts.values()), dim=-1)
+            return silu_mul_op(gate, up)
+        return y

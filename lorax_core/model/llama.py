@@ -13,7 +13,6 @@ from lorax_core.model.context import ForwardContext
 from lorax_core.model.attention import Attention
 from lorax_core.model.config import ModelConfig
 from lorax_core.model.layers import Projection, RMSNorm
-from lorax_core.ops import silu_mul
 
 
 class MLP(nn.Module):
@@ -24,8 +23,7 @@ class MLP(nn.Module):
         self.down = Projection(down, {"down_proj": config.hidden_size}, layer)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        gate, up = self.gate_up(x, ctx)
-        return self.down(silu_mul(gate, up), ctx)[0]
+        return self.down(self.gate_up.activated(x, ctx), ctx)[0]
 
 
 class DecoderLayer(nn.Module):

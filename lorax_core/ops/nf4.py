@@ -6,6 +6,9 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from lorax_core.adapters.pool import AdapterPool
     from lorax_core.quant.nf4 import NF4Weight
 
 
@@ -31,13 +34,41 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) 
     Semantics:
         y[..., o] = sum_i x[..., i] * W[o, i] (+ bias[o]),  W = nf4_dequantize(w, x.dtype)   [out, in]
     Shapes: x [..., in], w [out, in], bias [out] -> y [..., out], dtype of x (fp32 accumulation).
-    On CUDA with fp16/bf16 x: a GEMV for M <= 4 rows of x (it multiplies x by the fp32 weights, not rounded to
+    On CUDA with fp16/bf16 x: a GEMV for one row of x (it multiplies x by the fp32 weights, not rounded to
     x's dtype: each result is the fp32 product rounded once), a fused dequant + tensor-core GEMM up to 32 rows,
     dequantize + cuBLAS for more; on CPU: dequantize + matmul.
     """
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"nf4_linear: x has {x.shape[-1]} features, the weight expects {w.shape[1]}")
     return torch.ops.lorax_core.nf4_linear(x, *_state_args(w), w.shape[0], bias)
+
+
+def nf4_linear_sgmv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, pool: AdapterPool | None = None,
+                    layer: int = 0, modules: str | Sequence[str] = (), seg_starts: torch.Tensor | None = None,
+                    seg_slots: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+    """nf4_linear, plus each segment's LoRA delta (pool given), then SwiGLU's activation (silu_mul) in one op.
+
+    Semantics:
+        y = nf4_linear(x, w, bias)                                       [T, out]
+        sgmv(y, x, pool, layer, modules, seg_starts, seg_slots)          (pool given: y holds the modules' outputs)
+        silu_mul: y = silu_mul(y[:, :out / 2], y[:, out / 2:])          [T, out / 2] (gate rows, then up rows)
+    Shapes: x [T, in] (any leading shape without a pool), w [out, in]. Returns y in x's dtype.
+    On CUDA with one row of x (a decode step at batch 1) in fp16 / bf16: one LoRA shrink kernel, then the NF4 GEMV
+    adds bias and LoRA delta to its fp32 sum, rounds each output once, and applies silu_mul (as the silu_mul op
+    rounds) in its epilogue: two kernels instead of four. Elsewhere the ops one after the other, whose y is rounded
+    after nf4_linear and again after the LoRA add.
+    """
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"nf4_linear_sgmv: x has {x.shape[-1]} features, the weight expects {w.shape[1]}")
+    if pool is None:
+        lora, layer, indices, columns, page_size = (None,) * 6, 0, [], [], 0
+    else:
+        from lorax_core.ops.lora import _modules, _pool_args
+
+        indices, columns = _modules(pool, w.shape[0], modules)
+        lora, page_size = (*_pool_args(pool), pool.scales, seg_starts, seg_slots), pool.page_size
+    return torch.ops.lorax_core.nf4_linear_sgmv(x, *_state_args(w), w.shape[0], bias, *lora, layer, indices, columns,
+                                                page_size, silu_mul)
 
 
 def _linear_setup_context(ctx, inputs, output):

@@ -110,6 +110,17 @@ def lora_delta(y: torch.Tensor, x: torch.Tensor, slots: list[int], weights: dict
     return out
 
 
+def nf4_linear_sgmv(x: torch.Tensor, w_dequantized: torch.Tensor, bias: torch.Tensor | None, slots: list[int],
+                    weights: dict[int, tuple], scales: dict[int, float], silu_mul: bool) -> torch.Tensor:
+    """nf4_linear + lora_delta (slots[t]: row t's adapter, -1 none; weights[a] = (A, B) of the output's columns),
+    then silu(gate) * up of the halves, all in fp32."""
+    y = lora_delta(nf4_linear(x, w_dequantized, bias), x, slots, weights, scales)
+    if not silu_mul:
+        return y
+    gate, up = y.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 def kv_cache_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """Store k[t], v[t] ([T, kv_heads, head_dim]) at slot slot_mapping[t] of the caches; slots < 0 are skipped."""

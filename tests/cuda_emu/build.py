@@ -6,6 +6,7 @@ The sources of csrc/{lora,attention,layers,nf4} are copied and rewritten, never 
   emulator's launch.cuh runs them;
 - each *_cuda.cpp registers its kernels for the CPU under `lorax_emu` instead of for CUDA under `lorax_core`
   (ops.cpp's schemas are copied under that name), with stand-ins for the few ATen / c10 CUDA headers they use;
+  where host code calls an op through the dispatcher, it calls the `lorax_emu` one;
 - the headers with inline PTX are replaced by the emulator's: csrc/common/mma.cuh (the tensor-core mma) by
   mma.cuh, csrc/common/launch.cuh (programmatic dependent launch) by launch.cuh.
 So `torch.ops.lorax_emu.<op>(cpu tensors)` runs the same host code and kernels as `torch.ops.lorax_core.<op>`
@@ -54,7 +55,12 @@ def rewrite_kernels(text: str, name: str) -> str:
 
 def rewrite_host(text: str) -> str:
     text = text.replace("TORCH_LIBRARY_IMPL(lorax_core, CUDA,", "TORCH_LIBRARY_IMPL(lorax_emu, CPU,")
-    return text.replace(".is_cuda()", ".is_cpu()")
+    return dispatch_to_emulator(text.replace(".is_cuda()", ".is_cpu()"))
+
+
+def dispatch_to_emulator(text: str) -> str:
+    """Ops that call ops through the dispatcher ("lorax_core::sgmv") call the emulated ones."""
+    return text.replace('"lorax_core::', '"lorax_emu::')
 
 
 def _write(path: Path, text: str) -> None:
@@ -80,7 +86,7 @@ def _rewritten(path: Path) -> tuple[Path, str] | None:
     if path.name.endswith("_cuda.cpp"):
         return rel, rewrite_host(text)
     if path.name.endswith("_common.cpp"):
-        return rel, text
+        return rel, dispatch_to_emulator(text)
     return None  # the CPU kernels
 
 
