@@ -57,7 +57,9 @@ def linear_sgmv_case(modules, names, ranks, tokens, lengths, seg_adapters, dtype
     from lorax_core.quant import NF4Weight
 
     gen = torch.Generator().manual_seed(seed)
-    pool = make_pool(modules, num_layers=2, budget_pages=60000, page_size=page_size, max_slots=8, dtype=dtype,
+    pages = sum(max(r) * (-(-n_in // page_size) - (-n_out // page_size))
+                for r in ranks for n_in, n_out in modules.values())
+    pool = make_pool(modules, num_layers=2, budget_pages=2 * pages, page_size=page_size, max_slots=8, dtype=dtype,
                      device=device)
     dense = {}
     for i, r in enumerate(ranks):

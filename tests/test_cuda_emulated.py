@@ -450,14 +450,15 @@ def test_nf4_linear_random_shapes(emu, n, chunks, m, blocksize, double_quant, bi
 @pytest.mark.parametrize("case", NF4_SGMV_CASES, ids=nf4_sgmv_case_id)
 def test_nf4_linear_sgmv(emu, dtype, case):
     """The GEMV with the LoRA expand and silu_mul in its epilogue (one row), and the ops one after the other (more),
-    emulated: k of 256 (most lanes have no chunk: their LoRA share is taken before the loop) and 2048."""
+    emulated: k of 256 (most lanes have no chunk: their LoRA share is taken before the loop), 2048 and 4096 (2 and 4
+    warps split k: these few outputs are far from filling a GPU)."""
     def run(f):
         with emu():
             return f()
 
     check_nf4_sgmv(case, dtype, "cpu", run)
-    wide = {n: (2048, out) for n, (_, out) in NF4_SGMV_MODULES.items()}
-    check_nf4_sgmv(case, dtype, "cpu", run, modules=wide)
+    for k in (2048, 4096):
+        check_nf4_sgmv(case, dtype, "cpu", run, modules={n: (k, out) for n, (_, out) in NF4_SGMV_MODULES.items()})
 
 
 # ------------------------------------------------------------------------------------------- the whole model

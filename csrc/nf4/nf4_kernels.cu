@@ -303,14 +303,16 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 }
 
 // ---- GEMV for a few rows of x (decode) ------------------------------------------------------------------------
-// A warp computes kGemvRows output features for all MT (<= kGemvMaxM) rows of x. Its lanes split k into chunks of
-// 32 weights (16 bytes of codes per weight row, inside one absmax block since blocks hold at least 32): lane l
-// takes chunks l, l + 32, ..., and issues the code and absmax loads of kGemvUnroll chunks before it uses them. A
+// A warp computes kGemvRows output features (a pair) for all MT (<= kGemvMaxM) rows of x. Its lanes split k into
+// chunks of 32 weights (16 bytes of codes per weight row, inside one absmax block since blocks hold at least 32):
+// lane l takes chunks l, l + 32, ..., and issues the code and absmax loads of kGemvUnroll chunks before it uses them. A
 // chunk's products are summed with the code book's unscaled values and the sum is scaled once, so a weight costs
 // one shared-memory lookup plus one FMA per row of x; gemm_kernel spends a lookup, a multiply, a rounding to T and
-// a share of an mma on it. No split over k: a warp sums its rows' whole length, the lanes' sums meet in shuffles,
-// and the kernel writes y (+ bias) itself: no workspace, no second kernel. Unlike gemm_kernel, the weights are
-// not rounded to T before they multiply x, so the result is nearer the exact product than dequantize + matmul.
+// a share of an mma on it. The lanes' sums meet in shuffles, and the kernel writes y (+ bias) itself: no workspace,
+// no second kernel. Where the rows are too few to keep the GPU busy (o and down projections: 4096 outputs), KSPLIT
+// (2 or 4) warps of a CTA split the pair's k and meet in shared memory, so a warp has one step of loads instead of
+// several at a quarter of the occupancy (launch_gemv picks KSPLIT). Unlike gemm_kernel, the weights are not rounded
+// to T before they multiply x, so the result is nearer the exact product than dequantize + matmul.
 // Before its PDL prologue (launch.cuh) each warp asks L2 for its rows' codes: they stream in while the kernel
 // before it finishes.
 // The epilogue can do what would otherwise be two or three more kernels of a decode step (gemv() in nf4_cuda.h):
@@ -375,16 +377,19 @@ __device__ __forceinline__ float lora_part(const GemvLora& l, const int64_t (&ro
   return part * l.scales[adapter];
 }
 
-template <typename T, int MT, bool kLora>
+template <typename T, int MT, bool kLora, int KSPLIT>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restrict__ x, int K,
                                                                const uint8_t* __restrict__ codes, AbsmaxArgs a,
                                                                int bs_log2, int N, const T* __restrict__ bias,
                                                                GemvLora lora, bool silu_mul, T* __restrict__ y) {
   static_assert(!kLora || MT == 1, "the LoRA epilogue serves one row of x");
-  const int lane = threadIdx.x % 32, chunks = K / 32;
-  const int64_t warp_id = int64_t{blockIdx.x} * kGemvWarps + threadIdx.x / 32;
-  // The warp's weight rows: 2w and 2w + 1, or with silu_mul gate row w and up row N/2 + w. Past the last row the
-  // warp reads the last one again and writes nothing.
+  static_assert(kGemvWarps % KSPLIT == 0, "a CTA's warps split k in KSPLIT parts");
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, part = warp % KSPLIT, chunks = K / 32;
+  // Warps warp - part .. warp - part + KSPLIT - 1 share the pair warp_id; this one sums the chunks of k that are
+  // part (mod KSPLIT) in units of 32 chunks.
+  const int64_t warp_id = int64_t{blockIdx.x} * (kGemvWarps / KSPLIT) + warp / KSPLIT;
+  // The pair's weight rows: 2w and 2w + 1, or with silu_mul gate row w and up row N/2 + w. Past the last row the
+  // warps read the last one again and write nothing.
   const int64_t half = N / 2, outputs = silu_mul ? half : N;
   const bool live = (silu_mul ? warp_id : warp_id * kGemvRows) < outputs;
   int64_t rows[kGemvRows];
@@ -395,40 +400,42 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
 #pragma unroll
     for (int r = 0; r < kGemvRows; ++r) rows[r] = min(warp_id * kGemvRows + r, int64_t{N} - 1);
   }
+  const int first = part * 32 + lane;  // this lane's first chunk; then every 32 * KSPLIT
   if (live)
-    for (int c = lane; c < chunks; c += 32)
+    for (int c = first; c < chunks; c += 32 * KSPLIT)
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r) prefetch_l2(codes + (rows[r] * K + 32 * int64_t{c}) / 2);
   pdl_prologue();
   __shared__ Tables t;
   load_tables(t, a);
-  if (!live) return;  // the whole warp
+  if (KSPLIT == 1 && !live) return;  // the whole warp (with KSPLIT > 1 it still meets the others at the barrier)
 
   float acc[kGemvRows][MT] = {};
-  float delta = 0.0f;  // this lane's share of the LoRA delta (kLora): in the first step, or here for a lane with none
+  // This lane's share of the LoRA delta (kLora, part 0's warp): in the first step, or here for a lane with none.
+  float delta = 0.0f;
   if constexpr (kLora) {
-    if (lane >= chunks) delta = lora_part<T>(lora, rows, lane);
+    if (live && part == 0 && first >= chunks) delta = lora_part<T>(lora, rows, lane);
   }
-  for (int c0 = lane; c0 < chunks; c0 += 32 * kGemvUnroll) {
+  for (int c0 = first; live && c0 < chunks; c0 += 32 * KSPLIT * kGemvUnroll) {
     uint4 q[kGemvUnroll][kGemvRows];
     RawAbsmax s[kGemvUnroll][kGemvRows];
 #pragma unroll
     for (int u = 0; u < kGemvUnroll; ++u)
 #pragma unroll
       for (int r = 0; r < kGemvRows; ++r)
-        if (c0 + 32 * u < chunks) {
-          const int64_t e = rows[r] * K + 32 * int64_t{c0 + 32 * u};  // the chunk's first weight
+        if (c0 + 32 * KSPLIT * u < chunks) {
+          const int64_t e = rows[r] * K + 32 * int64_t{c0 + 32 * KSPLIT * u};  // the chunk's first weight
           q[u][r] = __ldcs(reinterpret_cast<const uint4*>(codes + e / 2));
           s[u][r] = load_absmax(a, e >> bs_log2);
         }
     if constexpr (kLora) {
-      if (c0 == lane) delta = lora_part<T>(lora, rows, lane);  // its loads overlap the codes'
+      if (part == 0 && c0 == first) delta = lora_part<T>(lora, rows, lane);  // its loads overlap the codes'
     }
 #pragma unroll
     for (int u = 0; u < kGemvUnroll; ++u) {
-      if (c0 + 32 * u >= chunks) continue;
-      const int64_t k0 = 32 * int64_t{c0 + 32 * u};
-      float part[kGemvRows][MT] = {};
+      if (c0 + 32 * KSPLIT * u >= chunks) continue;
+      const int64_t k0 = 32 * int64_t{c0 + 32 * KSPLIT * u};
+      float sum[kGemvRows][MT] = {};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {  // weights 8i .. 8i + 7 of the chunk: code bytes 4i .. 4i + 3
         uint4 xv[MT];
@@ -444,7 +451,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
             const uint32_t byte = byte_of(q[u][r], 4 * i + j);  // weight 8i + 2j in the high nibble, 8i + 2j + 1 low
             const float w0 = t.nf4[byte >> 4], w1 = t.nf4[byte & 0xF];
 #pragma unroll
-            for (int m = 0; m < MT; ++m) part[r][m] = fmaf(w1, xf[m].y, fmaf(w0, xf[m].x, part[r][m]));
+            for (int m = 0; m < MT; ++m) sum[r][m] = fmaf(w1, xf[m].y, fmaf(w0, xf[m].x, sum[r][m]));
           }
         }
       }
@@ -452,20 +459,37 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
       for (int r = 0; r < kGemvRows; ++r) {
         const float scale = decode_absmax(a, t, s[u][r]);
 #pragma unroll
-        for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(scale, part[r][m], acc[r][m]);
+        for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(scale, sum[r][m], acc[r][m]);
       }
     }
   }
 
-  float out[kGemvRows][MT];  // rounded to T: what y would hold
+  float out[kGemvRows][MT];
 #pragma unroll
   for (int r = 0; r < kGemvRows; ++r)
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      float sum = warp_sum(acc[r][m]);
-      if (bias != nullptr) sum += to_float(bias[rows[r]]);
-      out[r][m] = sum;
-    }
+    for (int m = 0; m < MT; ++m) out[r][m] = warp_sum(acc[r][m]);
+  if constexpr (KSPLIT > 1) {  // the pair's parts meet in shared memory; part 0's warp finishes
+    __shared__ float partial[kGemvWarps][kGemvRows][MT];
+    if (lane == 0)
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) partial[warp][r][m] = out[r][m];
+    __syncthreads();
+    if (part != 0 || !live) return;
+#pragma unroll
+    for (int p = 1; p < KSPLIT; ++p)
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) out[r][m] += partial[warp + p][r][m];
+  }
+  if (bias != nullptr)
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) out[r][m] += to_float(bias[rows[r]]);
   if constexpr (kLora) {
 #pragma unroll
     for (int offset = 16; offset >= 2; offset /= 2) delta += __shfl_xor_sync(0xffffffffu, delta, offset);
@@ -517,12 +541,29 @@ void launch_gemm(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
   launch(splitk_epilogue_kernel<T>, grid_for(MN, 256), 256, 0, stream, ws, p.splits, MN, N, bias, y);
 }
 
+// Row pairs that keep the GPU's warps busy with one step each (an H100 holds 64 warps on each of its 132 SMs):
+// fewer pairs than this split k between 2 or 4 warps of a CTA. At K = 4096 a warp's two rows are one step of loads;
+// a down projection's 4096 pairs of K = 14336 were 4 steps per warp at a quarter of the occupancy, and 1.3x slower
+// than the M = 8 GEMM (bench/RESULTS.md, 2026-11-24).
+constexpr int64_t kGemvBusyPairs = 6144;
+
+template <typename T, int MT, bool kLora, int KSPLIT>
+void launch_gemv_split(const T* x, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N,
+                       const T* bias, const GemvLora& lora, bool silu_mul, T* y, int64_t pairs, cudaStream_t stream) {
+  constexpr int kPairsPerCta = kGemvWarps / KSPLIT;
+  launch(gemv_kernel<T, MT, kLora, KSPLIT>, static_cast<int>((pairs + kPairsPerCta - 1) / kPairsPerCta),
+         kGemvWarps * 32, 0, stream, x, K, codes, a, bs_log2, N, bias, lora, silu_mul, y);
+}
+
 template <typename T, int MT, bool kLora>
 void launch_gemv(const T* x, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N, const T* bias,
                  const GemvLora& lora, bool silu_mul, T* y, cudaStream_t stream) {
-  const int64_t warps = silu_mul ? N / 2 : (N + kGemvRows - 1) / kGemvRows;
-  launch(gemv_kernel<T, MT, kLora>, static_cast<int>((warps + kGemvWarps - 1) / kGemvWarps), kGemvWarps * 32, 0,
-         stream, x, K, codes, a, bs_log2, N, bias, lora, silu_mul, y);
+  const int64_t pairs = silu_mul ? N / 2 : (N + kGemvRows - 1) / kGemvRows, chunks = K / 32;
+  if (pairs * 2 < kGemvBusyPairs && chunks >= 32 * 4)  // each part has at least a chunk per lane
+    return launch_gemv_split<T, MT, kLora, 4>(x, K, codes, a, bs_log2, N, bias, lora, silu_mul, y, pairs, stream);
+  if (pairs < kGemvBusyPairs && chunks >= 32 * 2)
+    return launch_gemv_split<T, MT, kLora, 2>(x, K, codes, a, bs_log2, N, bias, lora, silu_mul, y, pairs, stream);
+  launch_gemv_split<T, MT, kLora, 1>(x, K, codes, a, bs_log2, N, bias, lora, silu_mul, y, pairs, stream);
 }
 
 template <typename T>
