@@ -6,8 +6,10 @@ of the step is sampling and bookkeeping).
 
 Writes profile.md (per setup: the ranges, then the GPU kernels by total time; --trace: a Chrome trace of the
 first setup too) under --out or $OUT. Run on a GPU machine after building: `python3 bench/profile_step.py --batch 1
---setups nf4,nf4-eager,bf16-eager,nf4-eager-base` (one base is written for all of them; `-eager` turns CUDA graphs
-off so the profiler sees each kernel, `-base` sends requests with no adapter). `--tiny`: a CPU smoke run on a tiny
+--setups nf4,nf4-eager,bf16-eager,nf4-eager-base,nf4-nopdl` (one base is written for all of them; `-eager` turns
+CUDA graphs off so the profiler sees each kernel, `-base` sends requests with no adapter, `-nopdl` turns programmatic
+dependent launch off: with it on, a kernel starts early and waits inside, and the profiler counts the wait as its
+time). `--tiny`: a CPU smoke run on a tiny
 model; its numbers say nothing about a GPU. A profile, not a benchmark: the profiler adds host time per op.
 """
 from __future__ import annotations
@@ -112,12 +114,14 @@ def tables(prof, steps: int, cuda: bool) -> str:
     return "\n".join(lines)
 
 
-def parse_setup(name: str, tiny: bool) -> tuple[str | None, bool, bool]:
-    """'nf4' | 'bf16' (tiny: 'fp32'), then optional '-eager' and '-base' -> (quantize, eager, base only)."""
+def parse_setup(name: str, tiny: bool) -> tuple[str | None, bool, bool, bool]:
+    """'nf4' | 'bf16' (tiny: 'fp32'), then optional '-eager', '-base' and '-nopdl' -> (quantize, eager, base only,
+    programmatic dependent launch)."""
     base_dtype, *flags = name.split("-")
-    if base_dtype not in ("nf4", "fp32" if tiny else "bf16") or not set(flags) <= {"eager", "base"}:
-        raise SystemExit(f"unknown setup {name!r}: use nf4 or {'fp32' if tiny else 'bf16'}, then -eager and/or -base")
-    return ("nf4" if base_dtype == "nf4" else None), "eager" in flags, "base" in flags
+    if base_dtype not in ("nf4", "fp32" if tiny else "bf16") or not set(flags) <= {"eager", "base", "nopdl"}:
+        raise SystemExit(f"unknown setup {name!r}: use nf4 or {'fp32' if tiny else 'bf16'}, then -eager, -base "
+                         "and/or -nopdl")
+    return ("nf4" if base_dtype == "nf4" else None), "eager" in flags, "base" in flags, "nopdl" not in flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output directory (default: $OUT, else a new temporary directory)")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace of the first setup (GPU)")
     args = parser.parse_args(argv)
+    from lorax_core._library import set_programmatic_launch
+
     setup = ba.TINY if args.tiny else ba.GPU
     setups = [parse_setup(name, args.tiny) + (name,) for name in (args.setups or ("fp32" if args.tiny else "nf4"))
               .split(",")]
@@ -141,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = [ba.device_header()]
     with tempfile.TemporaryDirectory(prefix="lorax-profile-") as work:
         config, _, names = ba.write_base_and_adapters(Path(work), setup, args.adapters, args.rank)
-        for i, (quantize, eager, base_only, name) in enumerate(setups):
+        for i, (quantize, eager, base_only, pdl, name) in enumerate(setups):
+            was = set_programmatic_launch(pdl)  # read at each launch; CUDA graphs keep what they captured
             llm = build(Path(work), setup, quantize, eager, names, args.batch)
             cuda = llm.device.type == "cuda"
             trace = out / "profile_trace.json" if cuda and args.trace and i == 0 else None
@@ -149,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                                     8 if args.tiny else 128, trace)
             llm.close()
             del llm
+            set_programmatic_launch(was)
             adapters = "no adapter" if base_only else f"{args.adapters} rank-{args.rank} adapters"
             sections.append(f"## {name}\n\n{model}, base {quantize or setup.dtype}, "
-                            f"{'eager' if eager or not cuda else 'CUDA graphs'}, batch {args.batch}, {adapters}; "
+                            f"{'eager' if eager or not cuda else 'CUDA graphs'}{'' if pdl else ', PDL off'}, "
+                            f"batch {args.batch}, {adapters}; "
                             f"{args.steps} profiled decode steps, {wall_ms:.2f} ms per step under the profiler\n\n"
                             f"{tables(prof, args.steps, cuda)}")
             print(sections[-1], flush=True)

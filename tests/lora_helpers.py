@@ -54,6 +54,7 @@ def linear_sgmv_case(modules, names, ranks, tokens, lengths, seg_adapters, dtype
     rows with adapters `seg_adapters` (-1: none). The exact result uses the pool's stored (rounded) LoRA weights:
     x @ W.T + bias + each row's scale * (x @ A.T) @ B.T, in fp32.
     """
+    from lorax_core.ops import reference as ref
     from lorax_core.quant import NF4Weight
 
     gen = torch.Generator().manual_seed(seed)
@@ -77,18 +78,20 @@ def linear_sgmv_case(modules, names, ranks, tokens, lengths, seg_adapters, dtype
     starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     seg = torch.tensor(seg_adapters, dtype=torch.int32)
     layer = 1
-    exact = x.float() @ w.dequantize(torch.float32).T + (b.float() if bias else 0)
-    for s, a in enumerate(seg_adapters):
-        if a < 0:
-            continue
-        weights, scale = dense[a]
-        col = 0
+    # each adapter's modules as one: A stacked over their ranks, B block-diagonal over their output columns
+    stacked, scales = {}, {}
+    for a, (weights, scale) in dense.items():
+        a_rows, b_cols, col = [], [], 0
         for name, out in zip(names, outs):
             if (layer, name) in weights:
                 a_w, b_w = (t.to(dtype).float() for t in weights[(layer, name)])
-                rows = slice(int(starts[s]), int(starts[s + 1]))
-                exact[rows, col:col + out] += scale * (x[rows].float() @ a_w.T) @ b_w.T
+                a_rows.append(a_w)
+                b_cols.append(torch.zeros(n_out, b_w.shape[1]).index_copy_(0, torch.arange(col, col + out), b_w))
             col += out
+        if a_rows:
+            stacked[a], scales[a] = (torch.cat(a_rows), torch.cat(b_cols, dim=1)), scale
+    row_slots = [a if a in stacked else -1 for s, a in enumerate(seg_adapters) for _ in range(lengths[s])]
+    exact = ref.nf4_linear_sgmv(x, w.dequantize(torch.float32), b, row_slots, stacked, scales, silu_mul=False)
     to = {"device": device}
     args = {"x": x.to(**to), "w": w.to(device), "bias": b.to(**to) if bias else None, "pool": pool, "layer": layer,
             "modules": names, "seg_starts": starts.to(**to), "seg_slots": seg.to(**to)}

@@ -157,7 +157,7 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
   check_linear_sgmv(x, out_features, l, silu_mul);
   const int64_t K = x.size(-1), N = out_features, M = K > 0 ? x.numel() / K : 0;
   const bool half_dtype = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  if (M != 1 || !half_dtype || !x.is_cuda() ||
+  if (M != 1 || !half_dtype ||
       !cuda::gemm_supported(1, N, K, lorax::kernel_dtype(x.scalar_type(), "nf4")) ||
       (l.given() && l.arena->scalar_type() != x.scalar_type()))
     return linear_sgmv_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,
@@ -177,14 +177,6 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
   at::Tensor v, scale_t, starts, slots;  // kept alive for the kernels
   cuda::GemvLora lora{};
   if (l.given()) {
-    static auto shrink = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lorax_core::sgmv_shrink", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                               at::IntArrayRef, int64_t)>();
-    // checks x, the pool, the modules, the segments; one kernel
-    v = shrink.call(xc, *l.arena, *l.page_table, *l.ranks, *l.seg_starts, *l.seg_slots, l.layer, l.modules,
-                    l.page_size);
     const lora::PoolView pv{*l.arena, *l.page_table, *l.ranks, l.layer, l.modules, l.page_size};
     std::vector<int64_t> outs;
     for (size_t i = 0; i + 1 < l.columns.size(); ++i) {
@@ -201,6 +193,13 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
     slots = g.adapters;
     CHECK_SAME_DEVICE(x, starts);
     CHECK_SAME_DEVICE(x, slots);
+    static auto shrink = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lorax_core::sgmv_shrink", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                               at::IntArrayRef, int64_t)>();
+    // checks x against the pool (A's side); one kernel
+    v = shrink.call(xc, *l.arena, *l.page_table, *l.ranks, starts, slots, l.layer, l.modules, l.page_size);
     lora = {lora::pool_args(pv), lora::module_args(pv, l.columns), v.data_ptr<float>(), l.page_table->size(4),
             scale_t.data_ptr<float>(), starts.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), slots.numel()};
   }

@@ -543,7 +543,7 @@ void launch_gemm(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
 
 // Row pairs that keep the GPU's warps busy with one step each (an H100 holds 64 warps on each of its 132 SMs):
 // fewer pairs than this split k between 2 or 4 warps of a CTA. At K = 4096 a warp's two rows are one step of loads;
-// a down projection's 4096 pairs of K = 14336 were 4 steps per warp at a quarter of the occupancy, and 1.3x slower
+// a down projection's 2048 pairs of K = 14336 were 4 steps per warp at a quarter of the occupancy, and 1.3x slower
 // than the M = 8 GEMM (bench/RESULTS.md, 2026-11-24).
 constexpr int64_t kGemvBusyPairs = 6144;
 
