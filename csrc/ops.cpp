@@ -20,14 +20,15 @@ TORCH_LIBRARY(lorax_core, m) {
       "int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias) -> Tensor");
 
   // nf4_linear, plus the LoRA delta of each row's adapter (sgmv's arguments: all given, or none; columns from 0 to
-  // out_features), then with silu_mul SwiGLU's silu_mul of the output's halves (gate, up) -> [..., out_features / 2]:
+  // out_features; v: the rows' sgmv_shrink when it is already done, e.g. by add_rms_norm_sgmv_shrink), then with
+  // silu_mul SwiGLU's silu_mul of the output's halves (gate, up) -> [..., out_features / 2]:
   // on CUDA, for one row of x, the GEMV does it all in its epilogue after one shrink kernel (each result rounded
   // once before silu_mul); else the ops one after the other.
   m.def(
       "nf4_linear_sgmv(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, "
       "float offset, int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias, Tensor? arena, "
-      "Tensor? page_table, Tensor? ranks, Tensor? scales, Tensor? seg_starts, Tensor? seg_slots, int layer, "
-      "int[] modules, int[] columns, int page_size, bool silu_mul) -> Tensor");
+      "Tensor? page_table, Tensor? ranks, Tensor? scales, Tensor? seg_starts, Tensor? seg_slots, Tensor? v, "
+      "int layer, int[] modules, int[] columns, int page_size, bool silu_mul) -> Tensor");
 
   // Multi-adapter LoRA through the paged adapter pool (csrc/lora/lora.h has the layout). One call serves the
   // modules of a fused projection, which share x. Shrink: v [T, modules * max_rank] fp32, module i's block =
@@ -56,6 +57,13 @@ TORCH_LIBRARY(lorax_core, m) {
   m.def(
       "bgmv(Tensor(a!) y, Tensor x, Tensor arena, Tensor page_table, Tensor ranks, Tensor scales, "
       "Tensor adapter_indices, int layer, int[] modules, int[] columns, int page_size) -> ()");
+
+  // add_rms_norm, then sgmv_shrink of its output: (out, residual_out, v). On CUDA one row (a batch-1 decode step)
+  // takes one kernel for both (the norm before a projection whose LoRA shrink would read its output).
+  m.def(
+      "add_rms_norm_sgmv_shrink(Tensor x, Tensor residual, Tensor weight, float eps, Tensor arena, Tensor page_table, "
+      "Tensor ranks, Tensor seg_starts, Tensor seg_adapters, int layer, int[] modules, int page_size) -> "
+      "(Tensor out, Tensor residual_out, Tensor v)");
 
   // Paged KV cache (csrc/attention/attention.h has the layout): store the new tokens' keys and values in their
   // slots, and decode attention of one query token per sequence over its blocks (GQA, optional sliding window).

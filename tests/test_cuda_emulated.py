@@ -31,6 +31,7 @@ from test_layer_ops import qkv_views, rotary_cache_inputs
 from test_nf4_sgmv import CASES as NF4_SGMV_CASES
 from test_nf4_sgmv import QKV as NF4_SGMV_MODULES
 from test_nf4_sgmv import case_id as nf4_sgmv_case_id
+from test_nf4_sgmv import check_device_norm_shrink as check_norm_shrink
 from test_nf4_sgmv import check_device_op as check_nf4_sgmv
 
 MODE = os.environ.get("LORAX_EMU")  # "asan" inside test_emulated_kernels' subprocess
@@ -459,6 +460,20 @@ def test_nf4_linear_sgmv(emu, dtype, case):
     check_nf4_sgmv(case, dtype, "cpu", run)
     for k in (2048, 4096):
         check_nf4_sgmv(case, dtype, "cpu", run, modules={n: (k, out) for n, (_, out) in NF4_SGMV_MODULES.items()})
+
+
+@emulated
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", NF4_SGMV_CASES, ids=nf4_sgmv_case_id)
+def test_add_rms_norm_sgmv_shrink(emu, dtype, case):
+    """The norm with the LoRA shrink of its output in one kernel (one row), and the two ops (more), emulated: rows of
+    256 (fewer elements than threads: most have none) and 4096, and one of 4100 (not in 16-byte pieces)."""
+    def run(f):
+        with emu():
+            return f()
+
+    for k in (256, 4096, 4100):
+        check_norm_shrink(case, dtype, "cpu", run, modules={n: (k, out) for n, (_, out) in NF4_SGMV_MODULES.items()})
 
 
 # ------------------------------------------------------------------------------------------- the whole model

@@ -61,3 +61,29 @@ def test_nf4_bf16_tracks_cpu_fp32(paths):
         drift.append(abs(g.logprobs[0].logprob - c.logprobs[0].top[token]))
     assert max(drift) < 0.5 and sum(drift) / len(drift) < 0.2, drift  # bf16 on the CPU drifts 0.02-0.39, mean 0.12
     assert sum(g.token_ids == c.token_ids for g, c in zip(gpu, cpu)) >= len(MIXED_ROWS) // 2
+
+
+def test_nf4_batch1_fused_kernels_track_the_separate_ops(paths):
+    """One sequence at a time (batch-1 decode, in CUDA graphs): the NF4 projections' fused kernels (the norm with the
+    LoRA shrink, the GEMV with the LoRA expand and SwiGLU in its epilogue) against nf4_linear, sgmv, silu_mul and
+    add_rms_norm one after the other (layers.FUSED_NF4 = False), on the same NF4 codes in bf16. The fused GEMV
+    rounds once where the separate ops round two or three times, so the logits differ by bf16 roundings: each
+    greedy pick must be among the other's top 5 with nearly the same log-probability."""
+    from lorax_core.model import layers
+
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=5)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 300) for _ in range(rng.randrange(2, 20))] for _ in range(3)]
+    adapters = ["r8_all", None, "r16_rslora"]
+    outputs = {}
+    for fused in (True, False):
+        layers.FUSED_NF4 = fused  # read as the graphs are captured
+        try:
+            llm = engine(paths, device="cuda", dtype="bfloat16", quantize="nf4", max_num_seqs=1)
+            outputs[fused] = [llm.generate([p], params, adapters=[a])[0] for p, a in zip(prompts, adapters)]
+        finally:
+            layers.FUSED_NF4 = True
+    for f, s in zip(outputs[True], outputs[False]):
+        token = f.token_ids[0]
+        assert token in s.logprobs[0].top, (f.adapter, token, s.logprobs[0].top)
+        assert abs(f.logprobs[0].logprob - s.logprobs[0].top[token]) < 0.3

@@ -19,6 +19,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <tuple>
 #include <vector>
 
 namespace lorax::lora {
@@ -142,6 +143,12 @@ void bgmv(at::Tensor& y, const at::Tensor& x, const at::Tensor& arena, const at:
   check_indices(adapter_indices, x.size(0), "bgmv");
   apply_lora<Shrink, Expand>(y, x, p, scales, Group(adapter_indices, page_table.size(0)), columns.vec(), "bgmv");
 }
+
+// add_rms_norm then sgmv_shrink through the dispatcher (lora_common.cpp): the CPU's kernel, and CUDA's beyond one row.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_sgmv_shrink_composite(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps, const at::Tensor& arena,
+    const at::Tensor& page_table, const at::Tensor& ranks, const at::Tensor& seg_starts,
+    const at::Tensor& seg_adapters, int64_t layer, at::IntArrayRef modules, int64_t page_size);
 
 #define LORAX_REGISTER_LORA_OPS(m, shrink, expand, group)                  \
   m.impl("sgmv_shrink", &lorax::lora::sgmv_shrink<shrink>);               \

@@ -1,5 +1,6 @@
 // Checks and token grouping shared by the CPU and CUDA LoRA ops (ATen ops only: no device synchronization).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include "common/checks.h"
 #include "lora/lora.h"
@@ -83,6 +84,24 @@ Groups groups_from_indices(const at::Tensor& adapter_indices, int64_t slots) {
   at::Tensor starts = at::cat({at::zeros({1}, key.options()), at::cumsum(counts, 0)});
   at::Tensor adapters = at::arange(-1, slots, key.options());
   return {starts.to(at::kInt), adapters.to(at::kInt), order.to(at::kInt)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_sgmv_shrink_composite(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps, const at::Tensor& arena,
+    const at::Tensor& page_table, const at::Tensor& ranks, const at::Tensor& seg_starts,
+    const at::Tensor& seg_adapters, int64_t layer, at::IntArrayRef modules, int64_t page_size) {
+  static auto norm = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("lorax_core::add_rms_norm", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                   const at::Tensor&, double)>();
+  static auto shrink = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("lorax_core::sgmv_shrink", "")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                             at::IntArrayRef, int64_t)>();
+  auto [out, sum] = norm.call(x, residual, weight, eps);
+  at::Tensor v = shrink.call(out, arena, page_table, ranks, seg_starts, seg_adapters, layer, modules, page_size);
+  return {out, sum, v};
 }
 
 }  // namespace lorax::lora

@@ -11,6 +11,7 @@
 #include "common/dtype.h"
 
 #include "common/checks.h"
+#include "layers/layers.h"
 #include "lora/lora.h"
 #include "lora/lora_cuda.h"
 #include "lora/lora_cuda_args.h"
@@ -71,10 +72,38 @@ Groups group_kernel(const at::Tensor& adapter_indices, int64_t slots) {
   return {starts, adapters, order};
 }
 
+// One row (x [1, cols] bf16 / fp16, cols * 4 bytes fitting the default shared memory): one kernel; else the ops.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_sgmv_shrink_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps, const at::Tensor& arena,
+    const at::Tensor& page_table, const at::Tensor& ranks, const at::Tensor& seg_starts,
+    const at::Tensor& seg_adapters, int64_t layer, at::IntArrayRef modules, int64_t page_size) {
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  if (x.dim() != 2 || x.size(0) != 1 || !half || x.size(1) * 4 > 48 * 1024)
+    return add_rms_norm_sgmv_shrink_composite(x, residual, weight, eps, arena, page_table, ranks, seg_starts,
+                                              seg_adapters, layer, modules, page_size);
+  layers::check_add_rms_norm(x, residual, weight);
+  PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
+  check_activations(x, p, "add_rms_norm_sgmv_shrink");
+  check_pool(p, std::vector<int64_t>(p.modules.size(), x.size(1)), 0, "add_rms_norm_sgmv_shrink");
+  const Groups g = groups_from_segments(seg_starts, seg_adapters);
+  check_groups(g, x, page_table.size(4), "add_rms_norm_sgmv_shrink");
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), rc = residual.contiguous(), wc = weight.contiguous();
+  at::Tensor out = at::empty_like(xc), sum = at::empty_like(xc);
+  const int64_t max_rank = page_table.size(4);
+  at::Tensor v = at::empty({1, static_cast<int64_t>(modules.size()) * max_rank}, x.options().dtype(at::kFloat));
+  cuda::norm_shrink(xc.data_ptr(), rc.data_ptr(), wc.data_ptr(), x.size(1), static_cast<float>(eps), out.data_ptr(),
+                    sum.data_ptr(), lorax::kernel_dtype(x.scalar_type(), "lora"), pool_args(p), module_args(p, {}),
+                    group_args(g, 1), v.data_ptr<float>(), max_rank, at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, sum, v};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) {
   LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel, group_kernel);
+  m.impl("add_rms_norm_sgmv_shrink", &add_rms_norm_sgmv_shrink_cuda);
 }
 
 }  // namespace lorax::lora

@@ -51,6 +51,11 @@ void group_by_adapter(const int32_t* indices, int64_t tokens, int64_t slots, int
 // written. x [tokens, in] contiguous.
 void shrink(const void* x, DType dtype, int64_t tokens, int64_t in, const Pool& p, const Modules& m,
             const TokenGroups& g, float* v, int64_t max_rank, cudaStream_t stream);
+// One row: s = T(x + residual) -> sum, out = rms_norm(s) (layers.h's add_rms_norm), and v = the narrow shrink of
+// out (g holds the row's segment); x, residual, weight, out, sum [cols] contiguous, cols * 4 bytes of shared memory.
+void norm_shrink(const void* x, const void* residual, const void* weight, int64_t cols, float eps, void* out,
+                 void* sum, DType dtype, const Pool& p, const Modules& m, const TokenGroups& g, float* v,
+                 int64_t max_rank, cudaStream_t stream);
 // y [tokens, >= column[count]] with row stride ld, updated in place.
 void expand(void* y, DType dtype, int64_t tokens, int64_t ld, const float* v, int64_t max_rank, const Pool& p,
             const Modules& m, const float* scales, const TokenGroups& g, cudaStream_t stream);

@@ -309,6 +309,114 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   }
 }
 
+// Sum of v over the CTA (blockDim.x = kShrinkWarps * 32); every thread gets the total.
+__device__ float block_sum(float v, float* scratch /* [kShrinkWarps] */) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read from a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kShrinkWarps; ++w) total += scratch[w];
+  return total;
+}
+
+template <typename T>
+__device__ __forceinline__ float rounded(float v) {
+  return to_float(from_float<T>(v));
+}
+
+// add_rms_norm of one row and the narrow shrink of its output in one kernel (a batch-1 decode step: the norm before
+// the q/k/v and the gate/up projections). Grid and rank rows as shrink_narrow_kernel's for one token; every CTA
+// with rank rows to do computes the norm itself (the row is a few KB, read from L2), as layers' add_rms_norm
+// rounds it: s = T(x + residual), out = T(w * T(s * rsqrt(mean(s^2) + eps))), with one block sum in a fixed
+// order, so every CTA gets the same out; CTA 0 writes out and s. The CTA's A rows stream into L2 meanwhile.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kShrinkWarps * 32)
+    norm_shrink_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
+                       int cols, float eps, T* __restrict__ out, T* __restrict__ sum, Pool p, Modules mods,
+                       TokenGroups g, float* __restrict__ v, int max_rank) {
+  pdl_prologue();
+  extern __shared__ float normed[];  // [cols]: the norm's output, as out holds it
+  __shared__ float scratch[kShrinkWarps];
+  __shared__ float part[kShrinkWarps][kNarrowRows];
+  const TileRef tile = find_tile<kNarrowTile>(g);
+  const int adapter = tile.n > 0 ? group_adapter(g, p, tile.group) : -1;
+  const int2 mb = cta_module(mods, p);
+  v += mb.x * max_rank;
+  const int rank = adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
+  const int row0 = mb.y * kNarrowRows;
+  const bool writer = blockIdx.y == 0, live = row0 < rank;
+  if (!writer && !live) {  // v's rows past the rank are zeros
+    if (threadIdx.x < kNarrowRows && row0 + static_cast<int>(threadIdx.x) < max_rank) v[row0 + threadIdx.x] = 0.0f;
+    return;
+  }
+  const T* arena = static_cast<const T*>(p.arena);
+  const int mask = (1 << p.page_log2) - 1;
+  const int32_t* pages[kNarrowRows];
+#pragma unroll
+  for (int r = 0; r < kNarrowRows; ++r)
+    pages[r] = row_pages(p, live ? adapter : 0, 0, live && row0 + r < rank ? row0 + r : 0);
+  constexpr int kStep = kShrinkWarps * 32 * VEC;
+  if (live)  // the weights stream into L2 while the norm is summed
+    for (int k = threadIdx.x * VEC; k < cols; k += kStep)
+#pragma unroll
+      for (int r = 0; r < kNarrowRows; ++r)
+        if (row0 + r < rank) prefetch_l2(arena + (int64_t{pages[r][k >> p.page_log2]} << p.page_log2) + (k & mask));
+
+  float sq = 0.0f;
+  for (int k = threadIdx.x * VEC; k < cols; k += kStep) {
+    float xs[VEC], rs[VEC];
+    load_floats<T, VEC>(x + k, xs);
+    load_floats<T, VEC>(residual + k, rs);
+    Packed<T, VEC> s_out;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float s = rounded<T>(__fadd_rn(xs[e], rs[e]));
+      normed[k + e] = s;
+      s_out.e[e] = from_float<T>(s);
+      sq = fmaf(s, s, sq);
+    }
+    if (writer) *reinterpret_cast<Packed<T, VEC>*>(sum + k) = s_out;
+  }
+  const float inv = 1.0f / sqrtf(block_sum(sq, scratch) / static_cast<float>(cols) + eps);  // IEEE sqrt, division
+  float acc[kNarrowRows] = {};
+  for (int k = threadIdx.x * VEC; k < cols; k += kStep) {
+    float ws[VEC];
+    load_floats<T, VEC>(weight + k, ws);
+    Packed<T, VEC> o;
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float n = rounded<T>(__fmul_rn(ws[e], rounded<T>(__fmul_rn(normed[k + e], inv))));
+      normed[k + e] = n;
+      o.e[e] = from_float<T>(n);
+    }
+    if (writer) *reinterpret_cast<Packed<T, VEC>*>(out + k) = o;
+    if (!live) continue;
+#pragma unroll
+    for (int r = 0; r < kNarrowRows; ++r) {
+      if (row0 + r >= rank) continue;
+      float a[VEC];
+      load_floats<T, VEC>(arena + (int64_t{pages[r][k >> p.page_log2]} << p.page_log2) + (k & mask), a);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[r] = fmaf(normed[k + e], a[e], acc[r]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kNarrowRows; ++r) {
+    const float total = warp_sum(acc[r]);
+    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32][r] = total;
+  }
+  __syncthreads();
+  if (threadIdx.x < kNarrowRows && row0 + static_cast<int>(threadIdx.x) < max_rank) {
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kShrinkWarps; ++w) total += part[w][threadIdx.x];
+    v[row0 + threadIdx.x] = row0 + static_cast<int>(threadIdx.x) < rank ? total : 0.0f;
+  }
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kExpandThreads)
     expand_kernel(T* __restrict__ y, int64_t ld, const float* __restrict__ v, int max_rank, Pool p, Modules mods,
@@ -485,6 +593,30 @@ void group_by_adapter(const int32_t* indices, int64_t tokens, int64_t slots, int
                       int32_t* order, cudaStream_t stream) {
   const size_t smem = sizeof(int) * 2 * (slots + 1);
   launch(group_kernel, 1, kGroupThreads, smem, stream, indices, tokens, slots, starts, adapters, order);
+}
+
+void norm_shrink(const void* x, const void* residual, const void* weight, int64_t cols, float eps, void* out,
+                 void* sum, DType dtype, const Pool& p, const Modules& m, const TokenGroups& g, float* v,
+                 int64_t max_rank, cudaStream_t stream) {
+  if (max_rank == 0 || m.count == 0) return;
+  with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    constexpr int kVec = 16 / sizeof(T);
+    const bool vec = cols % kVec == 0 && aligned16(x, cols, sizeof(T)) && aligned16(residual, cols, sizeof(T)) &&
+                     aligned16(weight, cols, sizeof(T)) && aligned16(out, cols, sizeof(T)) &&
+                     aligned16(sum, cols, sizeof(T)) && aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
+    const dim3 grid(1, m.count * ceil_div(max_rank, kNarrowRows));
+    const size_t smem = sizeof(float) * cols;
+    auto run = [&](auto kernel) {
+      launch(kernel, grid, kShrinkWarps * 32, smem, stream, static_cast<const T*>(x), static_cast<const T*>(residual),
+             static_cast<const T*>(weight), static_cast<int>(cols), eps, static_cast<T*>(out), static_cast<T*>(sum),
+             p, m, g, v, static_cast<int>(max_rank));
+    };
+    if (vec)
+      run(norm_shrink_kernel<T, kVec>);
+    else
+      run(norm_shrink_kernel<T, 1>);
+  });
 }
 
 void shrink(const void* x, DType dtype, int64_t tokens, int64_t in, const Pool& p, const Modules& m,

@@ -62,18 +62,19 @@ inline void check_quantize_absmax_args(const at::Tensor& absmax, const at::Tenso
 // nf4_linear_sgmv's optional LoRA arguments (lora/lora.h has the pool layout): all given, or none.
 struct LoraArgs {
   std::optional<at::Tensor> arena, page_table, ranks, scales, seg_starts, seg_slots;
+  std::optional<at::Tensor> v;  // x's sgmv_shrink, when done before (optional even with the rest)
   int64_t layer = 0;
   std::vector<int64_t> modules, columns;
   int64_t page_size = 0;
   bool given() const { return arena && page_table && ranks && scales && seg_starts && seg_slots; }
 };
 
-// The checks of nf4_linear_sgmv beyond those of the ops it is made of: LoRA all or nothing, x 2-D with LoRA,
-// columns covering [0, out_features), out_features even with silu_mul.
+// The checks of nf4_linear_sgmv beyond those of the ops it is made of: LoRA all or nothing (v only with it), x 2-D
+// with LoRA, columns covering [0, out_features), out_features even with silu_mul.
 void check_linear_sgmv(const at::Tensor& x, int64_t out_features, const LoraArgs& l, bool silu_mul);
 
-// nf4_linear, then sgmv into its output (LoRA given), then silu_mul of its halves (silu_mul): the ops called one
-// after the other through the dispatcher (nf4_sgmv_common.cpp).
+// nf4_linear, then sgmv into its output (LoRA given; sgmv_expand of v when given), then silu_mul of its halves
+// (silu_mul): the ops called one after the other through the dispatcher (nf4_sgmv_common.cpp).
 at::Tensor linear_sgmv_composite(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
                                  const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2,
                                  double offset, int64_t blocksize, int64_t blocksize2, int64_t out_features,
@@ -86,10 +87,12 @@ at::Tensor linear_sgmv_composite(const at::Tensor& x, const at::Tensor& codes, c
       int64_t out_features, const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &arena,         \
       const std::optional<at::Tensor> &page_table, const std::optional<at::Tensor> &ranks,                         \
       const std::optional<at::Tensor> &scales, const std::optional<at::Tensor> &seg_starts,                        \
-      const std::optional<at::Tensor> &seg_slots, int64_t layer, at::IntArrayRef modules, at::IntArrayRef columns, \
-      int64_t page_size, bool silu_mul
-#define LORAX_NF4_LINEAR_SGMV_LORA \
-  LoraArgs { arena, page_table, ranks, scales, seg_starts, seg_slots, layer, modules.vec(), columns.vec(), page_size }
+      const std::optional<at::Tensor> &seg_slots, const std::optional<at::Tensor> &v, int64_t layer,             \
+      at::IntArrayRef modules, at::IntArrayRef columns, int64_t page_size, bool silu_mul
+#define LORAX_NF4_LINEAR_SGMV_LORA                                                                                \
+  LoraArgs {                                                                                                      \
+    arena, page_table, ranks, scales, seg_starts, seg_slots, v, layer, modules.vec(), columns.vec(), page_size   \
+  }
 
 std::tuple<at::Tensor, at::Tensor> quantize_cpu(const at::Tensor& x, int64_t blocksize);
 at::Tensor absmax_fp32_cpu(const AbsmaxState& s);

@@ -150,8 +150,8 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   return y;
 }
 
-// One row of x: the LoRA shrink (the sgmv_shrink op: one kernel), then the GEMV with the expand, bias and silu_mul
-// in its epilogue. Otherwise the ops one after the other.
+// One row of x: the LoRA shrink (the sgmv_shrink op: one kernel; none when v is given), then the GEMV with the
+// expand, bias and silu_mul in its epilogue. Otherwise the ops one after the other.
 at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
   const LoraArgs l = LORAX_NF4_LINEAR_SGMV_LORA;
   check_linear_sgmv(x, out_features, l, silu_mul);
@@ -174,7 +174,7 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
     TORCH_CHECK(bias->numel() == N, "nf4_linear_sgmv: bias has ", bias->numel(), " values, expected ", N);
     b = bias->to(x.scalar_type()).contiguous();
   }
-  at::Tensor v, scale_t, starts, slots;  // kept alive for the kernels
+  at::Tensor shrunk, scale_t, starts, slots;  // kept alive for the kernels
   cuda::GemvLora lora{};
   if (l.given()) {
     const lora::PoolView pv{*l.arena, *l.page_table, *l.ranks, l.layer, l.modules, l.page_size};
@@ -193,14 +193,23 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
     slots = g.adapters;
     CHECK_SAME_DEVICE(x, starts);
     CHECK_SAME_DEVICE(x, slots);
-    static auto shrink = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("lorax_core::sgmv_shrink", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                                               at::IntArrayRef, int64_t)>();
-    // checks x against the pool (A's side); one kernel
-    v = shrink.call(xc, *l.arena, *l.page_table, *l.ranks, starts, slots, l.layer, l.modules, l.page_size);
-    lora = {lora::pool_args(pv), lora::module_args(pv, l.columns), v.data_ptr<float>(), l.page_table->size(4),
+    if (l.v) {
+      const int64_t width = static_cast<int64_t>(l.modules.size()) * l.page_table->size(4);
+      TORCH_CHECK(l.v->dim() == 2 && l.v->size(0) == 1 && l.v->size(1) == width && l.v->scalar_type() == at::kFloat,
+                  "nf4_linear_sgmv: v must be float32 [1, ", width, "] (modules x the pool's max rank), got ",
+                  l.v->scalar_type(), " ", l.v->sizes());
+      CHECK_SAME_DEVICE(x, *l.v);
+      shrunk = l.v->contiguous();
+    } else {
+      static auto shrink = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lorax_core::sgmv_shrink", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                                 at::IntArrayRef, int64_t)>();
+      // checks x against the pool (A's side); one kernel
+      shrunk = shrink.call(xc, *l.arena, *l.page_table, *l.ranks, starts, slots, l.layer, l.modules, l.page_size);
+    }
+    lora = {lora::pool_args(pv), lora::module_args(pv, l.columns), shrunk.data_ptr<float>(), l.page_table->size(4),
             scale_t.data_ptr<float>(), starts.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), slots.numel()};
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);

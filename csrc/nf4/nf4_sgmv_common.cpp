@@ -12,6 +12,7 @@ void check_linear_sgmv(const at::Tensor& x, int64_t out_features, const LoraArgs
   TORCH_CHECK(!any || l.given(),
               "nf4_linear_sgmv: the LoRA arguments (arena, page_table, ranks, scales, seg_starts, seg_slots) come "
               "all together, or none");
+  TORCH_CHECK(!l.v || l.given(), "nf4_linear_sgmv: v (the shrink of x) needs the LoRA arguments");
   TORCH_CHECK(!silu_mul || out_features % 2 == 0, "nf4_linear_sgmv: silu_mul needs an even number of outputs (gate "
               "then up), got ", out_features);
   if (!l.given()) return;
@@ -34,7 +35,15 @@ at::Tensor linear_sgmv_composite(const at::Tensor& x, const at::Tensor& codes, c
                                              int64_t, int64_t, c10::SymInt, Opt)>();
   at::Tensor y = linear.call(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2,
                              c10::SymInt(out_features), bias);
-  if (l.given()) {
+  if (l.v) {
+    static auto expand = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lorax_core::sgmv_expand", "")
+                             .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         int64_t, at::IntArrayRef, at::IntArrayRef, int64_t)>();
+    expand.call(y, *l.v, *l.arena, *l.page_table, *l.ranks, *l.scales, *l.seg_starts, *l.seg_slots, l.layer,
+                l.modules, l.columns, l.page_size);
+  } else if (l.given()) {
     static auto sgmv = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("lorax_core::sgmv", "")
                            .typed<void(at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,

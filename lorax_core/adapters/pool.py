@@ -244,8 +244,9 @@ class AdapterPool:
         n_in, n_out = self.config.modules[module]
         rank = int(self.ranks[entry.slot, layer, m])
         table = self.page_table[entry.slot, layer, m]
-        rows = [self.arena[table[ab, :rank, : math.ceil(n / self.page_size)].long()].reshape(rank, -1)[:, :n]
-                for ab, n in ((0, n_in), (1, n_out))]
+        rows = [self.arena[table[ab, :rank, :chunks].long()].reshape(rank, chunks * self.page_size)[:, :n]
+                for ab, n, chunks in ((0, n_in, math.ceil(n_in / self.page_size)),
+                                      (1, n_out, math.ceil(n_out / self.page_size)))]
         return rows[0], rows[1].T
 
     # --- internals -------------------------------------------------------------------------------------------

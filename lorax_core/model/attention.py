@@ -23,8 +23,9 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.k_cache = self.v_cache = torch.empty(0)  # [blocks, block_size, kv_heads, head_dim], set by the runner
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv(x, ctx)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, shrunk: torch.Tensor | None = None) -> torch.Tensor:
+        """shrunk: x's LoRA shrink for q, k, v when the norm before did it."""
+        q, k, v = self.qkv(x, ctx, shrunk)
         q = q.view(-1, self.heads, self.head_dim)
         k = k.view(-1, self.kv_heads, self.head_dim)
         v = v.view(-1, self.kv_heads, self.head_dim)

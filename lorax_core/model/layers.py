@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lorax_core.model.context import ForwardContext
-from lorax_core.ops import add_rms_norm, nf4_linear_sgmv, rms_norm, rotary_kv_cache_write
+from lorax_core.ops import add_rms_norm, add_rms_norm_sgmv_shrink, nf4_linear_sgmv, rms_norm, rotary_kv_cache_write
 from lorax_core.ops import silu_mul as silu_mul_op
 from lorax_core.quant.nf4 import NF4Linear
 
@@ -28,6 +28,15 @@ class RMSNorm(nn.Module):
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)
+
+    def before(self, projection: Projection, x: torch.Tensor, residual: torch.Tensor, ctx: ForwardContext):
+        """(norm(x + residual), x + residual, the LoRA shrink of the first for `projection` or None): the shrink
+        where the projection asks for it (Projection.shrinks_in_norm), in the norm's kernel."""
+        if not projection.shrinks_in_norm(x.shape[0], ctx):
+            return (*self(x, residual), None)
+        lora = ctx.lora
+        return add_rms_norm_sgmv_shrink(x, residual, self.weight, self.eps, lora.pool, projection.layer,
+                                        projection.module_names, lora.seg_starts, lora.seg_slots)
 
 
 class RotaryEmbedding(nn.Module):
@@ -83,22 +92,30 @@ class Projection(nn.Module):
         self.module_names = list(parts)
         self.layer = layer
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> list[torch.Tensor]:
-        y = self._output(x, ctx, silu_mul=False)
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, v: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The parts' outputs; v: x's LoRA shrink when the norm before did it (shrinks_in_norm)."""
+        y = self._output(x, ctx, silu_mul=False, v=v)
         return list(y.split(list(self.parts.values()), dim=-1)) if len(self.parts) > 1 else [y]
 
-    def activated(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def activated(self, x: torch.Tensor, ctx: ForwardContext, v: torch.Tensor | None = None) -> torch.Tensor:
         """SwiGLU's silu(gate) * up of a projection whose two parts are gate and up."""
-        return self._output(x, ctx, silu_mul=True)
+        return self._output(x, ctx, silu_mul=True, v=v)
 
-    def _output(self, x: torch.Tensor, ctx: ForwardContext, silu_mul: bool) -> torch.Tensor:
+    def shrinks_in_norm(self, rows: int, ctx: ForwardContext) -> bool:
+        """Whether the norm before this projection should do its LoRA shrink too (add_rms_norm_sgmv_shrink): one
+        row (a batch-1 decode step, where a kernel less counts) of an NF4 projection with adapters in the step."""
+        return FUSED_NF4 and rows == 1 and ctx.lora is not None and isinstance(self.base, NF4Linear)
+
+    def _output(self, x: torch.Tensor, ctx: ForwardContext, silu_mul: bool, v: torch.Tensor | None) -> torch.Tensor:
         if FUSED_NF4 and isinstance(self.base, NF4Linear):
             bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
             lora = ctx.lora
             if lora is None:
                 return nf4_linear_sgmv(x, self.base.weight, bias, silu_mul=silu_mul)
             return nf4_linear_sgmv(x, self.base.weight, bias, lora.pool, self.layer, self.module_names,
-                                   lora.seg_starts, lora.seg_slots, silu_mul=silu_mul)
+                                   lora.seg_starts, lora.seg_slots, silu_mul=silu_mul, v=v)
+        if v is not None:
+            raise ValueError("a LoRA shrink done in the norm needs an NF4 projection (nf4_linear_sgmv)")
         y = self.base(x)
         if ctx.lora is not None:  # one shrink and one expand for all parts, updating y's columns in place
             ctx.lora.apply(y, x, self.layer, self.module_names)

@@ -22,8 +22,9 @@ class MLP(nn.Module):
         self.gate_up = Projection(gate_up, {"gate_proj": size, "up_proj": size}, layer)
         self.down = Projection(down, {"down_proj": config.hidden_size}, layer)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        return self.down(self.gate_up.activated(x, ctx), ctx)[0]
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, shrunk: torch.Tensor | None = None) -> torch.Tensor:
+        """shrunk: x's LoRA shrink for gate and up when the norm before did it."""
+        return self.down(self.gate_up.activated(x, ctx, shrunk), ctx)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -36,11 +37,11 @@ class DecoderLayer(nn.Module):
         whose h is the embedding). Returns this layer's (MLP output, residual): each residual add is fused into
         the norm that follows it."""
         if residual is None:
-            x, residual = self.input_norm(h), h
+            x, residual, shrunk = self.input_norm(h), h, None
         else:
-            x, residual = self.input_norm(h, residual)
-        x, residual = self.post_norm(self.attn(x, ctx), residual)
-        return self.mlp(x, ctx), residual
+            x, residual, shrunk = self.input_norm.before(self.attn.qkv, h, residual, ctx)
+        x, residual, shrunk = self.post_norm.before(self.mlp.gate_up, self.attn(x, ctx, shrunk), residual, ctx)
+        return self.mlp(x, ctx, shrunk), residual
 
 
 class CausalLM(nn.Module):

@@ -36,9 +36,16 @@ def _nf4_linear(x, codes, absmax, nested_code, nested_absmax, offset, blocksize,
 
 @torch.library.register_fake("lorax_core::nf4_linear_sgmv")
 def _nf4_linear_sgmv(x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, out_features,
-                     bias, arena, page_table, ranks, scales, seg_starts, seg_slots, layer, modules, columns, page_size,
-                     silu_mul):
+                     bias, arena, page_table, ranks, scales, seg_starts, seg_slots, v, layer, modules, columns,
+                     page_size, silu_mul):
     return x.new_empty((*x.shape[:-1], out_features // 2 if silu_mul else out_features))
+
+
+@torch.library.register_fake("lorax_core::add_rms_norm_sgmv_shrink")
+def _add_rms_norm_sgmv_shrink(x, residual, weight, eps, arena, page_table, ranks, seg_starts, seg_adapters, layer,
+                              modules, page_size):
+    v = x.new_empty((x.shape[0], len(modules) * page_table.shape[4]), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape), v
 
 
 @torch.library.register_fake("lorax_core::sgmv_shrink")

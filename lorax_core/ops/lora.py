@@ -56,3 +56,21 @@ def bgmv(y: torch.Tensor, x: torch.Tensor, pool: AdapterPool, layer: int, module
     m, columns = _modules(pool, y.shape[-1], modules)
     torch.ops.lorax_core.bgmv(y, x, *_pool_args(pool), pool.scales, slots, layer, m, columns, pool.page_size)
     return y
+
+
+def add_rms_norm_sgmv_shrink(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                             pool: AdapterPool, layer: int, modules: str | Sequence[str], seg_starts: torch.Tensor,
+                             seg_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual add and RMSNorm (add_rms_norm), and the LoRA shrink of the normed rows for a projection that
+    reads them: (out, residual_out, v), v for nf4_linear_sgmv(..., v=v).
+
+    Semantics:
+        out, s = add_rms_norm(x, residual, weight, eps)
+        v[t, i * R : i * R + r] = out[t] @ A_i[a].T    (a: row t's segment adapter; other columns of v zero)
+    Shapes: x, residual [T, n], weight [n] -> out, s [T, n] in x's dtype, v float32 [T, len(modules) * R], R the
+    pool's max rank. On CUDA one row in fp16 / bf16 is one kernel (a batch-1 decode step); more, the two ops.
+    """
+    names = [modules] if isinstance(modules, str) else list(modules)
+    return torch.ops.lorax_core.add_rms_norm_sgmv_shrink(x, residual, weight, eps, *_pool_args(pool), seg_starts,
+                                                         seg_slots, layer, [pool.module_index(n) for n in names],
+                                                         pool.page_size)

@@ -45,14 +45,16 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) 
 
 def nf4_linear_sgmv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, pool: AdapterPool | None = None,
                     layer: int = 0, modules: str | Sequence[str] = (), seg_starts: torch.Tensor | None = None,
-                    seg_slots: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor:
+                    seg_slots: torch.Tensor | None = None, silu_mul: bool = False,
+                    v: torch.Tensor | None = None) -> torch.Tensor:
     """nf4_linear, plus each segment's LoRA delta (pool given), then SwiGLU's activation (silu_mul) in one op.
 
     Semantics:
         y = nf4_linear(x, w, bias)                                       [T, out]
         sgmv(y, x, pool, layer, modules, seg_starts, seg_slots)          (pool given: y holds the modules' outputs)
         silu_mul: y = silu_mul(y[:, :out / 2], y[:, out / 2:])          [T, out / 2] (gate rows, then up rows)
-    Shapes: x [T, in] (any leading shape without a pool), w [out, in]. Returns y in x's dtype.
+    Shapes: x [T, in] (any leading shape without a pool), w [out, in]. Returns y in x's dtype. v: x's shrink for
+    these modules when it is already done (add_rms_norm_sgmv_shrink): then only the expand is left.
     On CUDA with one row of x (a decode step at batch 1) in fp16 / bf16: one LoRA shrink kernel, then the NF4 GEMV
     adds bias and LoRA delta to its fp32 sum, rounds each output once, and applies silu_mul (as the silu_mul op
     rounds) in its epilogue: two kernels instead of four. Elsewhere the ops one after the other, whose y is rounded
@@ -61,12 +63,12 @@ def nf4_linear_sgmv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = N
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"nf4_linear_sgmv: x has {x.shape[-1]} features, the weight expects {w.shape[1]}")
     if pool is None:
-        lora, layer, indices, columns, page_size = (None,) * 6, 0, [], [], 0
+        lora, layer, indices, columns, page_size = (None,) * 7, 0, [], [], 0
     else:
         from lorax_core.ops.lora import _modules, _pool_args
 
         indices, columns = _modules(pool, w.shape[0], modules)
-        lora, page_size = (*_pool_args(pool), pool.scales, seg_starts, seg_slots), pool.page_size
+        lora, page_size = (*_pool_args(pool), pool.scales, seg_starts, seg_slots, v), pool.page_size
     return torch.ops.lorax_core.nf4_linear_sgmv(x, *_state_args(w), w.shape[0], bias, *lora, layer, indices, columns,
                                                 page_size, silu_mul)
 

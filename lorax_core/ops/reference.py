@@ -121,6 +121,20 @@ def nf4_linear_sgmv(x: torch.Tensor, w_dequantized: torch.Tensor, bias: torch.Te
     return torch.nn.functional.silu(gate) * up
 
 
+def add_rms_norm_sgmv_shrink(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                             slots: list[int], a_weights: list[dict[int, torch.Tensor]], max_rank: int):
+    """add_rms_norm, then v[t, i * max_rank : i * max_rank + r] = out[t] @ A_i.T for row t's adapter a = slots[t]
+    (-1: none; a_weights[i][a] = A_i [r, in] of module i, absent: rank 0), fp32; v's other columns zero."""
+    out, s = add_rms_norm(x, residual, weight, eps)
+    v = torch.zeros(x.shape[0], len(a_weights) * max_rank)
+    for t, a in enumerate(slots):
+        for i, per_slot in enumerate(a_weights):
+            if a >= 0 and a in per_slot:
+                a_w = per_slot[a].float()
+                v[t, i * max_rank:i * max_rank + a_w.shape[0]] = out[t].float() @ a_w.T
+    return out, s, v
+
+
 def kv_cache_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    slot_mapping: torch.Tensor) -> None:
     """Store k[t], v[t] ([T, kv_heads, head_dim]) at slot slot_mapping[t] of the caches; slots < 0 are skipped."""
