@@ -3,9 +3,9 @@ transformers + PEFT (+ bitsandbytes 4-bit) generating with the same adapters in 
 
 Reports decode milliseconds per step at batch 1, 8, 32, 64 (rank-16 adapters on every projection, chosen at
 random per request), decode tokens/s, and prefill tokens/s; NF4 decode at batch 1 and 8 once more with programmatic
-dependent launch off (csrc/common/launch.cuh), and at batch 1 with the NF4 GEMV's epilogue off (nf4_linear, sgmv and
-silu_mul as separate kernels: lorax_core.model.layers.FUSED_NF4), to measure what each gives. Writes engine.md and
-engine.json under $OUT.
+dependent launch off (csrc/common/launch.cuh), and at batch 1 with the NF4 fusions off (add_rms_norm, nf4_linear,
+sgmv and silu_mul as separate kernels instead of add_rms_norm_sgmv_shrink and the GEMV's epilogue:
+lorax_core.model.layers.FUSED_NF4), to measure what each gives. Writes engine.md and engine.json under $OUT.
 Run on a GPU machine: `python3 bench/bench_engine.py` (bench/gpu.sh does). Wall-clock timings over many steps,
 after a warm-up, with torch.cuda.synchronize around each timed region.
 """
@@ -71,7 +71,7 @@ def engine_rows(base: Path, adapters: dict, quantize: str | None, batches=BATCHE
     was = set_programmatic_launch(pdl)  # read by every launch, and baked into the CUDA graphs LLM captures
     layers.FUSED_NF4 = fused  # read as the graphs are captured
     impl = "lorax" if pdl else "lorax, PDL off"
-    impl += "" if fused else ", NF4 GEMV epilogue off"
+    impl += "" if fused else ", NF4 fusions off"
     llm = LLM(base, dtype="bfloat16", quantize=quantize, device="cuda", max_num_seqs=max(BATCHES))
     for name, path in adapters.items():
         llm.load_adapter(name, path)
