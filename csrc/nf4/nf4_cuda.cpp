@@ -115,6 +115,15 @@ at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& absmax, co
   return dequantize_impl(codes, h, blocksize, c10::multiply_integers(shape), dtype).reshape(shape);
 }
 
+// The bias [N] in x's dtype, contiguous, for the kernels (none: none).
+std::optional<at::Tensor> checked_bias(const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t N,
+                                       const char* op) {
+  if (!bias) return std::nullopt;
+  CHECK_SAME_DEVICE(x, *bias);
+  TORCH_CHECK(bias->numel() == N, op, ": bias has ", bias->numel(), " values, expected ", N);
+  return bias->to(x.scalar_type()).contiguous();
+}
+
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
                        const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2, double offset,
                        int64_t blocksize, int64_t blocksize2, int64_t out_features,
@@ -132,12 +141,7 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   check_nf4_sizes("nf4_linear", codes, h.absmax.numel(), blocksize, N * K);
   at::Tensor xc = aligned16(x);
   at::Tensor c = aligned16(codes);
-  std::optional<at::Tensor> b;
-  if (bias) {
-    CHECK_SAME_DEVICE(x, *bias);
-    TORCH_CHECK(bias->numel() == N, "nf4_linear: bias has ", bias->numel(), " values, expected ", N);
-    b = bias->to(x.scalar_type()).contiguous();
-  }
+  const std::optional<at::Tensor> b = checked_bias(x, bias, N, "nf4_linear");
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   at::Tensor ws = at::empty({cuda::gemm_workspace_floats(M, N, K, num_sms)}, x.options().dtype(at::kFloat));
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
@@ -168,12 +172,7 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
   check_nf4_sizes("nf4_linear_sgmv", codes, h.absmax.numel(), blocksize, N * K);
   at::Tensor xc = aligned16(x);
   at::Tensor c = aligned16(codes);
-  std::optional<at::Tensor> b;
-  if (bias) {
-    CHECK_SAME_DEVICE(x, *bias);
-    TORCH_CHECK(bias->numel() == N, "nf4_linear_sgmv: bias has ", bias->numel(), " values, expected ", N);
-    b = bias->to(x.scalar_type()).contiguous();
-  }
+  const std::optional<at::Tensor> b = checked_bias(x, bias, N, "nf4_linear_sgmv");
   at::Tensor shrunk, scale_t, starts, slots;  // kept alive for the kernels
   cuda::GemvLora lora{};
   if (l.given()) {
