@@ -42,11 +42,11 @@ def dequant_table(rows, copy_gbps):
     return "\n".join(lines)
 
 
-def lora_table(rows, kind, impls):
+def lora_table(rows, kind, impls, gbps_label="paged GB/s"):
     idx = {(r["shape"], r["impl"]): r for r in rows if r["kind"] == kind}
     head = " | ".join(f"{i} us" for i in impls)
     ratios = " | ".join(f"vs {i}" for i in impls[1:])
-    lines = [f"| case | {head} | paged GB/s | {ratios} |", "|---" * (2 + 2 * len(impls) - 1) + "|"]
+    lines = [f"| case | {head} | {gbps_label} | {ratios} |", "|---" * (2 + 2 * len(impls) - 1) + "|"]
     for shape in sorted({s for s, _ in idx}):
         ours = idx.get((shape, impls[0]))
         if ours is None:
@@ -68,6 +68,10 @@ def write_tables(rows, out, header):
              "\n\n## LoRA decode (BGMV), 64 adapters in the pool (GB/s = distinct adapters' A + B bytes)\n",
              lora_table(rows, "lora_decode", ["paged", "contiguous", "loop", "gather_bmm", "paged_pdl_off"]),
              "\n\n## LoRA prefill (SGMV), 4 segments\n", lora_table(rows, "lora_prefill", ["paged", "contiguous", "loop"]),
+             "\n\n## Batch-1 NF4 projections, rank-16 LoRA: fused kernels vs the separate ops (GB/s = NF4 weight)\n",
+             lora_table(rows, "nf4_fused", ["fused", "fused, v from the norm", "separate"], "fused GB/s"),
+             "\n\n## The norm before a projection, with its LoRA shrink, vs add_rms_norm + sgmv_shrink\n",
+             lora_table(rows, "norm_shrink", ["fused", "separate"], "fused GB/s (A rows + x, residual, weight)"),
              "\n"]
     text = "\n".join(p for p in parts if p)
     with open(os.path.join(out, "bench_kernels.md"), "w") as f:
