@@ -28,6 +28,18 @@ def copies_for(nbytes: int, minimum: int = 3, maximum: int = 64) -> int:
     return max(minimum, min(maximum, math.ceil(L2_FLUSH_BYTES / max(nbytes, 1))))
 
 
+def rotating(items):
+    """(a function returning the next of items, round and round; how many there are): a timed call's inputs."""
+    state = {"i": 0}
+
+    def next_item():
+        item = items[state["i"] % len(items)]
+        state["i"] += 1
+        return item
+
+    return next_item, len(items)
+
+
 def gpu_time_us(benchmark, fn, calls: int, rounds: int = 20) -> tuple[float, str]:
     """Time `calls` back-to-back calls of fn (which rotates its inputs) captured in one CUDA graph.
 

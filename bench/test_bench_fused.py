@@ -9,7 +9,7 @@ GB/s counts the NF4 weight's bytes (codes + absmax) per call."""
 import pytest
 import torch
 
-from conftest import copies_for, gpu_time_us, record
+from conftest import copies_for, gpu_time_us, record, rotating
 
 HIDDEN, INTER, KV = 4096, 14336, 1024
 MODULES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, KV), "v_proj": (HIDDEN, KV), "o_proj": (HIDDEN, HIDDEN),
@@ -48,16 +48,6 @@ def fused_setup():
     return pool, segments, nf4
 
 
-def rotating(items):
-    state = {"i": 0}
-
-    def next_item():
-        state["i"] += 1
-        return items[state["i"] % len(items)]
-
-    return next_item
-
-
 @pytest.mark.parametrize("impl", ["fused", "fused, v from the norm", "separate"])
 @pytest.mark.parametrize("proj", list(PROJECTIONS))
 def test_fused_projection(benchmark, fused_setup, proj, impl):
@@ -66,7 +56,7 @@ def test_fused_projection(benchmark, fused_setup, proj, impl):
     pool, (starts, slots), nf4 = fused_setup
     modules, silu = PROJECTIONS[proj]
     x = torch.randn(1, MODULES[modules[0]][0], device="cuda", dtype=torch.bfloat16)
-    nxt = rotating(nf4[proj])
+    nxt, calls = rotating(nf4[proj])
     if impl == "fused":
         fn = lambda: nf4_linear_sgmv(x, nxt(), None, pool, 0, modules, starts, slots, silu_mul=silu)  # noqa: E731
     elif impl == "fused, v from the norm":
@@ -79,7 +69,7 @@ def test_fused_projection(benchmark, fused_setup, proj, impl):
             sgmv(y, x, pool, 0, modules, starts, slots)
             return silu_mul(*y.chunk(2, dim=-1)) if silu else y
 
-    us, mode = gpu_time_us(benchmark, fn, calls=len(nf4[proj]))
+    us, mode = gpu_time_us(benchmark, fn, calls)
     record(kind="nf4_fused", shape=proj, impl=impl, us=us, gbps=nf4[proj][0].nbytes / us / 1e3, mode=mode)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import copies_for, gpu_time_us, record
+from conftest import copies_for, gpu_time_us, record, rotating
 
 # (out, in) of Mistral-7B's projections: q/o, k/v, gate/up, down.
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
@@ -30,17 +30,6 @@ def weights():
         bf16s = [torch.randn_like(w) for _ in range(copies_for(w.numel() * 2))]
         out[(n, k)] = dict(nf4=nf4s, bnb=bnbs, bf16=bf16s, bnbf=bnbf)
     return out
-
-
-def rotating(items):
-    state = {"i": 0}
-
-    def next_item():
-        item = items[state["i"] % len(items)]
-        state["i"] += 1
-        return item
-
-    return next_item, len(items)
 
 
 def test_copy_bandwidth(benchmark):

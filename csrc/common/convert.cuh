@@ -31,4 +31,17 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 template <typename T>
 __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
 
+// Round to T and back: the roundings transformers' eager code makes between ops.
+template <typename T>
+__device__ __forceinline__ float rounded(float v) {
+  return to_float(from_float<T>(v));
+}
+
+// SwiGLU's T(T(silu(g)) * u) for g and u already in T (layers.h): the silu_mul op and the NF4 GEMV's epilogue.
+template <typename T>
+__device__ __forceinline__ T silu_mul_rounded(float g, float u) {
+  const float silu = rounded<T>(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))));
+  return from_float<T>(__fmul_rn(silu, u));
+}
+
 }  // namespace lorax

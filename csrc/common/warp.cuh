@@ -25,4 +25,22 @@ __device__ __forceinline__ int warp_prefix_sum(int v, int lane) {
   return v;
 }
 
+// Sum of v over the CTA (blockDim.x a multiple of 32, at most 1024), in a fixed order; every thread gets the total.
+// Once per kernel: its shared memory is not guarded for a second call.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float warp_sums[32];
+  __shared__ float total;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_sum(v);
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : 0.0f;
+    v = warp_sum(v);
+    if (lane == 0) total = v;
+  }
+  __syncthreads();
+  return total;
+}
+
 }  // namespace lorax

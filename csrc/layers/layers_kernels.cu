@@ -16,29 +16,6 @@
 namespace lorax::layers::cuda {
 namespace {
 
-// Sum of v over the CTA (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
-__device__ float block_sum(float v) {
-  __shared__ float warp_sums[32];
-  __shared__ float total;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_sum(v);
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < static_cast<int>(blockDim.x / 32) ? warp_sums[lane] : 0.0f;
-    v = warp_sum(v);
-    if (lane == 0) total = v;
-  }
-  __syncthreads();
-  return total;
-}
-
-// Round to T and back: the roundings transformers' eager code makes between ops.
-template <typename T>
-__device__ __forceinline__ float rounded(float v) {
-  return to_float(from_float<T>(v));
-}
-
 template <typename T>
 __global__ void rms_norm_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ residual,
                                 int64_t residual_stride, const T* __restrict__ weight, T* __restrict__ out,
@@ -114,11 +91,7 @@ __global__ void silu_mul_kernel(const T* __restrict__ gate, int64_t gate_stride,
 #pragma unroll
   for (int j = 0; j < kSiluPerThread; ++j) {
     const int64_t i = first + j * kSiluThreads;
-    if (i < cols) {
-      const float gi = to_float(g[i]);
-      const float silu = rounded<T>(__fdiv_rn(gi, __fadd_rn(1.0f, expf(-gi))));
-      o[i] = from_float<T>(__fmul_rn(silu, to_float(u[i])));
-    }
+    if (i < cols) o[i] = silu_mul_rounded<T>(to_float(g[i]), to_float(u[i]));
   }
 }
 

@@ -44,6 +44,11 @@ void check_pool(const PoolView& p, const std::vector<int64_t>& dims, int64_t ab,
 void check_activations(const at::Tensor& act, const PoolView& p, const char* op);
 void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Tensor& scales, const PoolView& p,
                          const std::vector<int64_t>& columns, const char* op);
+// Its parts for a y of `width` columns that is not there yet (the NF4 GEMV's epilogue): columns, the pool's B side
+// and scales; v of `tokens` rows.
+void check_expand_pool(const at::Tensor& scales, const PoolView& p, const std::vector<int64_t>& columns,
+                       int64_t width, const char* op);
+void check_shrunk(const at::Tensor& v, int64_t tokens, const PoolView& p, const char* op);
 // SGMV's segments as groups. Their values are checked by the CPU kernels (starts rising from >= 0 to at most the
 // tokens, adapters in [-1, slots)); a check on the GPU would wait for the device, so the CUDA kernels clamp instead:
 // rows outside [0, tokens) are never touched and an adapter outside the pool counts as none.

@@ -44,11 +44,10 @@ void check_activations(const at::Tensor& act, const PoolView& p, const char* op)
               p.arena.device());
 }
 
-void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Tensor& scales, const PoolView& p,
-                         const std::vector<int64_t>& columns, const char* op) {
-  check_activations(y, p, op);
-  TORCH_CHECK(columns.size() == p.modules.size() + 1 && columns.front() >= 0 && columns.back() <= y.size(1), op,
-              ": columns must hold ", p.modules.size() + 1, " offsets within y's ", y.size(1),
+void check_expand_pool(const at::Tensor& scales, const PoolView& p, const std::vector<int64_t>& columns,
+                       int64_t width, const char* op) {
+  TORCH_CHECK(columns.size() == p.modules.size() + 1 && columns.front() >= 0 && columns.back() <= width, op,
+              ": columns must hold ", p.modules.size() + 1, " offsets within y's ", width,
               " columns (module i adds to columns [columns[i], columns[i + 1])), got ", columns);
   std::vector<int64_t> outs;
   for (size_t i = 0; i + 1 < columns.size(); ++i) {
@@ -56,17 +55,27 @@ void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Ten
     outs.push_back(columns[i + 1] - columns[i]);
   }
   check_pool(p, outs, 1, op);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == p.page_table.size(0), op,
+              ": scales must be float32 [slots] with ", p.page_table.size(0), " entries");
+  CHECK_SAME_DEVICE(p.arena, scales);
+}
+
+void check_shrunk(const at::Tensor& v, int64_t tokens, const PoolView& p, const char* op) {
+  const int64_t width = static_cast<int64_t>(p.modules.size()) * p.page_table.size(4);
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == tokens && v.size(1) == width && v.scalar_type() == at::kFloat, op,
+              ": v must be float32 [", tokens, ", ", width, "] (tokens, modules x the pool's max rank), got ",
+              v.scalar_type(), " ", v.sizes());
+  CHECK_SAME_DEVICE(p.arena, v);
+}
+
+void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Tensor& scales, const PoolView& p,
+                         const std::vector<int64_t>& columns, const char* op) {
+  check_activations(y, p, op);
+  check_expand_pool(scales, p, columns, y.size(1), op);
   TORCH_CHECK(y.stride(1) == 1 && y.stride(0) >= y.size(1), op,
               ": y's rows must be contiguous (it is updated in place; a column slice of a wider tensor is fine), got "
               "strides ", y.strides());
-  const int64_t width = static_cast<int64_t>(p.modules.size()) * p.page_table.size(4);
-  TORCH_CHECK(v.dim() == 2 && v.size(0) == y.size(0) && v.size(1) == width && v.scalar_type() == at::kFloat, op,
-              ": v must be float32 [", y.size(0), ", ", width, "] (tokens, modules x the pool's max rank), got ",
-              v.scalar_type(), " ", v.sizes());
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == p.page_table.size(0), op,
-              ": scales must be float32 [slots] with ", p.page_table.size(0), " entries");
-  CHECK_SAME_DEVICE(y, v);
-  CHECK_SAME_DEVICE(y, scales);
+  check_shrunk(v, y.size(0), p, op);
 }
 
 Groups groups_from_segments(const at::Tensor& seg_starts, const at::Tensor& seg_adapters) {

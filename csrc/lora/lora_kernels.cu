@@ -309,24 +309,6 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   }
 }
 
-// Sum of v over the CTA (blockDim.x = kShrinkWarps * 32); every thread gets the total.
-__device__ float block_sum(float v, float* scratch /* [kShrinkWarps] */) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_sum(v);
-  __syncthreads();  // scratch may still be read from a previous call
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  float total = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kShrinkWarps; ++w) total += scratch[w];
-  return total;
-}
-
-template <typename T>
-__device__ __forceinline__ float rounded(float v) {
-  return to_float(from_float<T>(v));
-}
-
 // add_rms_norm of one row and the narrow shrink of its output in one kernel (a batch-1 decode step: the norm before
 // the q/k/v and the gate/up projections). Grid and rank rows as shrink_narrow_kernel's for one token; every CTA
 // with rank rows to do computes the norm itself (the row is a few KB, read from L2), as layers' add_rms_norm
@@ -339,7 +321,6 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
                        TokenGroups g, float* __restrict__ v, int max_rank) {
   pdl_prologue();
   extern __shared__ float normed[];  // [cols]: the norm's output, as out holds it
-  __shared__ float scratch[kShrinkWarps];
   __shared__ float part[kShrinkWarps][kNarrowRows];
   const TileRef tile = find_tile<kNarrowTile>(g);
   const int adapter = tile.n > 0 ? group_adapter(g, p, tile.group) : -1;
@@ -380,7 +361,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
     }
     if (writer) *reinterpret_cast<Packed<T, VEC>*>(sum + k) = s_out;
   }
-  const float inv = 1.0f / sqrtf(block_sum(sq, scratch) / static_cast<float>(cols) + eps);  // IEEE sqrt, division
+  const float inv = 1.0f / sqrtf(block_sum(sq) / static_cast<float>(cols) + eps);  // IEEE sqrt, division
   float acc[kNarrowRows] = {};
   for (int k = threadIdx.x * VEC; k < cols; k += kStep) {
     float ws[VEC];

@@ -177,15 +177,8 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
   cuda::GemvLora lora{};
   if (l.given()) {
     const lora::PoolView pv{*l.arena, *l.page_table, *l.ranks, l.layer, l.modules, l.page_size};
-    std::vector<int64_t> outs;
-    for (size_t i = 0; i + 1 < l.columns.size(); ++i) {
-      TORCH_CHECK(l.columns[i] <= l.columns[i + 1], "nf4_linear_sgmv: columns must not decrease, got ", l.columns);
-      outs.push_back(l.columns[i + 1] - l.columns[i]);
-    }
-    lora::check_pool(pv, outs, 1, "nf4_linear_sgmv");
-    TORCH_CHECK(l.scales->scalar_type() == at::kFloat && l.scales->numel() == l.page_table->size(0),
-                "nf4_linear_sgmv: scales must be float32 [slots] with ", l.page_table->size(0), " entries");
-    CHECK_SAME_DEVICE(x, *l.scales);
+    lora::check_activations(x, pv, "nf4_linear_sgmv");
+    lora::check_expand_pool(*l.scales, pv, l.columns, N, "nf4_linear_sgmv");
     scale_t = l.scales->contiguous();
     const lora::Groups g = lora::groups_from_segments(*l.seg_starts, *l.seg_slots);
     starts = g.starts;
@@ -193,11 +186,7 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
     CHECK_SAME_DEVICE(x, starts);
     CHECK_SAME_DEVICE(x, slots);
     if (l.v) {
-      const int64_t width = static_cast<int64_t>(l.modules.size()) * l.page_table->size(4);
-      TORCH_CHECK(l.v->dim() == 2 && l.v->size(0) == 1 && l.v->size(1) == width && l.v->scalar_type() == at::kFloat,
-                  "nf4_linear_sgmv: v must be float32 [1, ", width, "] (modules x the pool's max rank), got ",
-                  l.v->scalar_type(), " ", l.v->sizes());
-      CHECK_SAME_DEVICE(x, *l.v);
+      lora::check_shrunk(*l.v, 1, pv, "nf4_linear_sgmv");
       shrunk = l.v->contiguous();
     } else {
       static auto shrink = c10::Dispatcher::singleton()

@@ -336,11 +336,6 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t w) {
   return __half22float2(*reinterpret_cast<const __half2*>(&w));
 }
 
-template <typename T>
-__device__ __forceinline__ float rounded(float v) {
-  return to_float(from_float<T>(v));
-}
-
 // The pool slot of the segment holding row 0, or -1 (none, or a slot outside the pool): as the LoRA kernels
 // clamp segments, row 0 is in segment k when starts[k] <= 0 < starts[k + 1].
 __device__ __forceinline__ int row0_adapter(const GemvLora& l) {
@@ -500,9 +495,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restri
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       if (lane == m) {
-        const float g = rounded<T>(out[0][m]), u = rounded<T>(out[1][m]);
-        const float silu = rounded<T>(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))));
-        y[m * half + warp_id] = from_float<T>(__fmul_rn(silu, u));
+        y[m * half + warp_id] = silu_mul_rounded<T>(rounded<T>(out[0][m]), rounded<T>(out[1][m]));
       }
     }
     return;
