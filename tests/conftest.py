@@ -54,13 +54,21 @@ def _gemv_max_rows() -> int:
 NF4_GEMV_MAX_ROWS = _gemv_max_rows()  # nf4_linear's GEMV on CUDA takes up to this many rows of x
 
 
+def nf4_gemv_weight(w, dtype: torch.dtype) -> torch.Tensor:
+    """The fp32 weight that nf4_linear's one-row CUDA GEMV multiplies x (fp16 / bf16) by: each NF4 value rounded to
+    x's dtype (its tensor cores' operand), times its block's fp32 absmax."""
+    from lorax_core.ops import reference
+
+    return reference.nf4_dequantize(w.codes, w.absmax_fp32(), w.blocksize, w.shape, torch.float32, values_dtype=dtype)
+
+
 def assert_nf4_linear(y: torch.Tensor, x: torch.Tensor, w, bias: torch.Tensor | None = None):
     """A CUDA nf4_linear result (fp16 / bf16) against what its path computes: up to NF4_GEMV_MAX_ROWS rows of x, the
-    GEMV's exact product rounded once; more, the product with W rounded to x's dtype, within that dtype's
-    tolerance. (Against the rounded W, the GEMV's outputs near zero can miss that tolerance.)"""
+    GEMV's exact product with nf4_gemv_weight rounded once; more, the product with W rounded to x's dtype, within
+    that dtype's tolerance. (Against the rounded W, the GEMV's outputs near zero can miss that tolerance.)"""
     k = x.shape[-1]
     if x.numel() // k <= NF4_GEMV_MAX_ROWS:
-        exact = x.float() @ w.dequantize(torch.float32).T
+        exact = x.float() @ nf4_gemv_weight(w, x.dtype).T
         assert_rounds_exact(y, exact + bias.float() if bias is not None else exact)
     else:
         from lorax_core.ops import reference

@@ -3,6 +3,8 @@ import random
 
 import torch
 
+from conftest import nf4_gemv_weight
+
 from lorax_core.adapters import AdapterPool, PoolConfig
 
 POPULARITY = ["identical", "uniform", "skewed", "distinct"]
@@ -91,7 +93,7 @@ def linear_sgmv_case(modules, names, ranks, tokens, lengths, seg_adapters, dtype
         if a_rows:
             stacked[a], scales[a] = (torch.cat(a_rows), torch.cat(b_cols, dim=1)), scale
     row_slots = [a if a in stacked else -1 for s, a in enumerate(seg_adapters) for _ in range(lengths[s])]
-    exact = ref.nf4_linear_sgmv(x, w.dequantize(torch.float32), b, row_slots, stacked, scales, silu_mul=False)
+    exact = ref.nf4_linear_sgmv(x, nf4_gemv_weight(w, dtype), b, row_slots, stacked, scales, silu_mul=False)
     to = {"device": device}
     args = {"x": x.to(**to), "w": w.to(device), "bias": b.to(**to) if bias else None, "pool": pool, "layer": layer,
             "modules": names, "seg_starts": starts.to(**to), "seg_slots": seg.to(**to)}

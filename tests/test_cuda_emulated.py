@@ -21,7 +21,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import FLOAT_DTYPES, HAS_CUDA, NF4_GEMV_MAX_ROWS, assert_close, assert_nf4_linear, assert_rounds_exact
+from conftest import (FLOAT_DTYPES, HAS_CUDA, NF4_GEMV_MAX_ROWS, assert_close, assert_nf4_linear, assert_rounds_exact,
+                      nf4_gemv_weight)
 from cuda_emu import build
 from lora_helpers import POPULARITY, make_pool, random_adapter, token_slots
 from lorax_core.ops import bgmv, kv_cache_write, nf4_linear, paged_attention_decode, sgmv
@@ -427,14 +428,37 @@ def test_nf4_linear(emu, dtype, n, k, blocksize, m):
 @emulated
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_nf4_gemv_rounds_the_exact_product(emu, dtype):
-    """The GEMV (NF4_GEMV_MAX_ROWS rows) multiplies by the fp32 weights: each result is x @ W.T in fp32 rounded once. (The GEMM
-    rounds W to x's dtype first: at 5 rows, dozens of these 64 x 4096 results miss by more than half an ulp.)"""
+    """The GEMV (NF4_GEMV_MAX_ROWS rows) multiplies by the NF4 values in x's dtype and scales in fp32: each result is
+    x @ W'.T in fp32 rounded once, W' = nf4_gemv_weight. (The GEMM rounds each scaled weight to x's dtype: at 5 rows,
+    dozens of these 64 x 4096 results miss by more than half an ulp.)"""
     w = NF4Weight.quantize(torch.randn(64, 4096), 64, True)
     for m in range(1, NF4_GEMV_MAX_ROWS + 1):
         x = torch.randn(m, 4096).to(dtype)
         with emu():
             y = nf4_linear(x, w)
-        assert_rounds_exact(y, x.float() @ w.dequantize(torch.float32).T)
+        assert_rounds_exact(y, x.float() @ nf4_gemv_weight(w, dtype).T)
+
+
+@emulated
+@pytest.mark.parametrize("k", [416, 2240], ids=str)
+def test_nf4_gemv_several_tiles_per_cta(emu, k):
+    """More 16-row tiles than the GEMV's grid (3 CTAs on each of the 132 SMs): some CTAs take a second tile, their
+    warps' loads run on from one tile into the next, and k ends inside a step (lanes past it load a chunk again)."""
+    _check_nf4_linear(emu, 16 * 396 + 40, k, 1, torch.bfloat16, 64, bias=True)
+
+
+@emulated
+@pytest.mark.parametrize("case", NF4_SGMV_CASES, ids=nf4_sgmv_case_id)
+def test_nf4_linear_sgmv_several_tiles_per_cta(emu, case):
+    """The GEMV's LoRA and SwiGLU epilogue where CTAs take more than one tile (q | k | v of 6656 rows; gate | up of
+    2 x 3204, 401 tiles of 8 outputs), k = 416."""
+    def run(f):
+        with emu():
+            return f()
+
+    modules = {"q_proj": (416, 4096), "k_proj": (416, 1280), "v_proj": (416, 1280), "gate_proj": (416, 3204),
+               "up_proj": (416, 3204)}
+    check_nf4_sgmv(case, torch.bfloat16, "cpu", run, modules=modules)
 
 
 @emulated
@@ -520,7 +544,7 @@ def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path, rows):
     """The NF4 engine in bf16 as it runs on a GPU, every kernel emulated (the tensor-core GEMM for prompt rows and
     several decode rows; at one decode row the GEMV with the LoRA expand and SwiGLU in its epilogue; LoRA,
     attention, the layer ops), against the fp32 engine on the same NF4 codes: at least as close to it as the bf16
-    engine on the CPU kernels is, step by step. (The GEMV multiplies by the fp32 weights and rounds its outputs once:
+    engine on the CPU kernels is, step by step. (The GEMV rounds only the NF4 values to bf16 and its outputs once:
     nearer fp32 than the CPU kernels, which round the weights, the product and the LoRA sum each to bf16.)"""
     from model_helpers import save_adapters, save_model
 

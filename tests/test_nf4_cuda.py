@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import FLOAT_DTYPES, NF4_GEMV_MAX_ROWS, assert_close, assert_nf4_linear, assert_rounds_exact
+from conftest import FLOAT_DTYPES, NF4_GEMV_MAX_ROWS, assert_close, assert_nf4_linear, assert_rounds_exact, nf4_gemv_weight
 from lorax_core.ops import nf4_linear
 from lorax_core.ops import reference as ref
 from lorax_core.quant import NF4Linear, NF4Weight
@@ -65,11 +65,11 @@ def test_linear_cuda_matches_reference(dtype, shape, blocksize):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4096, 4096), (1000, 14336), (7, 96)])
 def test_linear_cuda_few_rows_round_the_exact_product(dtype, shape):
-    """Up to NF4_GEMV_MAX_ROWS rows take the GEMV, which multiplies x by the fp32 weights: x @ W.T in fp32, rounded
-    once."""
+    """Up to NF4_GEMV_MAX_ROWS rows take the GEMV, which multiplies x by the NF4 values in x's dtype and scales in
+    fp32: x @ W'.T in fp32 (W' = nf4_gemv_weight), rounded once."""
     n, k = shape
     w = NF4Weight.quantize(torch.randn(n, k), 64, True).to("cuda")
-    exact_w = w.dequantize(torch.float32)
+    exact_w = nf4_gemv_weight(w, dtype)
     for m in range(1, NF4_GEMV_MAX_ROWS + 1):
         x = torch.randn(m, k, device="cuda").to(dtype)
         assert_rounds_exact(nf4_linear(x, w), x.float() @ exact_w.T)

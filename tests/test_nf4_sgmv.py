@@ -108,8 +108,9 @@ def test_cuda_matches_exact(case, dtype):
 
 
 def check_device_op(case, dtype, device, run=lambda f: f(), modules=QKV):
-    """One row of x: the fused GEMV's outputs are the exact fp32 result rounded once (then silu_mul as the op rounds
-    it); more rows: the ops one after the other, bit for bit. `run` runs the device op (the emulator's context)."""
+    """One row of x: the fused GEMV's outputs are the exact fp32 result with nf4_gemv_weight rounded once (then
+    silu_mul as the op rounds it); more rows: the ops one after the other, bit for bit. `run` runs the device op (the
+    emulator's context)."""
     names, tokens, lengths, seg = case
     silu = names == ["gate_proj", "up_proj"]
     args, exact = linear_sgmv_case(modules, names, RANKS, tokens, lengths, seg, dtype=dtype, device=device)

@@ -205,7 +205,8 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
   at::Tensor y = at::empty(out_shape, x.options());
   cuda::gemv(xc.data_ptr(), lorax::kernel_dtype(x.scalar_type(), "nf4"), K, c.data_ptr<uint8_t>(), h.args,
              log2_exact(blocksize, "nf4 (CUDA): blocksize"), N, b ? b->data_ptr() : nullptr,
-             l.given() ? &lora : nullptr, silu_mul, y.data_ptr(), at::cuda::getCurrentCUDAStream());
+             l.given() ? &lora : nullptr, silu_mul, y.data_ptr(),
+             at::cuda::getCurrentDeviceProperties()->multiProcessorCount, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }

@@ -27,8 +27,9 @@ void dequantize_absmax(const AbsmaxArgs& a, int64_t blocks, float* out, cudaStre
 void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, int64_t n, DType dtype, void* out,
                 cudaStream_t stream);
 
-// y[M, N] = x[M, K] @ W[N, K].T (+ bias), W in NF4, for few rows of x: a GEMV on CUDA cores for M <= kGemvMaxM
-// (needs K % 32 == 0), a fused dequant + tensor-core GEMM up to kGemmMaxM (N % 16 == 0, K % 128 == 0). Both
+// y[M, N] = x[M, K] @ W[N, K].T (+ bias), W in NF4, for few rows of x: the GEMV for M <= kGemvMaxM (needs
+// K % 32 == 0; it multiplies by the NF4 values rounded to x's dtype, then scales in fp32), a fused dequant +
+// tensor-core GEMM up to kGemmMaxM (N % 16 == 0, K % 128 == 0; it rounds each scaled weight to x's dtype). Both
 // need fp16 / bf16 x, and x and codes 16-byte aligned.
 // On an H100 the GEMV beat the GEMM's M = 8 tile only at M = 1 (and there not for K = 14336); at M = 2..4 it was
 // 1.2-1.7x slower (bench/RESULTS.md, 2026-11-24). So one row (tests read this line).
@@ -56,8 +57,9 @@ struct GemvLora {
 
 // The GEMV (one row of x: gemm_supported(1, N, K, dtype)) with its epilogue: + bias, + the LoRA delta when lora is
 // not null, each output rounded once to x's dtype; with silu_mul (N even) the outputs g = y[:, :N/2] and
-// u = y[:, N/2:] become y' [1, N/2] = T(T(silu(g)) * u), as layers' silu_mul rounds.
+// u = y[:, N/2:] become y' [1, N/2] = T(T(silu(g)) * u), as layers' silu_mul rounds. num_sms sizes its grid.
 void gemv(const void* x, DType dtype, int64_t K, const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2,
-          int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, cudaStream_t stream);
+          int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, int num_sms,
+          cudaStream_t stream);
 
 }  // namespace lorax::nf4::cuda

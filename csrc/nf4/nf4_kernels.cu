@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "common/convert.cuh"
+#include "common/lane_table.cuh"
 #include "common/launch.cuh"
 #include "common/mma.cuh"
 #include "common/warp.cuh"
@@ -51,14 +52,23 @@ struct RawAbsmax {
   float scale2;   // nested absmax of its group (double quantization)
 };
 
-__device__ __forceinline__ RawAbsmax load_absmax(const AbsmaxArgs& a, int64_t b) {
-  if (a.code2 == nullptr) return {__float_as_uint(__ldg(static_cast<const float*>(a.absmax) + b)), 0.0f};
+// dq: whether the absmax is double-quantized (a.code2 != nullptr), for kernels that know it at compile time.
+__device__ __forceinline__ RawAbsmax load_absmax(const AbsmaxArgs& a, int64_t b, bool dq) {
+  if (!dq) return {__float_as_uint(__ldg(static_cast<const float*>(a.absmax) + b)), 0.0f};
   return {__ldg(static_cast<const uint8_t*>(a.absmax) + b), __ldg(a.absmax2 + (b >> a.blocksize2_log2))};
 }
 
-__device__ __forceinline__ float decode_absmax(const AbsmaxArgs& a, const Tables& t, RawAbsmax r) {
-  if (a.code2 == nullptr) return __uint_as_float(r.bits);
+__device__ __forceinline__ RawAbsmax load_absmax(const AbsmaxArgs& a, int64_t b) {
+  return load_absmax(a, b, a.code2 != nullptr);
+}
+
+__device__ __forceinline__ float decode_absmax(const AbsmaxArgs& a, const Tables& t, RawAbsmax r, bool dq) {
+  if (!dq) return __uint_as_float(r.bits);
   return __fadd_rn(__fmul_rn(t.code2[r.bits], r.scale2), a.offset);  // two roundings, as bitsandbytes
+}
+
+__device__ __forceinline__ float decode_absmax(const AbsmaxArgs& a, const Tables& t, RawAbsmax r) {
+  return decode_absmax(a, t, r, a.code2 != nullptr);
 }
 
 __device__ __forceinline__ float read_absmax(const AbsmaxArgs& a, const Tables& t, int64_t b) {
@@ -302,39 +312,42 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
   }
 }
 
-// ---- GEMV for a few rows of x (decode) ------------------------------------------------------------------------
-// A warp computes kGemvRows output features (a pair) for all MT (<= kGemvMaxM) rows of x. Its lanes split k into
-// chunks of 32 weights (16 bytes of codes per weight row, inside one absmax block since blocks hold at least 32):
-// lane l takes chunks l, l + 32, ..., and issues the code and absmax loads of kGemvUnroll chunks before it uses them. A
-// chunk's products are summed with the code book's unscaled values and the sum is scaled once, so a weight costs
-// one shared-memory lookup plus one FMA per row of x; gemm_kernel spends a lookup, a multiply, a rounding to T and
-// a share of an mma on it. The lanes' sums meet in shuffles, and the kernel writes y (+ bias) itself: no workspace,
-// no second kernel. Where the rows are too few to keep the GPU busy (o and down projections: 4096 outputs), KSPLIT
-// (2 or 4) warps of a CTA split the pair's k and meet in shared memory, so a warp has one step of loads instead of
-// several at a quarter of the occupancy (launch_gemv picks KSPLIT). Unlike gemm_kernel, the weights are not rounded
-// to T before they multiply x, so the result is nearer the exact product than dequantize + matmul.
-// Before its PDL prologue (launch.cuh) each warp asks L2 for its rows' codes: they stream in while the kernel
-// before it finishes.
+// ---- GEMV for one row of x (decode) --------------------------------------------------------------------------
+// A CTA computes a tile of 16 weight rows for the one row of x at a time; its 8 warps split the tile's k in steps of
+// 128 and meet in shared memory. Within a step, lane (g, t) = (lane / 4, lane % 4) loads 16 bytes of codes (its
+// chunk: 32 weights, k in [32c, 32c + 32), c = 4 * step + t, inside one absmax block as blocks hold at least 32)
+// from each of the tile's rows g and g + 8, the layout gemm_kernel reads.
+// The weights multiply x on the tensor cores (mma m16n8k16, the tile's rows as A), unscaled: a code byte is one
+// shared-memory lookup, in a table of its two NF4 values rounded to T, straight into an A register. That lookup is
+// the work per weight (bitsandbytes' code book has no arithmetic form). The GEMV on CUDA cores before this one
+// spent two lookups and two FMAs per code byte, about 380 instructions per KB of codes (sm_90 SASS, this one about
+// 210): issue-bound, 1.2 TB/s for 14336x4096 on an H100 (bench/RESULTS.md, 2026-11-24).
+// Each lane's chunk has its own absmax, so the chunks must not be summed together before the scale: B column 2t
+// holds x on lane t's chunk alone (lane (2t, t) loads it; every other B value is zero), so C[row][2t] is lane t's
+// chunk's dot product, which the C fragment hands back to lane (g, t) itself: it scales it by its own absmax, as the
+// GEMV on CUDA cores did. The table has a copy per lane (32 KB): lane l reads bank l, and no two lanes conflict.
+// The product is x @ (T(v[code]) * absmax).T: the NF4 values rounded to T, exact products, fp32 sums, one rounding
+// of each output. (bitsandbytes' own GEMV rounds the value, the absmax and each product to T.)
+// The grid is as many CTAs as fit on the GPU at once, each looping over tiles, so the table is filled once per CTA;
+// each warp loads its next step's codes and absmax before it computes the current one, across tiles too. Before
+// its PDL prologue (launch.cuh) each warp asks L2 for its first tile's codes and fills the table: both overlap the
+// end of the kernel before it.
 // The epilogue can do what would otherwise be two or three more kernels of a decode step (gemv() in nf4_cuda.h):
-// - the LoRA expand (kLora, one row of x): the warp's lanes split its two rows' rank; the page lookups and loads of
-//   B start in the first step, while the codes are in flight, and the delta joins the sum before its one rounding;
-// - SwiGLU (silu_mul): the warp's two rows are gate row i and up row N/2 + i, and it writes T(T(silu(g)) * u).
-constexpr int kGemvRows = 2;
-constexpr int kGemvWarps = 4;
-constexpr int kGemvUnroll = 4;
-static_assert(kGemvRows == 2, "silu_mul pairs a warp's two rows (gate, up); the LoRA lanes split by row parity");
+// - the LoRA expand (kLora): the 8 warps split its rank rows and add their share to their partial sums, so the
+//   delta joins each output before its one rounding; its loads overlap the first step's;
+// - SwiGLU (silu_mul): a tile is gate rows i .. i + 7 (A rows 0-7) and up rows N/2 + i .. (A rows 8-15), and the
+//   last warp writes T(T(silu(g)) * u).
+constexpr int kGemvWarps = 8;
+constexpr int kGemvRows = 16;   // a tile: the mma's A rows
+constexpr int kGemvSteps = 128;  // k per warp step: 4 lanes' chunks of 32
+// CTAs per SM the grid counts on: 35 KB of shared memory and at most 85 registers per thread each (launch bounds).
+constexpr int kGemvCtasPerSm = 3;
 
-// The two activations in a 32-bit word as floats (the lower k in the low half).
-template <typename T>
-__device__ __forceinline__ float2 unpack2(uint32_t w);
-template <>
-__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t w) {
-  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
-}
-template <>
-__device__ __forceinline__ float2 unpack2<__half>(uint32_t w) {
-  return __half22float2(*reinterpret_cast<const __half2*>(&w));
-}
+struct GemvShared {
+  LaneTable pairs;  // code byte -> its two NF4 values in T (the high nibble, the lower k, in the low half)
+  Tables t;
+  float partial[2][kGemvWarps][kGemvRows];  // each warp's sums of the tile's rows, double-buffered over tiles
+};
 
 // The pool slot of the segment holding row 0, or -1 (none, or a slot outside the pool): as the LoRA kernels
 // clamp segments, row 0 is in segment k when starts[k] <= 0 < starts[k + 1].
@@ -348,13 +361,9 @@ __device__ __forceinline__ int row0_adapter(const GemvLora& l) {
   return -1;
 }
 
-// Lane l's share of the LoRA delta of output row rows[l % 2] (rank rows l / 2, l / 2 + 16, ...), scaled; the sum over
-// the lanes of one parity is the row's delta.
+// The scaled LoRA delta of output column n over the adapter's rank rows first, first + stride, ...
 template <typename T>
-__device__ __forceinline__ float lora_part(const GemvLora& l, const int64_t (&rows)[kGemvRows], int lane) {
-  const int adapter = row0_adapter(l);
-  if (adapter < 0) return 0.0f;
-  const int64_t n = lane % 2 == 0 ? rows[0] : rows[1];
+__device__ __forceinline__ float lora_part(const GemvLora& l, int adapter, int64_t n, int first, int stride) {
   int i = 0;  // the module whose columns hold n
   while (i + 1 < l.mods.count && n >= l.mods.column[i + 1]) ++i;
   lora::cuda::Pool p = l.pool;
@@ -365,146 +374,164 @@ __device__ __forceinline__ float lora_part(const GemvLora& l, const int64_t (&ro
   const int64_t chunk = o >> p.page_log2, in_page = o & ((int64_t{1} << p.page_log2) - 1);
   const float* v = l.v + i * l.max_rank;
   float part = 0.0f;
-  for (int j = lane / 2; j < rank; j += 16) {
+  for (int j = first; j < rank; j += stride) {
     const int64_t page = lora::cuda::row_pages(p, adapter, 1, j)[chunk];
     part = fmaf(v[j], to_float(arena[(page << p.page_log2) + in_page]), part);
   }
   return part * l.scales[adapter];
 }
 
-template <typename T, int MT, bool kLora, int KSPLIT>
-__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const T* __restrict__ x, int K,
-                                                               const uint8_t* __restrict__ codes, AbsmaxArgs a,
-                                                               int bs_log2, int N, const T* __restrict__ bias,
-                                                               GemvLora lora, bool silu_mul, T* __restrict__ y) {
-  static_assert(!kLora || MT == 1, "the LoRA epilogue serves one row of x");
-  static_assert(kGemvWarps % KSPLIT == 0, "a CTA's warps split k in KSPLIT parts");
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, part = warp % KSPLIT, chunks = K / 32;
-  // Warps warp - part .. warp - part + KSPLIT - 1 share the pair warp_id; this one sums the chunks of k that are
-  // part (mod KSPLIT) in units of 32 chunks.
-  const int64_t warp_id = int64_t{blockIdx.x} * (kGemvWarps / KSPLIT) + warp / KSPLIT;
-  // The pair's weight rows: 2w and 2w + 1, or with silu_mul gate row w and up row N/2 + w. Past the last row the
-  // warps read the last one again and write nothing.
-  const int64_t half = N / 2, outputs = silu_mul ? half : N;
-  const bool live = (silu_mul ? warp_id : warp_id * kGemvRows) < outputs;
-  int64_t rows[kGemvRows];
-  if (silu_mul) {
-    rows[0] = min(warp_id, half - 1);
-    rows[1] = rows[0] + half;
-  } else {
-#pragma unroll
-    for (int r = 0; r < kGemvRows; ++r) rows[r] = min(warp_id * kGemvRows + r, int64_t{N} - 1);
+// The weight row of A row g (0..7) or g + 8 (second) of a tile: 16 consecutive rows, or with silu_mul gate row
+// 8 * tile + g and its up row N/2 + 8 * tile + g. Past the last output it is the last row again (read, not written).
+__device__ __forceinline__ int64_t gemv_row(int64_t tile, int g, bool second, int64_t N, bool silu_mul) {
+  if (!silu_mul) return min(tile * kGemvRows + g + (second ? 8 : 0), N - 1);
+  const int64_t half = N / 2, i = min(tile * 8 + g, half - 1);
+  return second ? half + i : i;
+}
+
+template <typename T, bool kLora, bool kDq>
+__global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm)
+    gemv_kernel(const T* __restrict__ x, int K, const uint8_t* __restrict__ codes, AbsmaxArgs a, int bs_log2, int N,
+                const T* __restrict__ bias, GemvLora lora, bool silu_mul, T* __restrict__ y) {
+  __shared__ GemvShared sh;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
+  const int chunks = K / 32, steps = (chunks + 3) / 4;
+  const int tiles = silu_mul ? (N / 2 + 7) / 8 : (N + kGemvRows - 1) / kGemvRows;
+  // This warp's steps of a tile: warp, warp + 8, ... (none when the tile has fewer steps than warps).
+  const int mine = warp < steps ? (steps - warp + kGemvWarps - 1) / kGemvWarps : 0;
+  const int my_tiles = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
+
+  if (tq == 0)  // a step is 64 bytes of a row: lane (g, 0) asks for its rows' lines of the first tile
+    for (int j = 0; j < mine; ++j)
+      for (int second = 0; second < 2; ++second)
+        prefetch_l2(codes + gemv_row(blockIdx.x, g, second, N, silu_mul) * (K / 2) +
+                    int64_t{warp + j * kGemvWarps} * (kGemvSteps / 2));
+  {
+    constexpr float kValues[kNumCodes] = LORAX_NF4_VALUES;
+    for (int u = threadIdx.x; u < 256 * 8; u += blockDim.x) {  // 16 bytes at a time: 4 lanes' copies of byte u / 8
+      const int byte = u / 8;
+      const uint32_t p = pack2<T>(kValues[byte >> 4], kValues[byte & 0xF]);
+      reinterpret_cast<uint4*>(sh.pairs.copies)[u] = make_uint4(p, p, p, p);
+    }
   }
-  const int first = part * 32 + lane;  // this lane's first chunk; then every 32 * KSPLIT
-  if (live)
-    for (int c = first; c < chunks; c += 32 * KSPLIT)
-#pragma unroll
-      for (int r = 0; r < kGemvRows; ++r) prefetch_l2(codes + (rows[r] * K + 32 * int64_t{c}) / 2);
   pdl_prologue();
-  __shared__ Tables t;
-  load_tables(t, a);
-  if (KSPLIT == 1 && !live) return;  // the whole warp (with KSPLIT > 1 it still meets the others at the barrier)
+  load_tables(sh.t, a);  // its barrier also publishes the pairs
+  const int adapter = kLora ? row0_adapter(lora) : -1;
 
-  float acc[kGemvRows][MT] = {};
-  // This lane's share of the LoRA delta (kLora, part 0's warp): in the first step, or here for a lane with none.
-  float delta = 0.0f;
-  if constexpr (kLora) {
-    if (live && part == 0 && first >= chunks) delta = lora_part<T>(lora, rows, lane);
-  }
-  for (int c0 = first; live && c0 < chunks; c0 += 32 * KSPLIT * kGemvUnroll) {
-    uint4 q[kGemvUnroll][kGemvRows];
-    RawAbsmax s[kGemvUnroll][kGemvRows];
-#pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u)
-#pragma unroll
-      for (int r = 0; r < kGemvRows; ++r)
-        if (c0 + 32 * KSPLIT * u < chunks) {
-          const int64_t e = rows[r] * K + 32 * int64_t{c0 + 32 * KSPLIT * u};  // the chunk's first weight
-          q[u][r] = __ldcs(reinterpret_cast<const uint4*>(codes + e / 2));
-          s[u][r] = load_absmax(a, e >> bs_log2);
-        }
-    if constexpr (kLora) {
-      if (part == 0 && c0 == first) delta = lora_part<T>(lora, rows, lane);  // its loads overlap the codes'
+  // What a step needs from memory, loaded a step ahead (across tiles too).
+  struct Stage {
+    uint4 q0, q1;      // the lane's chunk of codes in rows g and g + 8
+    RawAbsmax s0, s1;  // their absmax
+  };
+  // The loader's place: its tile and step, and the chunk and element index of the step in rows g and g + 8. A step
+  // moves on by 32 chunks. Past k, a lane loads lane (g, 0)'s chunk again (chunk 4s is inside k for every step
+  // s < steps): its x is zero, so it adds nothing. After the last step it loads the last tile's first step again
+  // (unused), so that every step's load is unconditional.
+  constexpr int kStride = 4 * kGemvWarps;  // chunks
+  int ld_r = 0, ld_j = 0, ld_c = 0;
+  int64_t ld_e0 = 0, ld_e1 = 0;
+  auto loader_rows = [&] {
+    const int64_t tile = blockIdx.x + int64_t{min(ld_r, my_tiles - 1)} * gridDim.x;
+    ld_c = 4 * warp + tq;
+    ld_e0 = gemv_row(tile, g, false, N, silu_mul) * K + 32 * ld_c;
+    ld_e1 = gemv_row(tile, g, true, N, silu_mul) * K + 32 * ld_c;
+  };
+  auto load_next = [&] {
+    const int back = ld_c < chunks ? 0 : 32 * tq;
+    const int64_t e0 = ld_e0 - back, e1 = ld_e1 - back;
+    Stage st;
+    st.q0 = __ldcs(reinterpret_cast<const uint4*>(codes + (e0 >> 1)));
+    st.q1 = __ldcs(reinterpret_cast<const uint4*>(codes + (e1 >> 1)));
+    st.s0 = load_absmax(a, e0 >> bs_log2, kDq);
+    st.s1 = load_absmax(a, e1 >> bs_log2, kDq);
+    ld_c += kStride;
+    ld_e0 += 32 * kStride;
+    ld_e1 += 32 * kStride;
+    if (++ld_j == mine) {
+      ld_j = 0;
+      ++ld_r;
+      loader_rows();
     }
-#pragma unroll
-    for (int u = 0; u < kGemvUnroll; ++u) {
-      if (c0 + 32 * KSPLIT * u >= chunks) continue;
-      const int64_t k0 = 32 * int64_t{c0 + 32 * KSPLIT * u};
-      float sum[kGemvRows][MT] = {};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {  // weights 8i .. 8i + 7 of the chunk: code bytes 4i .. 4i + 3
-        uint4 xv[MT];
-#pragma unroll
-        for (int m = 0; m < MT; ++m) xv[m] = __ldg(reinterpret_cast<const uint4*>(x + int64_t{m} * K + k0) + i);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          float2 xf[MT];
-#pragma unroll
-          for (int m = 0; m < MT; ++m) xf[m] = unpack2<T>(word_of(xv[m], j));
-#pragma unroll
-          for (int r = 0; r < kGemvRows; ++r) {
-            const uint32_t byte = byte_of(q[u][r], 4 * i + j);  // weight 8i + 2j in the high nibble, 8i + 2j + 1 low
-            const float w0 = t.nf4[byte >> 4], w1 = t.nf4[byte & 0xF];
-#pragma unroll
-            for (int m = 0; m < MT; ++m) sum[r][m] = fmaf(w1, xf[m].y, fmaf(w0, xf[m].x, sum[r][m]));
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < kGemvRows; ++r) {
-        const float scale = decode_absmax(a, t, s[u][r]);
-#pragma unroll
-        for (int m = 0; m < MT; ++m) acc[r][m] = fmaf(scale, sum[r][m], acc[r][m]);
-      }
-    }
-  }
+    return st;
+  };
 
-  float out[kGemvRows][MT];
+  const LaneColumn pairs = lane_column(sh.pairs, lane);
+  const bool holds_x = g == 2 * tq;  // lane (2t, t) holds B column 2t: x on lane t's chunk
+  // One step: this lane's chunk's dot products with rows g and g + 8, scaled, added to acc0 and acc1.
+  auto compute = [&](const Stage& st, int c, float& acc0, float& acc1) {
+    uint4 xv[4] = {};
+    if (holds_x && c < chunks) {
 #pragma unroll
-  for (int r = 0; r < kGemvRows; ++r)
-#pragma unroll
-    for (int m = 0; m < MT; ++m) out[r][m] = warp_sum(acc[r][m]);
-  if constexpr (KSPLIT > 1) {  // the pair's parts meet in shared memory; part 0's warp finishes
-    __shared__ float partial[kGemvWarps][kGemvRows][MT];
-    if (lane == 0)
-#pragma unroll
-      for (int r = 0; r < kGemvRows; ++r)
-#pragma unroll
-        for (int m = 0; m < MT; ++m) partial[warp][r][m] = out[r][m];
-    __syncthreads();
-    if (part != 0 || !live) return;
-#pragma unroll
-    for (int p = 1; p < KSPLIT; ++p)
-#pragma unroll
-      for (int r = 0; r < kGemvRows; ++r)
-#pragma unroll
-        for (int m = 0; m < MT; ++m) out[r][m] += partial[warp + p][r][m];
-  }
-  if (bias != nullptr)
-#pragma unroll
-    for (int r = 0; r < kGemvRows; ++r)
-#pragma unroll
-      for (int m = 0; m < MT; ++m) out[r][m] += to_float(bias[rows[r]]);
-  if constexpr (kLora) {
-#pragma unroll
-    for (int offset = 16; offset >= 2; offset /= 2) delta += __shfl_xor_sync(0xffffffffu, delta, offset);
-    out[0][0] += __shfl_sync(0xffffffffu, delta, 0);  // lanes of even parity: row 0's delta
-    out[1][0] += __shfl_sync(0xffffffffu, delta, 1);
-  }
-  if (silu_mul) {
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      if (lane == m) {
-        y[m * half + warp_id] = silu_mul_rounded<T>(rounded<T>(out[0][m]), rounded<T>(out[1][m]));
-      }
+      for (int i = 0; i < 4; ++i) xv[i] = __ldg(reinterpret_cast<const uint4*>(x + 32 * int64_t{c}) + i);
     }
-    return;
+    float cc[2][4] = {};  // two mma chains; C column 2t holds this lane's chunk
+#pragma unroll
+    for (int m = 0; m < 8; ++m) {  // bytes 2m, 2m + 1 of the chunk: k = 32c + 4m + {0, 1}, {2, 3}
+      const uint32_t w0 = word_of(st.q0, m / 2), w1 = word_of(st.q1, m / 2);
+      const int i = 2 * (m % 2);
+      const uint32_t frag[4] = {lane_lookup(pairs, w0, i), lane_lookup(pairs, w1, i), lane_lookup(pairs, w0, i + 1),
+                                lane_lookup(pairs, w1, i + 1)};
+      mma_m16n8k16<T>(cc[m % 2], frag, word_of(xv[m / 2], (2 * m) % 4), word_of(xv[m / 2], (2 * m + 1) % 4));
+    }
+    acc0 = fmaf(decode_absmax(a, sh.t, st.s0, kDq), cc[0][0] + cc[1][0], acc0);
+    acc1 = fmaf(decode_absmax(a, sh.t, st.s1, kDq), cc[0][2] + cc[1][2], acc1);
+  };
+
+  Stage cur;
+  if (mine > 0) {
+    loader_rows();
+    cur = load_next();
   }
+  for (int r = 0; r < my_tiles; ++r) {
+    const int64_t tile = blockIdx.x + int64_t{r} * gridDim.x;
+    float acc0 = 0.0f, acc1 = 0.0f;  // rows g and g + 8 over this lane's chunks
+    float delta = 0.0f;              // lane l: its share of the LoRA delta of tile row l % 16
+    auto lora_share = [&] {
+      if (kLora && adapter >= 0) {
+        const int row = lane % kGemvRows;
+        delta = lora_part<T>(lora, adapter, gemv_row(tile, row % 8, row >= 8, N, silu_mul),
+                             2 * warp + lane / kGemvRows, 2 * kGemvWarps);
+      }
+    };
+    if (mine == 0) lora_share();
+#pragma unroll 2
+    for (int j = 0; j < mine; ++j) {
+      const Stage next = load_next();
+      if (j == 0) lora_share();  // its loads overlap the codes'
+      compute(cur, 4 * (warp + kGemvWarps * j) + tq, acc0, acc1);
+      cur = next;
+    }
+
+    // The tile's sums: over the quad's chunks (shuffles), the LoRA share's lanes, then the warps (shared memory).
 #pragma unroll
-  for (int r = 0; r < kGemvRows; ++r)
+    for (int offset = 1; offset <= 2; offset *= 2) {
+      acc0 += __shfl_xor_sync(0xffffffffu, acc0, offset);
+      acc1 += __shfl_xor_sync(0xffffffffu, acc1, offset);
+    }
+    delta += __shfl_xor_sync(0xffffffffu, delta, kGemvRows);
+    acc0 += __shfl_sync(0xffffffffu, delta, g);
+    acc1 += __shfl_sync(0xffffffffu, delta, g + 8);
+    float(&part)[kGemvWarps][kGemvRows] = sh.partial[r % 2];
+    if (tq == 0) {
+      part[warp][g] = acc0;
+      part[warp][g + 8] = acc1;
+    }
+    __syncthreads();  // (the other buffer is free: every warp has passed the last tile's reads)
+    if (warp != kGemvWarps - 1) continue;  // the last warp, with the fewest steps, finishes the tile
+    const int row = lane % kGemvRows;
+    const int64_t n = gemv_row(tile, row % 8, row >= 8, N, silu_mul);
+    float out = 0.0f;
 #pragma unroll
-    for (int m = 0; m < MT; ++m)
-      if (lane == r * MT + m && warp_id * kGemvRows + r < N) y[int64_t{m} * N + rows[r]] = from_float<T>(out[r][m]);
+    for (int w = 0; w < kGemvWarps; ++w) out += part[w][row];
+    if (bias != nullptr) out += to_float(bias[n]);
+    if (silu_mul) {
+      const float up = __shfl_sync(0xffffffffu, out, (lane + 8) % 32);  // its up row
+      const int64_t i = tile * 8 + lane;
+      if (lane < 8 && i < N / 2) y[i] = silu_mul_rounded<T>(rounded<T>(out), rounded<T>(up));
+    } else if (lane < kGemvRows && tile * kGemvRows + lane < N) {
+      y[n] = from_float<T>(out);
+    }
+  }
 }
 
 int grid_for(int64_t items, int threads) {
@@ -534,29 +561,14 @@ void launch_gemm(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
   launch(splitk_epilogue_kernel<T>, grid_for(MN, 256), 256, 0, stream, ws, p.splits, MN, N, bias, y);
 }
 
-// Row pairs that keep the GPU's warps busy with one step each (an H100 holds 64 warps on each of its 132 SMs):
-// fewer pairs than this split k between 2 or 4 warps of a CTA. At K = 4096 a warp's two rows are one step of loads;
-// a down projection's 2048 pairs of K = 14336 were 4 steps per warp at a quarter of the occupancy, and 1.3x slower
-// than the M = 8 GEMM (bench/RESULTS.md, 2026-11-24).
-constexpr int64_t kGemvBusyPairs = 6144;
-
-template <typename T, int MT, bool kLora, int KSPLIT>
-void launch_gemv_split(const T* x, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N,
-                       const T* bias, const GemvLora& lora, bool silu_mul, T* y, int64_t pairs, cudaStream_t stream) {
-  constexpr int kPairsPerCta = kGemvWarps / KSPLIT;
-  launch(gemv_kernel<T, MT, kLora, KSPLIT>, static_cast<int>((pairs + kPairsPerCta - 1) / kPairsPerCta),
-         kGemvWarps * 32, 0, stream, x, K, codes, a, bs_log2, N, bias, lora, silu_mul, y);
-}
-
-template <typename T, int MT, bool kLora>
+template <typename T, bool kLora>
 void launch_gemv(const T* x, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N, const T* bias,
-                 const GemvLora& lora, bool silu_mul, T* y, cudaStream_t stream) {
-  const int64_t pairs = silu_mul ? N / 2 : (N + kGemvRows - 1) / kGemvRows, chunks = K / 32;
-  if (pairs * 2 < kGemvBusyPairs && chunks >= 32 * 4)  // each part has at least a chunk per lane
-    return launch_gemv_split<T, MT, kLora, 4>(x, K, codes, a, bs_log2, N, bias, lora, silu_mul, y, pairs, stream);
-  if (pairs < kGemvBusyPairs && chunks >= 32 * 2)
-    return launch_gemv_split<T, MT, kLora, 2>(x, K, codes, a, bs_log2, N, bias, lora, silu_mul, y, pairs, stream);
-  launch_gemv_split<T, MT, kLora, 1>(x, K, codes, a, bs_log2, N, bias, lora, silu_mul, y, pairs, stream);
+                 const GemvLora& lora, bool silu_mul, T* y, int num_sms, cudaStream_t stream) {
+  const int64_t tiles = silu_mul ? (N / 2 + 7) / 8 : (N + kGemvRows - 1) / kGemvRows;
+  const int64_t grid = std::min<int64_t>(tiles, int64_t{num_sms} * kGemvCtasPerSm);
+  auto kernel = a.code2 != nullptr ? gemv_kernel<T, kLora, true> : gemv_kernel<T, kLora, false>;
+  launch(kernel, static_cast<int>(grid), kGemvWarps * 32, 0, stream, x, K, codes, a, bs_log2, N, bias, lora, silu_mul,
+         y);
 }
 
 template <typename T>
@@ -568,7 +580,7 @@ void dispatch_gemm(const void* x_, int64_t M, int64_t K, const uint8_t* codes, c
     launch_gemm<T, decltype(nt)::value>(x, M, K, codes, a, bs_log2, N, bias, ws, num_sms, y, stream);
   };
   static_assert(kGemvMaxM == 1, "dispatch_gemm instantiates the GEMV for one row");
-  if (M == 1) return launch_gemv<T, 1, false>(x, K, codes, a, bs_log2, N, bias, GemvLora{}, false, y, stream);
+  if (M == 1) return launch_gemv<T, false>(x, K, codes, a, bs_log2, N, bias, GemvLora{}, false, y, num_sms, stream);
   if (M <= 8) gemm(std::integral_constant<int, 1>{});
   else if (M <= 16) gemm(std::integral_constant<int, 2>{});
   else gemm(std::integral_constant<int, 4>{});
@@ -622,15 +634,16 @@ void gemm(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes
 }
 
 void gemv(const void* x, DType dtype, int64_t K, const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2,
-          int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, cudaStream_t stream) {
+          int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, int num_sms,
+          cudaStream_t stream) {
   auto run = [&](auto t) {
     using T = decltype(t);
     const T *xt = static_cast<const T*>(x), *b = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
     if (lora != nullptr)
-      launch_gemv<T, 1, true>(xt, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, yt, stream);
+      launch_gemv<T, true>(xt, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, yt, num_sms, stream);
     else
-      launch_gemv<T, 1, false>(xt, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, yt, stream);
+      launch_gemv<T, false>(xt, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, yt, num_sms, stream);
   };
   if (dtype == DType::kBFloat16)
     run(__nv_bfloat16{});

@@ -34,9 +34,10 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) 
     Semantics:
         y[..., o] = sum_i x[..., i] * W[o, i] (+ bias[o]),  W = nf4_dequantize(w, x.dtype)   [out, in]
     Shapes: x [..., in], w [out, in], bias [out] -> y [..., out], dtype of x (fp32 accumulation).
-    On CUDA with fp16/bf16 x: a GEMV for one row of x (it multiplies x by the fp32 weights, not rounded to
-    x's dtype: each result is the fp32 product rounded once), a fused dequant + tensor-core GEMM up to 32 rows,
-    dequantize + cuBLAS for more; on CPU: dequantize + matmul.
+    On CUDA with fp16/bf16 x: a GEMV for one row of x (it multiplies x by the NF4 values rounded to x's dtype
+    and scales each block's sum by its fp32 absmax: each result is that fp32 product rounded once; bitsandbytes
+    rounds the scaled weight and each product too), a fused dequant + tensor-core GEMM up to 32 rows (weights
+    rounded to x's dtype), dequantize + cuBLAS for more; on CPU: dequantize + matmul.
     """
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"nf4_linear: x has {x.shape[-1]} features, the weight expects {w.shape[1]}")

@@ -81,14 +81,18 @@ def nf4_dequantize_absmax(q: torch.Tensor, code: torch.Tensor, absmax2: torch.Te
     return code[q.long()] * absmax2[idx] + torch.tensor(offset, dtype=torch.float32)
 
 
-def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape, dtype) -> torch.Tensor:
-    """fp32 absmax [blocks]; out = NF4[code] * absmax[i // blocksize] in fp32, cast to dtype."""
+def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape, dtype,
+                   values_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """fp32 absmax [blocks]; out = NF4[code] * absmax[i // blocksize] in fp32, cast to dtype. With `values_dtype`
+    (fp16 / bf16) the NF4 values are rounded to it first: the weights the one-row CUDA GEMV multiplies by, in
+    fp32."""
     n = 1
     for d in shape:
         n *= d
     q = torch.stack([codes >> 4, codes & 0xF], dim=1).reshape(-1)[:n].long()
     block = torch.arange(n, device=codes.device) // blocksize
-    return (NF4_VALUES.to(codes.device)[q] * absmax[block]).to(dtype).reshape(shape)
+    values = NF4_VALUES.to(values_dtype).float().to(codes.device)
+    return (values[q] * absmax[block]).to(dtype).reshape(shape)
 
 
 def nf4_linear(x: torch.Tensor, w_dequantized: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
