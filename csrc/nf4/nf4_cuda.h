@@ -28,7 +28,7 @@ void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, i
                 cudaStream_t stream);
 
 // y[M, N] = x[M, K] @ W[N, K].T (+ bias), W in NF4, for few rows of x: the GEMV for M <= kGemvMaxM (needs
-// K % 32 == 0; it multiplies by the NF4 values rounded to x's dtype, then scales in fp32), a fused dequant +
+// K % 32 == 0 and N * K < 2^31; it multiplies by the NF4 values rounded to x's dtype, then scales in fp32), a fused dequant +
 // tensor-core GEMM up to kGemmMaxM (N % 16 == 0, K % 128 == 0; it rounds each scaled weight to x's dtype). Both
 // need fp16 / bf16 x, and x and codes 16-byte aligned.
 // On an H100 the GEMV beat the GEMM's M = 8 tile only at M = 1 (and there not for K = 14336); at M = 2..4 it was

@@ -321,7 +321,7 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 // shared-memory lookup, in a table of its two NF4 values rounded to T, straight into an A register. That lookup is
 // the work per weight (bitsandbytes' code book has no arithmetic form). The GEMV on CUDA cores before this one
 // spent two lookups and two FMAs per code byte, about 380 instructions per KB of codes (sm_90 SASS, this one about
-// 210): issue-bound, 1.2 TB/s for 14336x4096 on an H100 (bench/RESULTS.md, 2026-11-24).
+// 205): issue-bound, 1.2 TB/s for 14336x4096 on an H100 (bench/RESULTS.md, 2026-11-24).
 // Each lane's chunk has its own absmax, so the chunks must not be summed together before the scale: B column 2t
 // holds x on lane t's chunk alone (lane (2t, t) loads it; every other B value is zero), so C[row][2t] is lane t's
 // chunk's dot product, which the C fragment hands back to lane (g, t) itself: it scales it by its own absmax, as the
@@ -329,9 +329,9 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 // The product is x @ (T(v[code]) * absmax).T: the NF4 values rounded to T, exact products, fp32 sums, one rounding
 // of each output. (bitsandbytes' own GEMV rounds the value, the absmax and each product to T.)
 // The grid is as many CTAs as fit on the GPU at once, each looping over tiles, so the table is filled once per CTA;
-// each warp loads its next step's codes and absmax before it computes the current one, across tiles too. Before
-// its PDL prologue (launch.cuh) each warp asks L2 for its first tile's codes and fills the table: both overlap the
-// end of the kernel before it.
+// each warp loads its next step's codes and absmax before it computes the current one, across tiles too, and asks
+// L2 for the next tile's codes as it starts one. Before its PDL prologue (launch.cuh) each warp asks L2 for its
+// first tile's codes and fills the table: both overlap the end of the kernel before it.
 // The epilogue can do what would otherwise be two or three more kernels of a decode step (gemv() in nf4_cuda.h):
 // - the LoRA expand (kLora): the 8 warps split its rank rows and add their share to their partial sums, so the
 //   delta joins each output before its one rounding; its loads overlap the first step's;
@@ -401,11 +401,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm)
   const int mine = warp < steps ? (steps - warp + kGemvWarps - 1) / kGemvWarps : 0;
   const int my_tiles = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
 
-  if (tq == 0)  // a step is 64 bytes of a row: lane (g, 0) asks for its rows' lines of the first tile
-    for (int j = 0; j < mine; ++j)
-      for (int second = 0; second < 2; ++second)
-        prefetch_l2(codes + gemv_row(blockIdx.x, g, second, N, silu_mul) * (K / 2) +
-                    int64_t{warp + j * kGemvWarps} * (kGemvSteps / 2));
+  // Lane (g, 0) asks L2 for its rows' lines of a tile's steps (a step is 64 bytes of a row): of the first tile
+  // here, of the next one as each tile starts, so DRAM streams on while the registers' loads run a step ahead.
+  auto prefetch_tile = [&](int64_t tile) {
+    if (tq == 0)
+      for (int j = 0; j < mine; ++j)
+        for (int second = 0; second < 2; ++second)
+          prefetch_l2(codes + gemv_row(tile, g, second, N, silu_mul) * (K / 2) +
+                      int64_t{warp + j * kGemvWarps} * (kGemvSteps / 2));
+  };
+  prefetch_tile(blockIdx.x);
   {
     constexpr float kValues[kNumCodes] = LORAX_NF4_VALUES;
     for (int u = threadIdx.x; u < 256 * 8; u += blockDim.x) {  // 16 bytes at a time: 4 lanes' copies of byte u / 8
@@ -427,18 +432,19 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm)
   // moves on by 32 chunks. Past k, a lane loads lane (g, 0)'s chunk again (chunk 4s is inside k for every step
   // s < steps): its x is zero, so it adds nothing. After the last step it loads the last tile's first step again
   // (unused), so that every step's load is unconditional.
+  // Element indices fit 32 bits (gemm_supported: N * K < 2^31).
   constexpr int kStride = 4 * kGemvWarps;  // chunks
   int ld_r = 0, ld_j = 0, ld_c = 0;
-  int64_t ld_e0 = 0, ld_e1 = 0;
+  uint32_t ld_e0 = 0, ld_e1 = 0;
   auto loader_rows = [&] {
     const int64_t tile = blockIdx.x + int64_t{min(ld_r, my_tiles - 1)} * gridDim.x;
     ld_c = 4 * warp + tq;
-    ld_e0 = gemv_row(tile, g, false, N, silu_mul) * K + 32 * ld_c;
-    ld_e1 = gemv_row(tile, g, true, N, silu_mul) * K + 32 * ld_c;
+    ld_e0 = static_cast<uint32_t>(gemv_row(tile, g, false, N, silu_mul) * K + 32 * ld_c);
+    ld_e1 = static_cast<uint32_t>(gemv_row(tile, g, true, N, silu_mul) * K + 32 * ld_c);
   };
   auto load_next = [&] {
-    const int back = ld_c < chunks ? 0 : 32 * tq;
-    const int64_t e0 = ld_e0 - back, e1 = ld_e1 - back;
+    const uint32_t back = ld_c < chunks ? 0u : 32u * tq;
+    const uint32_t e0 = ld_e0 - back, e1 = ld_e1 - back;
     Stage st;
     st.q0 = __ldcs(reinterpret_cast<const uint4*>(codes + (e0 >> 1)));
     st.q1 = __ldcs(reinterpret_cast<const uint4*>(codes + (e1 >> 1)));
@@ -494,6 +500,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm)
       }
     };
     if (mine == 0) lora_share();
+    if (r + 1 < my_tiles) prefetch_tile(tile + gridDim.x);
 #pragma unroll 2
     for (int j = 0; j < mine; ++j) {
       const Stage next = load_next();
@@ -616,7 +623,7 @@ void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, i
 
 bool gemm_supported(int64_t M, int64_t N, int64_t K, DType dtype) {
   if (dtype == DType::kFloat || M < 1 || N < 1 || N > (int64_t{1} << 30) || K > (int64_t{1} << 30)) return false;
-  if (M <= kGemvMaxM) return K % 32 == 0;
+  if (M <= kGemvMaxM) return K % 32 == 0 && N * K < (int64_t{1} << 31);  // the GEMV's element indices: 32 bits
   return M <= kGemmMaxM && N % kTileN == 0 && K % kTileK == 0;
 }
 
