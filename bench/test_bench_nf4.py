@@ -6,7 +6,7 @@ from conftest import copies_for, gpu_time_us, record, rotating
 
 # (out, in) of Mistral-7B's projections: q/o, k/v, gate/up, down.
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
-M_VALUES = [1, 2, 4, 8, 16, 64, 512]  # 1: the GEMV; 2..8: the tensor-core GEMM at its smallest tile (M <= 8)
+M_VALUES = [1, 2, 4, 8, 16, 64, 512]  # 1..8: the GEMV (kGemvMaxM); 16: the tensor-core GEMM's smallest tile
 
 
 def shape_name(n, k):

@@ -420,17 +420,17 @@ def _check_nf4_linear(emu, n, k, m, dtype, blocksize, double_quant=True, bias=Fa
 @pytest.mark.parametrize("n,k,blocksize", [(256, 512, 64), (48, 384, 32), (16, 128, 256), (1024, 4096, 64)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 17, 33])
 def test_nf4_linear(emu, dtype, n, k, blocksize, m):
-    """Every path of nf4_linear: the GEMV (one row), the tensor-core GEMM with its split-K sum (up to 32
-    rows) and dequantize + matmul (more rows)."""
+    """Every path of nf4_linear: the GEMV (up to 8 rows, 1, 2, 4 or 8 in a kernel), the tensor-core GEMM with its
+    split-K sum (up to 32 rows) and dequantize + matmul (more rows)."""
     _check_nf4_linear(emu, n, k, m, dtype, blocksize, bias=m % 2 == 1)
 
 
 @emulated
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_nf4_gemv_rounds_the_exact_product(emu, dtype):
-    """The GEMV (NF4_GEMV_MAX_ROWS rows) multiplies by the NF4 values in x's dtype and scales in fp32: each result is
-    x @ W'.T in fp32 rounded once, W' = nf4_gemv_weight. (The GEMM rounds each scaled weight to x's dtype: at 5 rows,
-    dozens of these 64 x 4096 results miss by more than half an ulp.)"""
+    """The GEMV (up to NF4_GEMV_MAX_ROWS rows) multiplies by the NF4 values in x's dtype and scales in fp32: each
+    result is x @ W'.T in fp32 rounded once, W' = nf4_gemv_weight. (The GEMM, for more rows, rounds each scaled
+    weight to x's dtype instead.)"""
     w = NF4Weight.quantize(torch.randn(64, 4096), 64, True)
     for m in range(1, NF4_GEMV_MAX_ROWS + 1):
         x = torch.randn(m, 4096).to(dtype)
@@ -440,11 +440,13 @@ def test_nf4_gemv_rounds_the_exact_product(emu, dtype):
 
 
 @emulated
+@pytest.mark.parametrize("m", [1, 3, 8], ids=str)
 @pytest.mark.parametrize("k", [416, 2240], ids=str)
-def test_nf4_gemv_several_tiles_per_cta(emu, k):
-    """More 16-row tiles than the GEMV's grid (3 CTAs on each of the 132 SMs): some CTAs take a second tile, their
-    warps' loads run on from one tile into the next, and k ends inside a step (lanes past it load a chunk again)."""
-    _check_nf4_linear(emu, 16 * 396 + 40, k, 1, torch.bfloat16, 64, bias=True)
+def test_nf4_gemv_several_tiles_per_cta(emu, k, m):
+    """More 16-row tiles than the GEMV's grid (3 CTAs on each of the 132 SMs at one row of x, 2 with more): some CTAs
+    take a second tile, their warps' loads run on from one tile into the next, and k ends inside a step (lanes past
+    it load a chunk again)."""
+    _check_nf4_linear(emu, 16 * 396 + 40, k, m, torch.bfloat16, 64, bias=True)
 
 
 @emulated
@@ -541,11 +543,11 @@ def test_model_on_emulated_kernels_matches_peft(emu, kind, tmp_path):
 @emulated
 @pytest.mark.parametrize("rows", [["r8_all", None, "r16_rslora"], ["r16_rslora"], [None]], ids=str)
 def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path, rows):
-    """The NF4 engine in bf16 as it runs on a GPU, every kernel emulated (the tensor-core GEMM for prompt rows and
-    several decode rows; at one decode row the GEMV with the LoRA expand and SwiGLU in its epilogue; LoRA,
-    attention, the layer ops), against the fp32 engine on the same NF4 codes: at least as close to it as the bf16
-    engine on the CPU kernels is, step by step. (The GEMV rounds only the NF4 values to bf16 and its outputs once:
-    nearer fp32 than the CPU kernels, which round the weights, the product and the LoRA sum each to bf16.)"""
+    """The NF4 engine in bf16 as it runs on a GPU, every kernel emulated (the tensor-core GEMM for prompt rows; the
+    GEMV for up to 8 decode rows, at one row with the LoRA expand and SwiGLU in its epilogue; LoRA, attention, the
+    layer ops), against the fp32 engine on the same NF4 codes: as close to it as the bf16 engine on the CPU kernels
+    is, step by step. The GEMV rounds the NF4 values to bf16 where the CPU kernels round each scaled weight, so the
+    two err differently by as much: the mean error may exceed the CPU kernels' by 10%, the largest by 25%."""
     from model_helpers import save_adapters, save_model
 
     from lorax_core import LLM, SamplingParams
@@ -570,8 +572,10 @@ def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path, rows):
         with emu():
             emulated = llms["bfloat16"].runner.run(batches["bfloat16"])
         cpu = llms["bfloat16"].runner.run(batches["bfloat16"])  # the same KV cache slots, rewritten
-        err_emulated, err_cpu = (emulated - exact).abs().max(), (cpu - exact).abs().max()
-        assert err_emulated <= 1.1 * err_cpu, f"step {step}: {err_emulated} from fp32, the CPU kernels {err_cpu}"
+        err_emulated, err_cpu = (emulated - exact).abs(), (cpu - exact).abs()
+        assert err_emulated.mean() <= 1.1 * err_cpu.mean() and err_emulated.max() <= 1.25 * err_cpu.max(), (
+            f"step {step}: mean / max {err_emulated.mean()} / {err_emulated.max()} from fp32, the CPU kernels "
+            f"{err_cpu.mean()} / {err_cpu.max()}")
         for batch in batches.values():
             for seq, row in zip(batch, exact):
                 seq.num_computed_tokens, seq.chunk = len(seq), 0

@@ -28,12 +28,14 @@ void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, i
                 cudaStream_t stream);
 
 // y[M, N] = x[M, K] @ W[N, K].T (+ bias), W in NF4, for few rows of x: the GEMV for M <= kGemvMaxM (needs
-// K % 32 == 0 and N * K < 2^31; it multiplies by the NF4 values rounded to x's dtype, then scales in fp32), a fused dequant +
-// tensor-core GEMM up to kGemmMaxM (N % 16 == 0, K % 128 == 0; it rounds each scaled weight to x's dtype). Both
-// need fp16 / bf16 x, and x and codes 16-byte aligned.
-// On an H100 the GEMV beat the GEMM's M = 8 tile only at M = 1 (and there not for K = 14336); at M = 2..4 it was
-// 1.2-1.7x slower (bench/RESULTS.md, 2026-11-24). So one row (tests read this line).
-constexpr int64_t kGemvMaxM = 1;
+// K % 32 == 0 and N * K < 2^31; it multiplies by the NF4 values rounded to x's dtype, then scales in fp32), a fused
+// dequant + tensor-core GEMM up to kGemmMaxM (N % 16 == 0, K % 128 == 0; it rounds each scaled weight to x's
+// dtype). Both need fp16 / bf16 x, and x and codes 16-byte aligned.
+// On an H100 the GEMV on CUDA cores beat the GEMM's M = 8 tile only at M = 1: its work grew with each row of x
+// (bench/RESULTS.md, 2026-11-24). The tensor-core GEMV looks each code byte up once for all rows of x, and has no
+// split-K partials to sum in a second kernel, so it takes up to 8 rows (not yet timed on a GPU; tests read this
+// line).
+constexpr int64_t kGemvMaxM = 8;
 constexpr int64_t kGemmMaxM = 32;  // above this, dequantize + cuBLAS was as fast on an H100
 bool gemm_supported(int64_t M, int64_t N, int64_t K, DType dtype);
 int64_t gemm_workspace_floats(int64_t M, int64_t N, int64_t K, int num_sms);

@@ -312,8 +312,8 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
   }
 }
 
-// ---- GEMV for one row of x (decode) --------------------------------------------------------------------------
-// A CTA computes a tile of 16 weight rows for the one row of x at a time; its 8 warps split the tile's k in steps of
+// ---- GEMV for up to 8 rows of x (decode) ----------------------------------------------------------------------
+// A CTA computes a tile of 16 weight rows for the MT rows of x at a time; its 8 warps split the tile's k in steps of
 // 128 and meet in shared memory. Within a step, lane (g, t) = (lane / 4, lane % 4) loads 16 bytes of codes (its
 // chunk: 32 weights, k in [32c, 32c + 32), c = 4 * step + t, inside one absmax block as blocks hold at least 32)
 // from each of the tile's rows g and g + 8, the layout gemm_kernel reads.
@@ -326,13 +326,16 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 // holds x on lane t's chunk alone (lane (2t, t) loads it; every other B value is zero), so C[row][2t] is lane t's
 // chunk's dot product, which the C fragment hands back to lane (g, t) itself: it scales it by its own absmax, as the
 // GEMV on CUDA cores did. The table has a copy per lane (32 KB): lane l reads bank l, and no two lanes conflict.
+// More rows of x take the odd columns: column 2t + 1 holds the next row of x on lane t's chunk, and with more than
+// two rows the same A fragments meet a B of the next two in another mma, so a weight is looked up once for all.
 // The product is x @ (T(v[code]) * absmax).T: the NF4 values rounded to T, exact products, fp32 sums, one rounding
 // of each output. (bitsandbytes' own GEMV rounds the value, the absmax and each product to T.)
 // The grid is as many CTAs as fit on the GPU at once, each looping over tiles, so the table is filled once per CTA;
 // each warp loads its next step's codes and absmax before it computes the current one, across tiles too, and asks
 // L2 for the next tile's codes as it starts one. Before its PDL prologue (launch.cuh) each warp asks L2 for its
 // first tile's codes and fills the table: both overlap the end of the kernel before it.
-// The epilogue can do what would otherwise be two or three more kernels of a decode step (gemv() in nf4_cuda.h):
+// At one row of x, the epilogue can do what would otherwise be two or three more kernels of a decode step (gemv() in
+// nf4_cuda.h):
 // - the LoRA expand (kLora): the 8 warps split its rank rows and add their share to their partial sums, so the
 //   delta joins each output before its one rounding; its loads overlap the first step's;
 // - SwiGLU (silu_mul): a tile is gate rows i .. i + 7 (A rows 0-7) and up rows N/2 + i .. (A rows 8-15), and the
@@ -340,13 +343,16 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 constexpr int kGemvWarps = 8;
 constexpr int kGemvRows = 16;   // a tile: the mma's A rows
 constexpr int kGemvSteps = 128;  // k per warp step: 4 lanes' chunks of 32
-// CTAs per SM the grid counts on: 35 KB of shared memory and at most 85 registers per thread each (launch bounds).
-constexpr int kGemvCtasPerSm = 3;
+// CTAs per SM the grid counts on (launch bounds): at one row of x, 35 KB of shared memory and at most 85 registers
+// per thread each; with more rows, whose A fragments stay in registers while the token pairs take their turns, 2.
+template <int MT>
+constexpr int kGemvCtasPerSm = MT == 1 ? 3 : 2;
 
+template <int MT>
 struct GemvShared {
   LaneTable pairs;  // code byte -> its two NF4 values in T (the high nibble, the lower k, in the low half)
   Tables t;
-  float partial[2][kGemvWarps][kGemvRows];  // each warp's sums of the tile's rows, double-buffered over tiles
+  float partial[2][kGemvWarps][MT][kGemvRows];  // each warp's sums of the tile's rows, double-buffered over tiles
 };
 
 // The pool slot of the segment holding row 0, or -1 (none, or a slot outside the pool): as the LoRA kernels
@@ -389,11 +395,14 @@ __device__ __forceinline__ int64_t gemv_row(int64_t tile, int g, bool second, in
   return second ? half + i : i;
 }
 
-template <typename T, bool kLora, bool kDq>
-__global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm)
-    gemv_kernel(const T* __restrict__ x, int K, const uint8_t* __restrict__ codes, AbsmaxArgs a, int bs_log2, int N,
-                const T* __restrict__ bias, GemvLora lora, bool silu_mul, T* __restrict__ y) {
-  __shared__ GemvShared sh;
+template <typename T, int MT, bool kLora, bool kDq>
+__global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
+    gemv_kernel(const T* __restrict__ x, int M, int K, const uint8_t* __restrict__ codes, AbsmaxArgs a, int bs_log2,
+                int N, const T* __restrict__ bias, GemvLora lora, bool silu_mul, T* __restrict__ y) {
+  static_assert(MT == 1 || MT == 2 || MT == 4 || MT == 8, "rows of x: 1, 2, 4 or 8 (fewer are padding)");
+  static_assert(MT == 1 || !kLora, "the LoRA and SwiGLU epilogue serves one row of x");
+  constexpr int kGroups = (MT + 1) / 2;  // mmas per A fragment: rows 2p, 2p + 1 of x in C columns 2t, 2t + 1
+  __shared__ GemvShared<MT> sh;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
   const int chunks = K / 32, steps = (chunks + 3) / 4;
   const int tiles = silu_mul ? (N / 2 + 7) / 8 : (N + kGemvRows - 1) / kGemvRows;
@@ -462,25 +471,50 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm)
   };
 
   const LaneColumn pairs = lane_column(sh.pairs, lane);
-  const bool holds_x = g == 2 * tq;  // lane (2t, t) holds B column 2t: x on lane t's chunk
-  // One step: this lane's chunk's dot products with rows g and g + 8, scaled, added to acc0 and acc1.
-  auto compute = [&](const Stage& st, int c, float& acc0, float& acc1) {
-    uint4 xv[4] = {};
-    if (holds_x && c < chunks) {
+  // Lane (2t + u, t), u = 0 or 1, holds B column 2t + u: x row 2p + u of mma p on lane t's chunk (u = 1 only with
+  // more than one row of x); every other B value is zero.
+  const int u = g - 2 * tq;
+  const bool holds_x = u == 0 || (MT > 1 && u == 1);
+  // The A fragment of bytes 2m, 2m + 1 of the lane's chunk in rows g and g + 8: k = 32c + 4m + {0, 1}, {2, 3}.
+  auto fragment = [&](const Stage& st, int m, uint32_t (&frag)[4]) {
+    const uint32_t w0 = word_of(st.q0, m / 2), w1 = word_of(st.q1, m / 2);
+    const int i = 2 * (m % 2);
+    frag[0] = lane_lookup(pairs, w0, i);
+    frag[1] = lane_lookup(pairs, w1, i);
+    frag[2] = lane_lookup(pairs, w0, i + 1);
+    frag[3] = lane_lookup(pairs, w1, i + 1);
+  };
+  // One step: this lane's chunk's dot products with rows g and g + 8 of the weight, for each row of x, scaled and
+  // added to acc[p] = {(g, 2p), (g, 2p + 1), (g + 8, 2p), (g + 8, 2p + 1)} as (weight row, row of x).
+  auto compute = [&](const Stage& st, int c, float (&acc)[kGroups][4]) {
+    const float s0 = decode_absmax(a, sh.t, st.s0, kDq), s1 = decode_absmax(a, sh.t, st.s1, kDq);
+    uint32_t frags[MT == 1 ? 1 : 8][4];  // with more rows of x, the step's 8 fragments serve each pair of them
+    if constexpr (MT > 1) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) xv[i] = __ldg(reinterpret_cast<const uint4*>(x + 32 * int64_t{c}) + i);
+      for (int m = 0; m < 8; ++m) fragment(st, m, frags[m]);
     }
-    float cc[2][4] = {};  // two mma chains; C column 2t holds this lane's chunk
 #pragma unroll
-    for (int m = 0; m < 8; ++m) {  // bytes 2m, 2m + 1 of the chunk: k = 32c + 4m + {0, 1}, {2, 3}
-      const uint32_t w0 = word_of(st.q0, m / 2), w1 = word_of(st.q1, m / 2);
-      const int i = 2 * (m % 2);
-      const uint32_t frag[4] = {lane_lookup(pairs, w0, i), lane_lookup(pairs, w1, i), lane_lookup(pairs, w0, i + 1),
-                                lane_lookup(pairs, w1, i + 1)};
-      mma_m16n8k16<T>(cc[m % 2], frag, word_of(xv[m / 2], (2 * m) % 4), word_of(xv[m / 2], (2 * m + 1) % 4));
+    for (int p = 0; p < kGroups; ++p) {
+      uint4 xv[4] = {};
+      if (holds_x && 2 * p + u < M && c < chunks) {
+        const T* row = x + int64_t{2 * p + u} * K + 32 * int64_t{c};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) xv[i] = __ldg(reinterpret_cast<const uint4*>(row) + i);
+      }
+      float cc[2][4] = {};  // two mma chains; C columns 2t, 2t + 1 hold this lane's chunk
+#pragma unroll
+      for (int m = 0; m < 8; ++m) {
+        if constexpr (MT == 1) fragment(st, m, frags[0]);
+        mma_m16n8k16<T>(cc[m % 2], frags[MT == 1 ? 0 : m], word_of(xv[m / 2], (2 * m) % 4),
+                        word_of(xv[m / 2], (2 * m + 1) % 4));
+      }
+      acc[p][0] = fmaf(s0, cc[0][0] + cc[1][0], acc[p][0]);
+      acc[p][2] = fmaf(s1, cc[0][2] + cc[1][2], acc[p][2]);
+      if constexpr (MT > 1) {
+        acc[p][1] = fmaf(s0, cc[0][1] + cc[1][1], acc[p][1]);
+        acc[p][3] = fmaf(s1, cc[0][3] + cc[1][3], acc[p][3]);
+      }
     }
-    acc0 = fmaf(decode_absmax(a, sh.t, st.s0, kDq), cc[0][0] + cc[1][0], acc0);
-    acc1 = fmaf(decode_absmax(a, sh.t, st.s1, kDq), cc[0][2] + cc[1][2], acc1);
   };
 
   Stage cur;
@@ -490,8 +524,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm)
   }
   for (int r = 0; r < my_tiles; ++r) {
     const int64_t tile = blockIdx.x + int64_t{r} * gridDim.x;
-    float acc0 = 0.0f, acc1 = 0.0f;  // rows g and g + 8 over this lane's chunks
-    float delta = 0.0f;              // lane l: its share of the LoRA delta of tile row l % 16
+    float acc[kGroups][4] = {};  // see compute
+    float delta = 0.0f;          // lane l: its share of the LoRA delta of tile row l % 16
     auto lora_share = [&] {
       if (kLora && adapter >= 0) {
         const int row = lane % kGemvRows;
@@ -505,38 +539,51 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm)
     for (int j = 0; j < mine; ++j) {
       const Stage next = load_next();
       if (j == 0) lora_share();  // its loads overlap the codes'
-      compute(cur, 4 * (warp + kGemvWarps * j) + tq, acc0, acc1);
+      compute(cur, 4 * (warp + kGemvWarps * j) + tq, acc);
       cur = next;
     }
 
     // The tile's sums: over the quad's chunks (shuffles), the LoRA share's lanes, then the warps (shared memory).
 #pragma unroll
-    for (int offset = 1; offset <= 2; offset *= 2) {
-      acc0 += __shfl_xor_sync(0xffffffffu, acc0, offset);
-      acc1 += __shfl_xor_sync(0xffffffffu, acc1, offset);
+    for (int p = 0; p < kGroups; ++p)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int offset = 1; offset <= 2; offset *= 2) acc[p][i] += __shfl_xor_sync(0xffffffffu, acc[p][i], offset);
+    if constexpr (kLora) {
+      delta += __shfl_xor_sync(0xffffffffu, delta, kGemvRows);
+      acc[0][0] += __shfl_sync(0xffffffffu, delta, g);
+      acc[0][2] += __shfl_sync(0xffffffffu, delta, g + 8);
     }
-    delta += __shfl_xor_sync(0xffffffffu, delta, kGemvRows);
-    acc0 += __shfl_sync(0xffffffffu, delta, g);
-    acc1 += __shfl_sync(0xffffffffu, delta, g + 8);
-    float(&part)[kGemvWarps][kGemvRows] = sh.partial[r % 2];
+    float(&part)[kGemvWarps][MT][kGemvRows] = sh.partial[r % 2];
     if (tq == 0) {
-      part[warp][g] = acc0;
-      part[warp][g + 8] = acc1;
+#pragma unroll
+      for (int p = 0; p < kGroups; ++p)
+#pragma unroll
+        for (int v = 0; v < 2; ++v) {  // row 2p + v of x
+          if (2 * p + v < MT) {
+            part[warp][2 * p + v][g] = acc[p][v];
+            part[warp][2 * p + v][g + 8] = acc[p][2 + v];
+          }
+        }
     }
     __syncthreads();  // (the other buffer is free: every warp has passed the last tile's reads)
     if (warp != kGemvWarps - 1) continue;  // the last warp, with the fewest steps, finishes the tile
     const int row = lane % kGemvRows;
     const int64_t n = gemv_row(tile, row % 8, row >= 8, N, silu_mul);
-    float out = 0.0f;
+    const float b = bias != nullptr ? to_float(bias[n]) : 0.0f;
+    auto output = [&](int m) {  // row m of x's result for weight row n (its one rounding is the caller's)
+      float out = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kGemvWarps; ++w) out += part[w][row];
-    if (bias != nullptr) out += to_float(bias[n]);
-    if (silu_mul) {
-      const float up = __shfl_sync(0xffffffffu, out, (lane + 8) % 32);  // its up row
+      for (int w = 0; w < kGemvWarps; ++w) out += part[w][m][row];
+      return out + b;
+    };
+    if (silu_mul) {  // one row of x
+      const float out = output(0), up = __shfl_sync(0xffffffffu, out, (lane + 8) % 32);  // its up row
       const int64_t i = tile * 8 + lane;
       if (lane < 8 && i < N / 2) y[i] = silu_mul_rounded<T>(rounded<T>(out), rounded<T>(up));
-    } else if (lane < kGemvRows && tile * kGemvRows + lane < N) {
-      y[n] = from_float<T>(out);
+    } else if (tile * kGemvRows + row < N) {
+      for (int m = lane / kGemvRows; m < M; m += 2) y[int64_t{m} * N + n] = from_float<T>(output(m));
     }
   }
 }
@@ -568,14 +615,14 @@ void launch_gemm(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
   launch(splitk_epilogue_kernel<T>, grid_for(MN, 256), 256, 0, stream, ws, p.splits, MN, N, bias, y);
 }
 
-template <typename T, bool kLora>
-void launch_gemv(const T* x, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N, const T* bias,
-                 const GemvLora& lora, bool silu_mul, T* y, int num_sms, cudaStream_t stream) {
+template <typename T, int MT, bool kLora>
+void launch_gemv(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N,
+                 const T* bias, const GemvLora& lora, bool silu_mul, T* y, int num_sms, cudaStream_t stream) {
   const int64_t tiles = silu_mul ? (N / 2 + 7) / 8 : (N + kGemvRows - 1) / kGemvRows;
-  const int64_t grid = std::min<int64_t>(tiles, int64_t{num_sms} * kGemvCtasPerSm);
-  auto kernel = a.code2 != nullptr ? gemv_kernel<T, kLora, true> : gemv_kernel<T, kLora, false>;
-  launch(kernel, static_cast<int>(grid), kGemvWarps * 32, 0, stream, x, K, codes, a, bs_log2, N, bias, lora, silu_mul,
-         y);
+  const int64_t grid = std::min<int64_t>(tiles, int64_t{num_sms} * kGemvCtasPerSm<MT>);
+  auto kernel = a.code2 != nullptr ? gemv_kernel<T, MT, kLora, true> : gemv_kernel<T, MT, kLora, false>;
+  launch(kernel, static_cast<int>(grid), kGemvWarps * 32, 0, stream, x, M, K, codes, a, bs_log2, N, bias, lora,
+         silu_mul, y);
 }
 
 template <typename T>
@@ -586,9 +633,15 @@ void dispatch_gemm(const void* x_, int64_t M, int64_t K, const uint8_t* codes, c
   auto gemm = [&](auto nt) {
     launch_gemm<T, decltype(nt)::value>(x, M, K, codes, a, bs_log2, N, bias, ws, num_sms, y, stream);
   };
-  static_assert(kGemvMaxM == 1, "dispatch_gemm instantiates the GEMV for one row");
-  if (M == 1) return launch_gemv<T, false>(x, K, codes, a, bs_log2, N, bias, GemvLora{}, false, y, num_sms, stream);
-  if (M <= 8) gemm(std::integral_constant<int, 1>{});
+  static_assert(kGemvMaxM == 8, "dispatch_gemm instantiates the GEMV for 1, 2, 4 and 8 rows");
+  auto gemv = [&](auto mt) {
+    launch_gemv<T, decltype(mt)::value, false>(x, static_cast<int>(M), K, codes, a, bs_log2, N, bias, GemvLora{},
+                                               false, y, num_sms, stream);
+  };
+  if (M == 1) gemv(std::integral_constant<int, 1>{});
+  else if (M == 2) gemv(std::integral_constant<int, 2>{});
+  else if (M <= 4) gemv(std::integral_constant<int, 4>{});
+  else if (M <= 8) gemv(std::integral_constant<int, 8>{});
   else if (M <= 16) gemm(std::integral_constant<int, 2>{});
   else gemm(std::integral_constant<int, 4>{});
 }
@@ -648,9 +701,10 @@ void gemv(const void* x, DType dtype, int64_t K, const uint8_t* codes, const Abs
     const T *xt = static_cast<const T*>(x), *b = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
     if (lora != nullptr)
-      launch_gemv<T, true>(xt, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, yt, num_sms, stream);
+      launch_gemv<T, 1, true>(xt, 1, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, yt, num_sms, stream);
     else
-      launch_gemv<T, false>(xt, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, yt, num_sms, stream);
+      launch_gemv<T, 1, false>(xt, 1, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, yt, num_sms,
+                               stream);
   };
   if (dtype == DType::kBFloat16)
     run(__nv_bfloat16{});

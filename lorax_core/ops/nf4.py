@@ -34,7 +34,7 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) 
     Semantics:
         y[..., o] = sum_i x[..., i] * W[o, i] (+ bias[o]),  W = nf4_dequantize(w, x.dtype)   [out, in]
     Shapes: x [..., in], w [out, in], bias [out] -> y [..., out], dtype of x (fp32 accumulation).
-    On CUDA with fp16/bf16 x: a GEMV for one row of x (it multiplies x by the NF4 values rounded to x's dtype
+    On CUDA with fp16/bf16 x: a GEMV for up to 8 rows of x (it multiplies x by the NF4 values rounded to x's dtype
     and scales each block's sum by its fp32 absmax: each result is that fp32 product rounded once; bitsandbytes
     rounds the scaled weight and each product too), a fused dequant + tensor-core GEMM up to 32 rows (weights
     rounded to x's dtype), dequantize + cuBLAS for more; on CPU: dequantize + matmul.
