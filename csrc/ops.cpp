@@ -22,8 +22,8 @@ TORCH_LIBRARY(lorax_core, m) {
   // nf4_linear, plus the LoRA delta of each row's adapter (sgmv's arguments: all given, or none; columns from 0 to
   // out_features; v: the rows' sgmv_shrink when it is already done, e.g. by add_rms_norm_sgmv_shrink), then with
   // silu_mul SwiGLU's silu_mul of the output's halves (gate, up) -> [..., out_features / 2]:
-  // on CUDA, for one row of x, the GEMV does it all in its epilogue after one shrink kernel (each result rounded
-  // once before silu_mul); else the ops one after the other.
+  // on CUDA, for up to 8 rows of x, the GEMV does it all in its epilogue after one shrink kernel (each result
+  // rounded once before silu_mul); else the ops one after the other.
   m.def(
       "nf4_linear_sgmv(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, "
       "float offset, int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias, Tensor? arena, "

@@ -4,7 +4,7 @@ add_rms_norm_sgmv_shrink, the norm before such a projection with its LoRA shrink
 import pytest
 import torch
 
-from conftest import assert_close, assert_rounds_exact
+from conftest import NF4_GEMV_MAX_ROWS, assert_close, assert_rounds_exact
 from lora_helpers import linear_sgmv_case
 from lorax_core.ops import add_rms_norm, add_rms_norm_sgmv_shrink, nf4_linear, nf4_linear_sgmv, sgmv, silu_mul
 from lorax_core.ops import reference as ref
@@ -29,7 +29,9 @@ CASES = [  # names, tokens, segment lengths, segment adapters
     (["gate_proj", "up_proj"], 1, [1], [3]),
     (["q_proj"], 1, [1], [2]),
     (["q_proj", "k_proj", "v_proj"], 9, [3, 0, 4, 2], [0, 1, -1, 3]),
+    (["q_proj", "k_proj", "v_proj"], 5, [2, 0, 1, 2], [0, 1, -1, 3]),
     (["gate_proj", "up_proj"], 6, [6], [2]),
+    (["gate_proj", "up_proj"], 3, [1, 1, 1], [1, -1, 0]),
 ]
 
 
@@ -108,16 +110,17 @@ def test_cuda_matches_exact(case, dtype):
 
 
 def check_device_op(case, dtype, device, run=lambda f: f(), modules=QKV):
-    """One row of x: the fused GEMV's outputs are the exact fp32 result with nf4_gemv_weight rounded once (then
-    silu_mul as the op rounds it); more rows: the ops one after the other, bit for bit. `run` runs the device op (the
-    emulator's context)."""
+    """Up to NF4_GEMV_MAX_ROWS rows of x: the fused GEMV's outputs are the exact fp32 result with nf4_gemv_weight and
+    each row's adapter rounded once (then silu_mul as the op rounds it); more rows: the ops one after the other, bit
+    for bit. `run` runs the device op (the emulator's context)."""
     names, tokens, lengths, seg = case
     silu = names == ["gate_proj", "up_proj"]
     args, exact = linear_sgmv_case(modules, names, RANKS, tokens, lengths, seg, dtype=dtype, device=device)
     y = run(lambda: nf4_linear_sgmv(**args, silu_mul=silu))
-    if tokens == 1 and not silu:
+    fused = tokens <= NF4_GEMV_MAX_ROWS
+    if fused and not silu:
         assert_rounds_exact(y, exact)
-    elif tokens == 1:  # gate and up each rounded once (an fp32 sum order may flip one by an ulp), then silu_mul's
+    elif fused:  # gate and up each rounded once (an fp32 sum order may flip one by an ulp), then silu_mul's
         gate, up = exact.to(dtype).chunk(2, dim=-1)
         expected = silu_mul(gate.cpu(), up.cpu()).to(device)
         torch.testing.assert_close(y, expected, rtol=4 * torch.finfo(dtype).eps, atol=1e-5)

@@ -154,15 +154,15 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   return y;
 }
 
-// One row of x: the LoRA shrink (the sgmv_shrink op: one kernel; none when v is given), then the GEMV with the
-// expand, bias and silu_mul in its epilogue. Otherwise the ops one after the other.
+// Up to kGemvMaxM rows of x: the LoRA shrink (the sgmv_shrink op: one kernel; none when v is given), then the GEMV
+// with the expand, bias and silu_mul in its epilogue. Otherwise the ops one after the other.
 at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
   const LoraArgs l = LORAX_NF4_LINEAR_SGMV_LORA;
   check_linear_sgmv(x, out_features, l, silu_mul);
   const int64_t K = x.size(-1), N = out_features, M = K > 0 ? x.numel() / K : 0;
   const bool half_dtype = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  if (M != 1 || !half_dtype ||
-      !cuda::gemm_supported(1, N, K, lorax::kernel_dtype(x.scalar_type(), "nf4")) ||
+  if (M < 1 || M > cuda::kGemvMaxM || !half_dtype ||
+      !cuda::gemm_supported(M, N, K, lorax::kernel_dtype(x.scalar_type(), "nf4")) ||
       (l.given() && l.arena->scalar_type() != x.scalar_type()))
     return linear_sgmv_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,
                                  l, silu_mul);
@@ -186,7 +186,7 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
     CHECK_SAME_DEVICE(x, starts);
     CHECK_SAME_DEVICE(x, slots);
     if (l.v) {
-      lora::check_shrunk(*l.v, 1, pv, "nf4_linear_sgmv");
+      lora::check_shrunk(*l.v, M, pv, "nf4_linear_sgmv");
       shrunk = l.v->contiguous();
     } else {
       static auto shrink = c10::Dispatcher::singleton()
@@ -197,13 +197,14 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
       // checks x against the pool (A's side); one kernel
       shrunk = shrink.call(xc, *l.arena, *l.page_table, *l.ranks, starts, slots, l.layer, l.modules, l.page_size);
     }
-    lora = {lora::pool_args(pv), lora::module_args(pv, l.columns), shrunk.data_ptr<float>(), l.page_table->size(4),
-            scale_t.data_ptr<float>(), starts.data_ptr<int32_t>(), slots.data_ptr<int32_t>(), slots.numel()};
+    lora = {lora::pool_args(pv), lora::module_args(pv, l.columns), shrunk.data_ptr<float>(), shrunk.size(1),
+            l.page_table->size(4), scale_t.data_ptr<float>(), starts.data_ptr<int32_t>(), slots.data_ptr<int32_t>(),
+            slots.numel()};
   }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(silu_mul ? N / 2 : N);
   at::Tensor y = at::empty(out_shape, x.options());
-  cuda::gemv(xc.data_ptr(), lorax::kernel_dtype(x.scalar_type(), "nf4"), K, c.data_ptr<uint8_t>(), h.args,
+  cuda::gemv(xc.data_ptr(), lorax::kernel_dtype(x.scalar_type(), "nf4"), M, K, c.data_ptr<uint8_t>(), h.args,
              log2_exact(blocksize, "nf4 (CUDA): blocksize"), N, b ? b->data_ptr() : nullptr,
              l.given() ? &lora : nullptr, silu_mul, y.data_ptr(),
              at::cuda::getCurrentDeviceProperties()->multiProcessorCount, at::cuda::getCurrentCUDAStream());

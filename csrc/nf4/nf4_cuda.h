@@ -43,13 +43,14 @@ void gemm(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes
           int blocksize_log2, int64_t N, const void* bias, float* workspace, int num_sms, void* y,
           cudaStream_t stream);
 
-// The LoRA expand of the one row of x, added in the GEMV's epilogue: y[0, column[i] + o] += scales[a] *
-// v[0, i * max_rank : i * max_rank + rank] . B_i[a][o, :], a = the adapter of the segment holding row 0 (none: no
-// delta). v is the shrink of x (lora::cuda::shrink). mods.column runs from 0 to N.
+// The LoRA expand of each row m of x, added in the GEMV's epilogue: y[m, column[i] + o] += scales[a] *
+// v[m, i * max_rank : i * max_rank + rank] . B_i[a][o, :], a = the adapter of the segment holding row m (none: no
+// delta). v [rows, v_stride] is the shrink of x (lora::cuda::shrink). mods.column runs from 0 to N.
 struct GemvLora {
   lora::cuda::Pool pool;
   lora::cuda::Modules mods;
   const float* v;
+  int64_t v_stride;
   int64_t max_rank;
   const float* scales;
   const int32_t* seg_starts;  // [segments + 1]
@@ -57,11 +58,11 @@ struct GemvLora {
   int64_t segments;
 };
 
-// The GEMV (one row of x: gemm_supported(1, N, K, dtype)) with its epilogue: + bias, + the LoRA delta when lora is
-// not null, each output rounded once to x's dtype; with silu_mul (N even) the outputs g = y[:, :N/2] and
-// u = y[:, N/2:] become y' [1, N/2] = T(T(silu(g)) * u), as layers' silu_mul rounds. num_sms sizes its grid.
-void gemv(const void* x, DType dtype, int64_t K, const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2,
-          int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, int num_sms,
+// The GEMV (M <= kGemvMaxM rows of x: gemm_supported(M, N, K, dtype)) with its epilogue: + bias, + the LoRA delta
+// when lora is not null, each output rounded once to x's dtype; with silu_mul (N even) the outputs g = y[:, :N/2]
+// and u = y[:, N/2:] become y' [M, N/2] = T(T(silu(g)) * u), as layers' silu_mul rounds. num_sms sizes its grid.
+void gemv(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a,
+          int blocksize_log2, int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, int num_sms,
           cudaStream_t stream);
 
 }  // namespace lorax::nf4::cuda

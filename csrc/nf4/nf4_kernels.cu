@@ -334,10 +334,9 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 // each warp loads its next step's codes and absmax before it computes the current one, across tiles too, and asks
 // L2 for the next tile's codes as it starts one. Before its PDL prologue (launch.cuh) each warp asks L2 for its
 // first tile's codes and fills the table: both overlap the end of the kernel before it.
-// At one row of x, the epilogue can do what would otherwise be two or three more kernels of a decode step (gemv() in
-// nf4_cuda.h):
-// - the LoRA expand (kLora): the 8 warps split its rank rows and add their share to their partial sums, so the
-//   delta joins each output before its one rounding; its loads overlap the first step's;
+// The epilogue can do what would otherwise be two or three more kernels of a decode step (gemv() in nf4_cuda.h):
+// - the LoRA expand of each row of x's adapter (kLora): the 8 warps split its rank rows and add their share to their
+//   partial sums, so the delta joins each output before its one rounding; its loads overlap the first step's;
 // - SwiGLU (silu_mul): a tile is gate rows i .. i + 7 (A rows 0-7) and up rows N/2 + i .. (A rows 8-15), and the
 //   last warp writes T(T(silu(g)) * u).
 constexpr int kGemvWarps = 8;
@@ -355,11 +354,11 @@ struct GemvShared {
   float partial[2][kGemvWarps][MT][kGemvRows];  // each warp's sums of the tile's rows, double-buffered over tiles
 };
 
-// The pool slot of the segment holding row 0, or -1 (none, or a slot outside the pool): as the LoRA kernels
-// clamp segments, row 0 is in segment k when starts[k] <= 0 < starts[k + 1].
-__device__ __forceinline__ int row0_adapter(const GemvLora& l) {
+// The pool slot of the segment holding row m of x, or -1 (none, or a slot outside the pool): as the LoRA kernels
+// clamp segments, row m is in segment k when starts[k] <= m < starts[k + 1].
+__device__ __forceinline__ int row_adapter(const GemvLora& l, int m) {
   for (int64_t k = 0; k < l.segments; ++k) {
-    if (l.seg_starts[k] <= 0 && l.seg_starts[k + 1] > 0) {
+    if (l.seg_starts[k] <= m && l.seg_starts[k + 1] > m) {
       const int a = l.seg_slots[k];
       return a >= 0 && a < l.pool.slots ? a : -1;
     }
@@ -367,9 +366,9 @@ __device__ __forceinline__ int row0_adapter(const GemvLora& l) {
   return -1;
 }
 
-// The scaled LoRA delta of output column n over the adapter's rank rows first, first + stride, ...
+// The scaled LoRA delta of output column n for row m of x over the adapter's rank rows first, first + stride, ...
 template <typename T>
-__device__ __forceinline__ float lora_part(const GemvLora& l, int adapter, int64_t n, int first, int stride) {
+__device__ __forceinline__ float lora_part(const GemvLora& l, int adapter, int m, int64_t n, int first, int stride) {
   int i = 0;  // the module whose columns hold n
   while (i + 1 < l.mods.count && n >= l.mods.column[i + 1]) ++i;
   lora::cuda::Pool p = l.pool;
@@ -378,7 +377,7 @@ __device__ __forceinline__ float lora_part(const GemvLora& l, int adapter, int64
   const int64_t o = n - l.mods.column[i];
   const T* arena = static_cast<const T*>(p.arena);
   const int64_t chunk = o >> p.page_log2, in_page = o & ((int64_t{1} << p.page_log2) - 1);
-  const float* v = l.v + i * l.max_rank;
+  const float* v = l.v + m * l.v_stride + i * l.max_rank;
   float part = 0.0f;
   for (int j = first; j < rank; j += stride) {
     const int64_t page = lora::cuda::row_pages(p, adapter, 1, j)[chunk];
@@ -400,7 +399,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     gemv_kernel(const T* __restrict__ x, int M, int K, const uint8_t* __restrict__ codes, AbsmaxArgs a, int bs_log2,
                 int N, const T* __restrict__ bias, GemvLora lora, bool silu_mul, T* __restrict__ y) {
   static_assert(MT == 1 || MT == 2 || MT == 4 || MT == 8, "rows of x: 1, 2, 4 or 8 (fewer are padding)");
-  static_assert(MT == 1 || !kLora, "the LoRA and SwiGLU epilogue serves one row of x");
   constexpr int kGroups = (MT + 1) / 2;  // mmas per A fragment: rows 2p, 2p + 1 of x in C columns 2t, 2t + 1
   __shared__ GemvShared<MT> sh;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
@@ -430,7 +428,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   }
   pdl_prologue();
   load_tables(sh.t, a);  // its barrier also publishes the pairs
-  const int adapter = kLora ? row0_adapter(lora) : -1;
 
   // What a step needs from memory, loaded a step ahead (across tiles too).
   struct Stage {
@@ -524,13 +521,18 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   }
   for (int r = 0; r < my_tiles; ++r) {
     const int64_t tile = blockIdx.x + int64_t{r} * gridDim.x;
-    float acc[kGroups][4] = {};  // see compute
-    float delta = 0.0f;          // lane l: its share of the LoRA delta of tile row l % 16
+    float acc[kGroups][4] = {};   // see compute
+    float delta[kLora ? MT : 1] = {};  // lane l: its share of the LoRA delta of tile row l % 16, per row of x
     auto lora_share = [&] {
-      if (kLora && adapter >= 0) {
+      if constexpr (kLora) {
         const int row = lane % kGemvRows;
-        delta = lora_part<T>(lora, adapter, gemv_row(tile, row % 8, row >= 8, N, silu_mul),
-                             2 * warp + lane / kGemvRows, 2 * kGemvWarps);
+        const int64_t n = gemv_row(tile, row % 8, row >= 8, N, silu_mul);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          const int adapter = m < M ? row_adapter(lora, m) : -1;
+          if (adapter >= 0)
+            delta[m] = lora_part<T>(lora, adapter, m, n, 2 * warp + lane / kGemvRows, 2 * kGemvWarps);
+        }
       }
     };
     if (mine == 0) lora_share();
@@ -551,9 +553,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
 #pragma unroll
         for (int offset = 1; offset <= 2; offset *= 2) acc[p][i] += __shfl_xor_sync(0xffffffffu, acc[p][i], offset);
     if constexpr (kLora) {
-      delta += __shfl_xor_sync(0xffffffffu, delta, kGemvRows);
-      acc[0][0] += __shfl_sync(0xffffffffu, delta, g);
-      acc[0][2] += __shfl_sync(0xffffffffu, delta, g + 8);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const float d = delta[m] + __shfl_xor_sync(0xffffffffu, delta[m], kGemvRows);  // lanes l, l + 16: row l
+        acc[m / 2][m % 2] += __shfl_sync(0xffffffffu, d, g);
+        acc[m / 2][2 + m % 2] += __shfl_sync(0xffffffffu, d, g + 8);
+      }
     }
     float(&part)[kGemvWarps][MT][kGemvRows] = sh.partial[r % 2];
     if (tq == 0) {
@@ -578,10 +583,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
       for (int w = 0; w < kGemvWarps; ++w) out += part[w][m][row];
       return out + b;
     };
-    if (silu_mul) {  // one row of x
-      const float out = output(0), up = __shfl_sync(0xffffffffu, out, (lane + 8) % 32);  // its up row
-      const int64_t i = tile * 8 + lane;
-      if (lane < 8 && i < N / 2) y[i] = silu_mul_rounded<T>(rounded<T>(out), rounded<T>(up));
+    if (silu_mul) {  // lanes 0-15 take even rows of x, 16-31 odd ones; lane l's up row is lane l + 8's
+      const int64_t half = N / 2, i = tile * 8 + row;
+      for (int base = 0; base < MT; base += 2) {
+        const int m = base + lane / kGemvRows;
+        const float out = m < M ? output(m) : 0.0f, up = __shfl_sync(0xffffffffu, out, (lane + 8) % 32);
+        if (row < 8 && m < M && i < half) y[m * half + i] = silu_mul_rounded<T>(rounded<T>(out), rounded<T>(up));
+      }
     } else if (tile * kGemvRows + row < N) {
       for (int m = lane / kGemvRows; m < M; m += 2) y[int64_t{m} * N + n] = from_float<T>(output(m));
     }
@@ -693,23 +701,31 @@ void gemm(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes
     dispatch_gemm<__half>(x, M, K, codes, a, blocksize_log2, N, bias, workspace, num_sms, y, stream);
 }
 
-void gemv(const void* x, DType dtype, int64_t K, const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2,
-          int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, int num_sms,
+void gemv(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a,
+          int blocksize_log2, int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, int num_sms,
           cudaStream_t stream) {
-  auto run = [&](auto t) {
+  auto run = [&](auto t, auto mt) {
     using T = decltype(t);
+    constexpr int MT = decltype(mt)::value;
     const T *xt = static_cast<const T*>(x), *b = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
+    const int m = static_cast<int>(M);
     if (lora != nullptr)
-      launch_gemv<T, 1, true>(xt, 1, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, yt, num_sms, stream);
+      launch_gemv<T, MT, true>(xt, m, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, yt, num_sms, stream);
     else
-      launch_gemv<T, 1, false>(xt, 1, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, yt, num_sms,
-                               stream);
+      launch_gemv<T, MT, false>(xt, m, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, yt, num_sms, stream);
+  };
+  auto rows = [&](auto t) {
+    static_assert(kGemvMaxM == 8, "gemv instantiates the GEMV for 1, 2, 4 and 8 rows");
+    if (M == 1) run(t, std::integral_constant<int, 1>{});
+    else if (M == 2) run(t, std::integral_constant<int, 2>{});
+    else if (M <= 4) run(t, std::integral_constant<int, 4>{});
+    else run(t, std::integral_constant<int, 8>{});
   };
   if (dtype == DType::kBFloat16)
-    run(__nv_bfloat16{});
+    rows(__nv_bfloat16{});
   else
-    run(__half{});
+    rows(__half{});
 }
 
 }  // namespace lorax::nf4::cuda

@@ -56,10 +56,10 @@ def nf4_linear_sgmv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = N
         silu_mul: y = silu_mul(y[:, :out / 2], y[:, out / 2:])          [T, out / 2] (gate rows, then up rows)
     Shapes: x [T, in] (any leading shape without a pool), w [out, in]. Returns y in x's dtype. v: x's shrink for
     these modules when it is already done (add_rms_norm_sgmv_shrink): then only the expand is left.
-    On CUDA with one row of x (a decode step at batch 1) in fp16 / bf16: one LoRA shrink kernel, then the NF4 GEMV
-    adds bias and LoRA delta to its fp32 sum, rounds each output once, and applies silu_mul (as the silu_mul op
-    rounds) in its epilogue: two kernels instead of four. Elsewhere the ops one after the other, whose y is rounded
-    after nf4_linear and again after the LoRA add.
+    On CUDA with up to 8 rows of x (a decode step at batch 1 to 8) in fp16 / bf16: one LoRA shrink kernel, then
+    the NF4 GEMV adds bias and each row's LoRA delta to its fp32 sums, rounds each output once, and applies silu_mul
+    (as the silu_mul op rounds) in its epilogue: two kernels instead of four. Elsewhere the ops one after the
+    other, whose y is rounded after nf4_linear and again after the LoRA add.
     """
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"nf4_linear_sgmv: x has {x.shape[-1]} features, the weight expects {w.shape[1]}")
