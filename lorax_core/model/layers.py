@@ -12,7 +12,8 @@ from lorax_core.quant.nf4 import NF4Linear
 # NF4 projections go through nf4_linear_sgmv: on CUDA at up to 8 rows (decode at batch 1 to 8) its GEMV adds the
 # LoRA delta and SwiGLU in its epilogue, and at one row the norm before them does their LoRA shrink
 # (add_rms_norm_sgmv_shrink). False: add_rms_norm, nf4_linear, sgmv and silu_mul one after the other
-# (bench_engine.py's baseline row; the same results off those paths). Read when a step runs, so CUDA graphs keep what they captured.
+# (bench_engine.py's baseline row; the same results off those paths). Read when a step runs, so CUDA graphs keep
+# what they captured.
 FUSED_NF4 = True
 
 
