@@ -3,8 +3,8 @@ transformers + PEFT (+ bitsandbytes 4-bit) generating with the same adapters in 
 
 Reports decode milliseconds per step at batch 1, 8, 32, 64 (rank-16 adapters on every projection, chosen at
 random per request), decode tokens/s, and prefill tokens/s; NF4 decode at batch 1 and 8 once more with programmatic
-dependent launch off (csrc/common/launch.cuh), and at batch 1 with the NF4 fusions off (add_rms_norm, nf4_linear,
-sgmv and silu_mul as separate kernels instead of add_rms_norm_sgmv_shrink and the GEMV's epilogue:
+dependent launch off (csrc/common/launch.cuh), and once more with the NF4 fusions off (add_rms_norm, nf4_linear,
+sgmv and silu_mul as separate kernels instead of add_rms_norm_sgmv_shrink at batch 1 and the GEMV's epilogue:
 lorax_core.model.layers.FUSED_NF4), to measure what each gives. Writes engine.md and engine.json under $OUT.
 Run on a GPU machine: `python3 bench/bench_engine.py` (bench/gpu.sh does). Wall-clock timings over many steps,
 after a warm-up, with torch.cuda.synchronize around each timed region.
@@ -150,7 +150,7 @@ def main() -> int:
     rows += engine_rows(work / "base", adapters, None)
     rows += engine_rows(work / "base", adapters, "nf4")
     rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 8), prefill=False, pdl=False)
-    rows += engine_rows(work / "base", adapters, "nf4", batches=(1,), prefill=False, fused=False)
+    rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 8), prefill=False, fused=False)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(work / "base", quantization_config=bnb, device_map="cuda")
