@@ -161,7 +161,7 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
   check_linear_sgmv(x, out_features, l, silu_mul);
   const int64_t K = x.size(-1), N = out_features, M = K > 0 ? x.numel() / K : 0;
   const bool half_dtype = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  if (M < 1 || M > cuda::kGemvMaxM || !half_dtype ||
+  if (M > cuda::kGemvMaxM || !half_dtype ||  // gemm_supported also refuses M < 1
       !cuda::gemm_supported(M, N, K, lorax::kernel_dtype(x.scalar_type(), "nf4")) ||
       (l.given() && l.arena->scalar_type() != x.scalar_type()))
     return linear_sgmv_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,

@@ -386,6 +386,11 @@ __device__ __forceinline__ float lora_part(const GemvLora& l, int adapter, int m
   return part * l.scales[adapter];
 }
 
+// The GEMV's tiles: 16 weight rows each, or with silu_mul 8 outputs (8 gate rows and their 8 up rows).
+__host__ __device__ __forceinline__ int gemv_tiles(int N, bool silu_mul) {
+  return silu_mul ? (N / 2 + 7) / 8 : (N + kGemvRows - 1) / kGemvRows;
+}
+
 // The weight row of A row g (0..7) or g + 8 (second) of a tile: 16 consecutive rows, or with silu_mul gate row
 // 8 * tile + g and its up row N/2 + 8 * tile + g. Past the last output it is the last row again (read, not written).
 __device__ __forceinline__ int64_t gemv_row(int64_t tile, int g, bool second, int64_t N, bool silu_mul) {
@@ -403,7 +408,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   __shared__ GemvShared<MT> sh;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
   const int chunks = K / 32, steps = (chunks + 3) / 4;
-  const int tiles = silu_mul ? (N / 2 + 7) / 8 : (N + kGemvRows - 1) / kGemvRows;
+  const int tiles = gemv_tiles(N, silu_mul);
   // This warp's steps of a tile: warp, warp + 8, ... (none when the tile has fewer steps than warps).
   const int mine = warp < steps ? (steps - warp + kGemvWarps - 1) / kGemvWarps : 0;
   const int my_tiles = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
@@ -623,14 +628,22 @@ void launch_gemm(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
   launch(splitk_epilogue_kernel<T>, grid_for(MN, 256), 256, 0, stream, ws, p.splits, MN, N, bias, y);
 }
 
-template <typename T, int MT, bool kLora>
+// The GEMV for M <= kGemvMaxM rows of x: the kernel instance for 1, 2, 4 or 8 rows that holds them.
+template <typename T, bool kLora>
 void launch_gemv(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N,
                  const T* bias, const GemvLora& lora, bool silu_mul, T* y, int num_sms, cudaStream_t stream) {
-  const int64_t tiles = silu_mul ? (N / 2 + 7) / 8 : (N + kGemvRows - 1) / kGemvRows;
-  const int64_t grid = std::min<int64_t>(tiles, int64_t{num_sms} * kGemvCtasPerSm<MT>);
-  auto kernel = a.code2 != nullptr ? gemv_kernel<T, MT, kLora, true> : gemv_kernel<T, MT, kLora, false>;
-  launch(kernel, static_cast<int>(grid), kGemvWarps * 32, 0, stream, x, M, K, codes, a, bs_log2, N, bias, lora,
-         silu_mul, y);
+  auto run = [&](auto mt) {
+    constexpr int MT = decltype(mt)::value;
+    const int64_t grid = std::min<int64_t>(gemv_tiles(N, silu_mul), int64_t{num_sms} * kGemvCtasPerSm<MT>);
+    auto kernel = a.code2 != nullptr ? gemv_kernel<T, MT, kLora, true> : gemv_kernel<T, MT, kLora, false>;
+    launch(kernel, static_cast<int>(grid), kGemvWarps * 32, 0, stream, x, M, K, codes, a, bs_log2, N, bias, lora,
+           silu_mul, y);
+  };
+  static_assert(kGemvMaxM == 8, "launch_gemv instantiates the GEMV for 1, 2, 4 and 8 rows");
+  if (M == 1) run(std::integral_constant<int, 1>{});
+  else if (M == 2) run(std::integral_constant<int, 2>{});
+  else if (M <= 4) run(std::integral_constant<int, 4>{});
+  else run(std::integral_constant<int, 8>{});
 }
 
 template <typename T>
@@ -641,15 +654,8 @@ void dispatch_gemm(const void* x_, int64_t M, int64_t K, const uint8_t* codes, c
   auto gemm = [&](auto nt) {
     launch_gemm<T, decltype(nt)::value>(x, M, K, codes, a, bs_log2, N, bias, ws, num_sms, y, stream);
   };
-  static_assert(kGemvMaxM == 8, "dispatch_gemm instantiates the GEMV for 1, 2, 4 and 8 rows");
-  auto gemv = [&](auto mt) {
-    launch_gemv<T, decltype(mt)::value, false>(x, static_cast<int>(M), K, codes, a, bs_log2, N, bias, GemvLora{},
-                                               false, y, num_sms, stream);
-  };
-  if (M == 1) gemv(std::integral_constant<int, 1>{});
-  else if (M == 2) gemv(std::integral_constant<int, 2>{});
-  else if (M <= 4) gemv(std::integral_constant<int, 4>{});
-  else if (M <= 8) gemv(std::integral_constant<int, 8>{});
+  if (M <= kGemvMaxM)
+    launch_gemv<T, false>(x, static_cast<int>(M), K, codes, a, bs_log2, N, bias, GemvLora{}, false, y, num_sms, stream);
   else if (M <= 16) gemm(std::integral_constant<int, 2>{});
   else gemm(std::integral_constant<int, 4>{});
 }
@@ -704,28 +710,20 @@ void gemm(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes
 void gemv(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a,
           int blocksize_log2, int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, int num_sms,
           cudaStream_t stream) {
-  auto run = [&](auto t, auto mt) {
+  auto run = [&](auto t) {
     using T = decltype(t);
-    constexpr int MT = decltype(mt)::value;
     const T *xt = static_cast<const T*>(x), *b = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
     const int m = static_cast<int>(M);
     if (lora != nullptr)
-      launch_gemv<T, MT, true>(xt, m, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, yt, num_sms, stream);
+      launch_gemv<T, true>(xt, m, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, yt, num_sms, stream);
     else
-      launch_gemv<T, MT, false>(xt, m, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, yt, num_sms, stream);
-  };
-  auto rows = [&](auto t) {
-    static_assert(kGemvMaxM == 8, "gemv instantiates the GEMV for 1, 2, 4 and 8 rows");
-    if (M == 1) run(t, std::integral_constant<int, 1>{});
-    else if (M == 2) run(t, std::integral_constant<int, 2>{});
-    else if (M <= 4) run(t, std::integral_constant<int, 4>{});
-    else run(t, std::integral_constant<int, 8>{});
+      launch_gemv<T, false>(xt, m, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, yt, num_sms, stream);
   };
   if (dtype == DType::kBFloat16)
-    rows(__nv_bfloat16{});
+    run(__nv_bfloat16{});
   else
-    rows(__half{});
+    run(__half{});
 }
 
 }  // namespace lorax::nf4::cuda
