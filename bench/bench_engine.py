@@ -5,7 +5,8 @@ Reports decode milliseconds per step at batch 1, 8, 32, 64 (rank-16 adapters on 
 random per request), decode tokens/s, and prefill tokens/s; NF4 decode at batch 1 and 8 once more with programmatic
 dependent launch off (csrc/common/launch.cuh), and once more with the NF4 fusions off (add_rms_norm, nf4_linear,
 sgmv and silu_mul as separate kernels instead of add_rms_norm_sgmv_shrink at batch 1 and the GEMV's epilogue:
-lorax_core.model.layers.FUSED_NF4), to measure what each gives. Writes engine.md and engine.json under $OUT.
+lorax_core.model.layers.FUSED_NF4), and once more with async scheduling off (each step waits for its tokens
+before the host schedules the next), to measure what each gives. Writes engine.md and engine.json under $OUT.
 Run on a GPU machine: `python3 bench/bench_engine.py` (bench/gpu.sh does). Wall-clock timings over many steps,
 after a warm-up, with torch.cuda.synchronize around each timed region.
 """
@@ -80,7 +81,13 @@ def engine_rows(base: Path, adapters: dict, quantize: str | None, batches=BATCHE
     # every adapter into memory first: a batch whose adapters still load decodes its first requests meanwhile,
     # which could use up their max_tokens before the timed steps
     llm.generate([[3] * 8] * len(names), SamplingParams(max_tokens=1), adapters=names)
-    for batch in batches:
+    # the default engine also decodes batches 1 and 8 with async scheduling off (the same LLM: it is a flag read
+    # by each step), to measure what overlapping the host with the device gives
+    modes = [(batch, True) for batch in batches]
+    if pdl and fused:
+        modes += [(batch, False) for batch in batches if batch in (1, 8)]
+    for batch, overlap in modes:
+        llm.async_scheduling = overlap
         seqs = [llm.add_request([rng.randrange(3, 32000) for _ in range(PROMPT)], params, rng.choice(names))
                 for _ in range(batch)]
         while any(seq.first_token_time is None for seq in seqs):
@@ -90,8 +97,9 @@ def engine_rows(base: Path, adapters: dict, quantize: str | None, batches=BATCHE
         seconds = timed(lambda: [llm.step() for _ in range(DECODE_STEPS)]) / DECODE_STEPS
         for seq in seqs:
             llm.abort(seq)
-        rows.append(dict(impl=impl, quant=quantize or "bf16", batch=batch, ms=seconds * 1e3,
-                         tokens_per_s=batch / seconds))
+        rows.append(dict(impl=impl if overlap else impl + ", async scheduling off", quant=quantize or "bf16",
+                         batch=batch, ms=seconds * 1e3, tokens_per_s=batch / seconds))
+    llm.async_scheduling = True
     if prefill:
         rows.append(prefill_row(llm, names, rng, params, impl, quantize))
     del llm

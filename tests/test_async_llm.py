@@ -11,11 +11,11 @@ from lorax_core import LLM, AsyncLLM, SamplingParams
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync-steps", "async-steps"])
+def engine(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("async")
     base = save_model(root / "base", "llama")
-    llm = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_num_seqs=8)
+    llm = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_num_seqs=8, async_scheduling=request.param)
     for name, path in save_adapters(base, root).items():
         llm.load_adapter(name, path)
     async_llm = AsyncLLM(llm)
@@ -95,11 +95,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine, monkey
     runner, calls = engine.llm.runner, []
     run = runner.run
 
-    def broken(seqs):
+    def broken(seqs, previous=None):
         calls.append(len(seqs))
         if len(calls) == 1:
             raise RuntimeError("out of memory (simulated)")
-        return run(seqs)
+        return run(seqs, previous)
 
     monkeypatch.setattr(runner, "run", broken)
 

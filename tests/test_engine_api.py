@@ -20,10 +20,13 @@ def paths(tmp_path_factory):
     return base, save_adapters(base, root)
 
 
-@pytest.fixture(scope="module")
-def llm(paths):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(paths, request):
+    """The engine with and without async scheduling (each step launched before the host has the last one's
+    tokens): every test here holds for both."""
     base, adapters = paths
-    engine = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_num_seqs=16)
+    engine = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_num_seqs=16,
+                 async_scheduling=request.param)
     for name, path in adapters.items():
         engine.load_adapter(name, path)
     return engine
@@ -325,7 +328,7 @@ def test_a_failed_step_ends_that_calls_requests_and_the_engine_goes_on(llm, monk
         raise RuntimeError("sampler broke")
 
     with monkeypatch.context() as m:
-        m.setattr(engine, "sample", broken)
+        m.setattr(engine, "launch", broken)
         with pytest.raises(RuntimeError, match="sampler broke"):
             llm.generate(prompts(3), GREEDY)
     assert calls and not llm.scheduler.running and not llm.scheduler.waiting

@@ -78,10 +78,10 @@ def paths(tmp_path_factory):
     return base, save_adapters(base, root)
 
 
-def generate(paths, static: bool):
+def generate(paths, static: bool, async_scheduling: bool = False):
     base, adapters = paths
     llm = LLM(base, kv_block_size=4, kv_cache_bytes=2**22, adapter_loader_threads=0, max_num_seqs=12,
-              cuda_graphs=False)
+              cuda_graphs=False, async_scheduling=async_scheduling)
     for name, path in adapters.items():
         llm.load_adapter(name, path)
     steps = []
@@ -89,7 +89,7 @@ def generate(paths, static: bool):
         runner = llm.runner
         runner.graphs = DecodeGraphs(runner.model, runner.pool, 12, -(-llm.max_model_len // 4), capture=False)
         run = runner.graphs.run
-        runner.graphs.run = lambda b: steps.append(len(b.input_ids)) or run(b)
+        runner.graphs.run = lambda b, previous=None: steps.append(len(b.input_ids)) or run(b, previous)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 300) for _ in range(rng.randrange(2, 30))] for _ in MIXED_ROWS]
     params = [SamplingParams(max_tokens=2 + i, temperature=0, ignore_eos=True, logprobs=0)
@@ -104,7 +104,11 @@ def test_static_decode_inputs_equal_eager(paths):
     assert buckets(12) == [1, 2, 4, 8, 12]
     static, steps = generate(paths, static=True)
     eager, _ = generate(paths, static=False)
-    assert set(steps) >= {9, 7, 5, 3, 1}  # decode batches that need padding, down to one row
-    assert [o.token_ids for o in static] == [o.token_ids for o in eager]
-    for a, b in zip(static, eager):
-        torch.testing.assert_close([t.logprob for t in a.logprobs], [t.logprob for t in b.logprobs], rtol=0, atol=1e-5)
+    # async scheduling: the static input ids of the previous step's tokens are filled on the device
+    lagged, lagged_steps = generate(paths, static=True, async_scheduling=True)
+    assert set(steps) >= {9, 7, 5, 3, 1} and set(lagged_steps) >= {9, 7, 5, 3, 1}  # padded batches, down to one row
+    for outs in (static, lagged):
+        assert [o.token_ids for o in outs] == [o.token_ids for o in eager]
+        for a, b in zip(outs, eager):
+            torch.testing.assert_close([t.logprob for t in a.logprobs], [t.logprob for t in b.logprobs], rtol=0,
+                                       atol=1e-5)

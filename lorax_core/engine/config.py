@@ -20,6 +20,9 @@ class EngineConfig:
     max_lora_rank: int = 64
     adapter_page_size: int | None = None  # elements per pool page; default min(1024, hidden size)
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (GPU only)
+    # launch each step before the host has the previous step's tokens (their device copies are the next inputs), so
+    # the host's work (outputs, detokenizing, scheduling, inputs) overlaps the device's; default: on a GPU
+    async_scheduling: bool | None = None
     seed: int = 0  # for requests without their own seed
 
     def __post_init__(self):
@@ -39,5 +42,7 @@ class EngineConfig:
             raise ValueError(f"adapter_loader_threads must be an integer >= 0, got {self.adapter_loader_threads!r}")
         if not self.adapter_time_slice_s >= 0:
             raise ValueError(f"adapter_time_slice_s must be >= 0 seconds, got {self.adapter_time_slice_s!r}")
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be True, False or None (on a GPU), got {self.async_scheduling!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lorax_core.adapters import AdapterPool
-from lorax_core.engine.step_inputs import Layout, StepBatch
+from lorax_core.engine.step_inputs import Layout, StepBatch, fill_pending
 from lorax_core.model.context import ForwardContext, LoraBatch
 from lorax_core.model.llama import CausalLM
 
@@ -26,7 +26,8 @@ def layout(bs: int, max_blocks: int) -> Layout:
     long, int32 = torch.int64, torch.int32
     return Layout([("input_ids", long, (bs,)), ("positions", long, (bs,)), ("slots", long, (bs,)),
                    ("logits", long, (bs,)), ("context_lens", int32, (bs,)), ("seg_starts", int32, (bs + 1,)),
-                   ("seg_slots", int32, (bs,)), ("block_tables", int32, (bs, max_blocks))])
+                   ("pending_rows", long, (bs,)), ("pending_from", long, (bs,)), ("seg_slots", int32, (bs,)),
+                   ("block_tables", int32, (bs, max_blocks))])
 
 
 class Bucket:
@@ -43,15 +44,20 @@ class Bucket:
                                       context_lens=t["context_lens"],
                                       lora=LoraBatch(pool, t["seg_starts"], t["seg_slots"]))
 
-    def load(self, b: StepBatch) -> torch.Tensor | None:
+    def load(self, b: StepBatch, previous: torch.Tensor | None = None) -> torch.Tensor | None:
         """Fill the static inputs with a decode step's rows, then padding rows (position 0, no slot, no context, no
-        adapter segment), in one copy. Returns the rows to take logits of (None: all, in order)."""
+        adapter segment), in one copy; then the input ids still pending on the device, from `previous` (the tokens
+        of the step that sampled them). Returns the rows to take logits of (None: all, in order)."""
         n = len(b.input_ids)
         values = {"input_ids": b.input_ids, "positions": b.positions, "slots": b.slots, "context_lens": b.context_lens,
                   "block_tables": b.block_tables, "logits": b.logits_rows or (),
+                  "pending_rows": b.pending_rows, "pending_from": b.pending_from,
                   "seg_starts": b.seg_starts or [0], "seg_slots": b.seg_slots or ()}  # no adapter: [0, n) is base
         fill = {"slots": -1, "seg_slots": -1, "seg_starts": n}  # segments past the last are empty: [n, n)
         self.buffer.copy_(self.layout.pack(values, fill, pin=self.pin), non_blocking=True)
+        if b.pending_rows:
+            k, t = len(b.pending_rows), self.inputs
+            fill_pending(t["input_ids"], t["pending_rows"][:k], t["pending_from"][:k], previous)
         return None if b.logits_rows is None else self.inputs["logits"][:len(b.logits_rows)]
 
 
@@ -82,13 +88,13 @@ class DecodeGraphs:
     def fits(self, batch: int, width: int) -> bool:
         return batch <= self.sizes[-1] and width <= self.max_blocks
 
-    def run(self, b: StepBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(self, b: StepBatch, previous: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A decode step (no prefill rows): hidden states [B, hidden] of its rows, and the rows to take logits of
-        (None: all, in order)."""
+        (None: all, in order). `previous`: the tokens of the step whose samples are pending (Bucket.load)."""
         n = len(b.input_ids)
         bs = next(s for s in self.sizes if s >= n)
         bucket = self.buckets[bs]
-        logits = bucket.load(b)
+        logits = bucket.load(b, previous)
         if bs in self.graphs:
             self.graphs[bs].replay()
             hidden = self.outputs[bs]

@@ -15,7 +15,7 @@ from lorax_core.engine.config import EngineConfig
 from lorax_core.engine.detokenizer import append_text, text_decoder
 from lorax_core.engine.model_runner import ModelRunner
 from lorax_core.engine.outputs import RequestError, RequestMetrics, RequestOutput, StreamDelta
-from lorax_core.engine.sampler import sample
+from lorax_core.engine.sampler import Sampled, launch
 from lorax_core.engine.sampling import SamplingParams
 from lorax_core.engine.scheduler import Scheduler
 from lorax_core.engine.sequence import Sequence
@@ -67,8 +67,12 @@ class LLM:
                                   self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.kv_block_size)
         self.scheduler = Scheduler(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
-                                   config.max_active_adapters, config.adapter_time_slice_s, self.blocks, self.registry)
+                                   config.max_active_adapters, config.adapter_time_slice_s, self.blocks, self.registry,
+                                   max_model_len=self.max_model_len)
         torch.manual_seed(config.seed)  # unseeded requests draw from the global generator
+        async_scheduling = config.async_scheduling
+        self.async_scheduling = self.device.type == "cuda" if async_scheduling is None else async_scheduling
+        self._in_flight: Sampled | None = None  # the launched step whose tokens the host does not have yet
 
     # --- adapters --------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, source: str | Path, directory: Path | None = None) -> AdapterInfo:
@@ -142,32 +146,65 @@ class LLM:
     def step(self) -> list[Sequence]:
         """One engine step (decodes and prompt chunks together); returns the sequences that got a new token.
 
-        With nothing to run but adapters on their way in, it waits for them first."""
+        With async scheduling (on a GPU by default) a step's tokens reach the host during the next call: each call
+        launches a step, whose inputs for the newest tokens come from the previous step's tokens on the device, and
+        then takes that previous step's tokens, so the host's work overlaps the device's. A sequence that stops
+        meanwhile gets one more row computed and dropped. With nothing to run but adapters on their way in, it waits
+        for them first."""
+        previous = self._in_flight
         seqs = self.scheduler.schedule()
-        if not seqs and self.registry.wait_for_loads(self.scheduler.active):
+        if not seqs and previous is None and self.registry.wait_for_loads(self.scheduler.active):
             seqs = self.scheduler.schedule()
         if not seqs:
+            if previous is not None:
+                return self._take(previous)
             if not self.scheduler.running and self.scheduler.waiting and not self.registry.loading:
                 raise RuntimeError(f"engine stalled: {len(self.scheduler.waiting)} waiting requests cannot be "
                                    "scheduled with nothing running (KV blocks or adapter slots); this is a bug")
             return []
         for name in {s.adapter for s in seqs if s.adapter is not None}:
             self.pool.wait(name)  # the compute stream waits for these adapters' copies (only these)
-        logits = self.runner.run(seqs)
+        logits = self.runner.run(seqs, previous.tokens if previous is not None else None)
         sampled = [s for s in seqs if s.samples]  # the others computed a prompt chunk that is not the last
-        tokens = sample(logits, sampled)
         for seq in seqs:
             seq.num_computed_tokens += seq.chunk
             seq.chunk = 0
+        got = []
+        if previous is not None and any(s.num_pending and _penalized(s) for s in sampled):
+            got, previous = self._take(previous), None  # the penalties count the tokens on the host
+        current = launch(logits, sampled)
+        for row, seq in enumerate(sampled):
+            seq.num_pending += 1
+            seq.pending_row = row
+        self._in_flight = current
+        if previous is not None:
+            got = self._take(previous)
+        if not self.async_scheduling:
+            got = self._take(current)
+        return got
+
+    def _take(self, step: Sampled) -> list[Sequence]:
+        """Wait for a launched step's tokens and give them to their sequences (those that ended meanwhile drop
+        theirs); returns the sequences that got one."""
+        if self._in_flight is step:
+            self._in_flight = None
+        tokens, records = step.resolve()
         now = self.scheduler.clock()
-        for seq, token in zip(sampled, tokens):
+        got = []
+        for seq, token, record in zip(step.seqs, tokens, records):
+            seq.num_pending -= 1
+            if seq.finished:  # stopped or aborted while this token was on the device
+                continue
             seq.append(token)
+            if record is not None:
+                seq.logprobs.append(record)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             if seq.adapter is not None:
                 self.registry.stats(seq.adapter).generated_tokens += 1
             self._update(seq, token)
-        return sampled
+            got.append(seq)
+        return got
 
     def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
                  adapters: str | None | Seq[str | None] = None) -> list[RequestOutput]:
@@ -255,7 +292,7 @@ class LLM:
             cut = _find_stop(seq.text, p.stop, max(0, unchanged - max(map(len, p.stop), default=0) + 1))
         if cut >= 0 or token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
-        elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+        elif seq.num_completion_tokens >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
             reason = "length"
         else:
             return
@@ -323,6 +360,11 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES.values():
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     return dtype
+
+
+def _penalized(seq: Sequence) -> bool:
+    """The sampler reads this sequence's tokens on the host (repetition, presence or frequency penalty)."""
+    return seq.seen_ids is not None or seq.output_counts is not None
 
 
 def _find_stop(text: str, stops: list[str], start: int) -> int:

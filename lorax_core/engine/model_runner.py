@@ -13,7 +13,7 @@ import torch
 from lorax_core.adapters import AdapterPool
 from lorax_core.engine.cuda_graphs import DecodeGraphs
 from lorax_core.engine.sequence import Sequence
-from lorax_core.engine.step_inputs import StepBatch, upload
+from lorax_core.engine.step_inputs import StepBatch, fill_pending, upload
 from lorax_core.model.context import ForwardContext, LoraBatch
 from lorax_core.model.llama import CausalLM
 
@@ -46,13 +46,18 @@ class ModelRunner:
         for seq in chunks:
             first, end = seq.num_computed_tokens, seq.num_computed_tokens + seq.chunk
             b.input_ids += seq.token_ids[first:end]
+            if end > len(seq.token_ids):  # a preempted sequence's newest token is still on the device
+                b.pending(len(b.input_ids), seq.pending_row)
+                b.input_ids.append(0)
             b.positions += range(first, end)
             b.slots += self._slots(seq, range(first, end))
             b.cu_seqlens.append(end - first + b.cu_seqlens[-1])
             b.chunk_starts.append(first)
             b.prefix_slots.append(self._slots(seq, range(end)) if first else None)
         for seq in decodes:
-            b.input_ids.append(seq.last_token)
+            if seq.num_pending:
+                b.pending(len(b.input_ids), seq.pending_row)
+            b.input_ids.append(seq.token_ids[-1] if not seq.num_pending else 0)
             b.positions.append(len(seq) - 1)
             b.slots += self._slots(seq, [len(seq) - 1])
         rows_cu = b.cu_seqlens + [b.cu_seqlens[-1] + i + 1 for i in range(len(decodes))]
@@ -77,8 +82,9 @@ class ModelRunner:
         bs = self.block_size
         return [seq.block_table[p // bs] * bs + p % bs for p in positions]
 
-    def upload(self, b: StepBatch) -> tuple[torch.Tensor, ForwardContext]:
-        """The step's tensors on the model's device, sent in one copy: token ids and the forward context."""
+    def upload(self, b: StepBatch) -> tuple[torch.Tensor, ForwardContext, torch.Tensor | None, torch.Tensor | None]:
+        """The step's tensors on the model's device, sent in one copy: token ids, the forward context, and the rows
+        whose token is pending with their rows in the previous step's tokens (None, None: no such row)."""
         long, int32 = torch.int64, torch.int32
         fields = {"input_ids": (long, b.input_ids), "positions": (long, b.positions), "slots": (long, b.slots)}
         if b.logits_rows is not None:
@@ -87,6 +93,8 @@ class ModelRunner:
             fields |= {"block_tables": (int32, b.block_tables), "context_lens": (int32, b.context_lens)}
         if b.seg_slots is not None:
             fields |= {"seg_starts": (int32, b.seg_starts), "seg_slots": (int32, b.seg_slots)}
+        if b.pending_rows:
+            fields |= {"pending_rows": (long, b.pending_rows), "pending_from": (long, b.pending_from)}
         fields |= {f"prefix{i}": (long, p) for i, p in enumerate(b.prefix_slots) if p is not None}
         t = upload(fields, self.device)
         lora = LoraBatch(self.pool, t["seg_starts"], t["seg_slots"]) if b.seg_slots is not None else None
@@ -95,19 +103,24 @@ class ModelRunner:
                              prefix_slots=[t.get(f"prefix{i}") for i in range(len(b.prefix_slots))],
                              block_tables=t.get("block_tables"), context_lens=t.get("context_lens"),
                              logits_indices=t.get("logits"))
-        return t["input_ids"], ctx
+        return t["input_ids"], ctx, t.get("pending_rows"), t.get("pending_from")
 
     # --- run -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence]) -> torch.Tensor:
+    def run(self, seqs: list[Sequence], previous: torch.Tensor | None = None) -> torch.Tensor:
         """Logits fp32 [S, vocab] of the next token of each sequence whose chunk reaches its end (`seq.samples`),
-        in the order of `seqs`."""
+        in the order of `seqs`. `previous`: the tokens (on the device) of the step whose samples some of these
+        sequences still have pending (`seq.pending_row` indexes it)."""
         b = self.batch(seqs)
+        if b.pending_rows and previous is None:
+            raise RuntimeError("a sequence's newest token is pending on the device, but no step's tokens were given")
         graphs = self.graphs
         if b.num_prefill_tokens == 0 and graphs is not None and graphs.fits(len(seqs), len(b.block_tables[0])):
-            hidden, logits_indices = graphs.run(b)
+            hidden, logits_indices = graphs.run(b, previous)
         else:
-            input_ids, ctx = self.upload(b)
+            input_ids, ctx, rows, sources = self.upload(b)
+            if rows is not None:
+                fill_pending(input_ids, rows, sources, previous)
             hidden, logits_indices = self.model(input_ids, ctx), ctx.logits_indices
         return self.model.compute_logits(hidden if logits_indices is None else hidden[logits_indices])
 

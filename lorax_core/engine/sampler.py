@@ -1,5 +1,12 @@
-"""Next-token choice for a batch of rows, each with its own sampling parameters."""
+"""Next-token choice for a batch of rows, each with its own sampling parameters.
+
+`launch` enqueues a step's sampling on the logits' device and starts copying the tokens (and logprobs) to pinned
+host memory; `Sampled.resolve` waits for that copy alone. Between the two the host may launch the next step, which
+is what the engine's async scheduling does. `sample` is both at once.
+"""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -7,12 +14,49 @@ from lorax_core.engine.sampling import SamplingParams
 from lorax_core.engine.sequence import Sequence, TokenLogprob
 
 
+@dataclasses.dataclass
+class Sampled:
+    """One step's sampled tokens (device tensor `tokens`, row i for seqs[i]) on their way to the host."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # int64 [S], on the logits' device: the next step's input ids are gathered from it
+    _host: list[torch.Tensor]  # tokens, then chosen logprobs, top values and top ids when a row asked for logprobs
+    _done: torch.cuda.Event | None  # recorded after the copies to the host (None: on the CPU, already there)
+
+    def resolve(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Wait for this step's copies (not for later work on the stream); each row's token and its logprobs
+        record (None where the row did not ask for logprobs)."""
+        if self._done is not None:
+            self._done.synchronize()
+        tokens = self._host[0].tolist()
+        records: list[TokenLogprob | None] = [None] * len(tokens)
+        if len(self._host) > 1:
+            chosen, top_values, top_ids = (t.tolist() for t in self._host[1:])
+            for i, seq in enumerate(self.seqs):
+                n = seq.params.logprobs
+                if n is not None:
+                    records[i] = TokenLogprob(tokens[i], chosen[i], dict(zip(top_ids[i][:n], top_values[i][:n])))
+        return tokens, records
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """Pick each row's next token (logits fp32 [B, vocab]); records logprobs on sequences that asked for them.
+    """Pick each row's next token (logits fp32 [B, vocab]), waiting for them; records logprobs on sequences that
+    asked for them. See `launch`."""
+    tokens, records = launch(logits, seqs).resolve()
+    for seq, record in zip(seqs, records):
+        if record is not None:
+            seq.logprobs.append(record)
+    return tokens
+
+
+def launch(logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
+    """Enqueue the choice of each row's next token (logits fp32 [B, vocab]) and its copy to the host; nothing here
+    waits for the device.
 
     Order as in transformers (and vLLM for OpenAI's logit bias and penalties): logit bias, repetition penalty,
     presence and frequency penalties, temperature, top-k, top-p, min-p; greedy rows take the argmax after the bias
-    and penalties. Seeded rows draw from their own generator.
+    and penalties. Seeded rows draw from their own generator. The penalties read the tokens each sequence holds
+    on the host, so the caller resolves earlier steps of a penalized sequence first.
     """
     logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
     if any(s.params.logit_bias or s.seen_ids is not None or s.output_counts is not None for s in seqs):
@@ -23,11 +67,19 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     else:
         tokens = logits.argmax(dim=-1)
         if sampled:
-            rows = torch.tensor(sampled, device=logits.device)
+            rows = _on(logits.device, sampled, torch.long)
             tokens[rows] = _draw(logits[rows], [seqs[i] for i in sampled])
+    results = [tokens]
     if logprobs is not None:
-        _record_logprobs(logprobs, tokens, seqs)
-    return tokens.tolist()
+        k = min(max(s.params.logprobs or 0 for s in seqs), logprobs.shape[1])  # a vocabulary may be under 20 tokens
+        top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
+        results += [logprobs.gather(1, tokens[:, None]).squeeze(1), top_values, top_ids]
+    if logits.device.type != "cuda":
+        return Sampled(seqs, tokens, results, None)
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in results]
+    done = torch.cuda.Event()
+    done.record()
+    return Sampled(seqs, tokens, host, done)
 
 
 def _adjusted(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -61,11 +113,7 @@ def _at(device: torch.device, entries: list[tuple[int, dict[int, float]]]) -> tu
     rows = [i for i, v in entries for _ in range(len(v))]
     ids = [t for _, v in entries for t in v]
     values = [x for _, v in entries for x in v.values()]
-
-    def to(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=True)
-
-    return (to(torch.tensor(rows)), to(torch.tensor(ids))), to(torch.tensor(values, dtype=torch.float32))
+    return (_on(device, rows, torch.long), _on(device, ids, torch.long)), _on(device, values, torch.float32)
 
 
 def _draw(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -114,7 +162,16 @@ def _filtered(top: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
 
 def _column(device: torch.device, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A [B, 1] tensor of per-row values."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True).unsqueeze(1)
+    return _on(device, values, dtype).unsqueeze(1)
+
+
+def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """values as a tensor on `device`, copied from pinned memory on a GPU: a copy from pageable memory may make the
+    host wait for the stream, which async scheduling keeps busy with the step just launched."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _noise(shape: torch.Size, device: torch.device, seqs: list[Sequence], order: torch.Tensor | None = None,
@@ -136,15 +193,3 @@ def _noise(shape: torch.Size, device: torch.device, seqs: list[Sequence], order:
                 row = torch.empty(vocab, dtype=torch.float32, device=device).exponential_(generator=generator)
                 noise[i] = row[order[i]]
     return noise
-
-
-def _record_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, seqs: list[Sequence]) -> None:
-    """Logprobs of the model's distribution (before penalties and temperature), as OpenAI and vLLM report them."""
-    k = min(max(s.params.logprobs or 0 for s in seqs), logprobs.shape[1])  # a vocabulary may be under 20 tokens
-    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-    token_list, top_values, top_ids = tokens.tolist(), top_values.tolist(), top_ids.tolist()
-    for i, seq in enumerate(seqs):
-        n = seq.params.logprobs
-        if n is not None:
-            seq.logprobs.append(TokenLogprob(token_list[i], chosen[i], dict(zip(top_ids[i][:n], top_values[i][:n]))))

@@ -27,8 +27,10 @@ from lorax_core.engine.sequence import Sequence, Status
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_active_adapters: int, time_slice_s: float,
-                 blocks: BlockManager, registry: AdapterRegistry, clock: Callable[[], float] = time.monotonic):
+                 blocks: BlockManager, registry: AdapterRegistry, clock: Callable[[], float] = time.monotonic,
+                 max_model_len: int | None = None):
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.max_active_adapters, self.time_slice_s = max_active_adapters, time_slice_s
         self.blocks, self.registry, self.clock = blocks, registry, clock
         self.waiting: collections.deque[Sequence] = collections.deque()  # arrival order (preempted ones first)
@@ -118,7 +120,7 @@ class Scheduler:
         running sequence not yet in the batch is preempted (possibly this one)."""
         batch: list[Sequence] = []
         for seq in list(self.running):
-            if seq.status is not Status.RUNNING or len(seq) - seq.num_computed_tokens != 1:
+            if seq.status is not Status.RUNNING or len(seq) - seq.num_computed_tokens != 1 or self._ends_pending(seq):
                 continue
             while not self.blocks.can_append(seq):
                 victim = next(s for s in reversed(self.running) if s not in batch)
@@ -130,6 +132,14 @@ class Scheduler:
                 seq.chunk = 1
                 batch.append(seq)
         return batch
+
+    def _ends_pending(self, seq: Sequence) -> bool:
+        """The sequence's token still on the device is its last, by max_tokens or the model's length (async
+        scheduling): it has nothing more to decode."""
+        if not seq.num_pending:
+            return False
+        return (seq.num_completion_tokens + seq.num_pending >= seq.params.max_tokens
+                or (self.max_model_len is not None and len(seq) >= self.max_model_len))
 
     def _continue_prefills(self, batch: list[Sequence], budget: int) -> int:
         """The next chunks of prompts prefilled over several steps (their blocks were allocated at admission)."""

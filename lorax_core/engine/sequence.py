@@ -37,6 +37,11 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0  # tokens whose keys and values are in the KV cache
         self.chunk = 0  # tokens this step computes (set by the scheduler)
+        # Async scheduling: tokens sampled by a step still on the device, not yet in token_ids. They count in
+        # len(self): the next step's positions, KV slots and blocks follow them, and its input for the newest one
+        # is gathered on the device from row `pending_row` of the last launched step's tokens.
+        self.num_pending = 0
+        self.pending_row = -1
         self.finish_reason: str | None = None  # "stop" | "length" | "error" | "abort"
         self.error: str | None = None
         self.text = ""  # detokenized completion (cut at a stop string)
@@ -64,7 +69,8 @@ class Sequence:
         return self._generator
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        """Tokens so far, those still on the device included."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def completion_ids(self) -> list[int]:
@@ -75,13 +81,9 @@ class Sequence:
         return len(self.token_ids) - self.prompt_len
 
     @property
-    def last_token(self) -> int:
-        return self.token_ids[-1]
-
-    @property
     def samples(self) -> bool:
         """This step's chunk reaches the last token, so the step samples the next one."""
-        return self.num_computed_tokens + self.chunk == len(self.token_ids)
+        return self.num_computed_tokens + self.chunk == len(self)
 
     @property
     def finished(self) -> bool:

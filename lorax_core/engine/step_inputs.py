@@ -33,6 +33,13 @@ class StepBatch:
     seg_starts: list[int] | None = None  # adapter segments (None: no row uses an adapter)
     seg_slots: list[int] | None = None
     logits_rows: list[int] | None = None  # the rows to take logits of, in the caller's order; None: all, in order
+    # rows whose input token the previous step sampled, still on the device, and their rows in its tokens
+    pending_rows: list[int] = dataclasses.field(default_factory=list)
+    pending_from: list[int] = dataclasses.field(default_factory=list)
+
+    def pending(self, row: int, source: int) -> None:
+        self.pending_rows.append(row)
+        self.pending_from.append(source)
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -108,6 +115,11 @@ def upload(fields: dict[str, tuple[torch.dtype, list]], device: torch.device) ->
     layout = _layout(tuple((name, dtype, _shape(value)) for name, (dtype, value) in fields.items()))
     host = layout.pack({name: value for name, (_, value) in fields.items()}, pin=device.type == "cuda")
     return layout.views(host.to(device, non_blocking=True))
+
+
+def fill_pending(input_ids: torch.Tensor, rows: torch.Tensor, sources: torch.Tensor, previous: torch.Tensor) -> None:
+    """input_ids[rows[i]] = previous[sources[i]], on the device: inputs that the step before sampled."""
+    input_ids.index_copy_(0, rows, previous.index_select(0, sources))
 
 
 def _shape(value: list) -> tuple[int, ...]:
