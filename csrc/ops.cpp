@@ -29,6 +29,15 @@ TORCH_LIBRARY(lorax_core, m) {
       "float offset, int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias, Tensor? arena, "
       "Tensor? page_table, Tensor? ranks, Tensor? scales, Tensor? seg_starts, Tensor? seg_slots, Tensor? v, "
       "int layer, int[] modules, int[] columns, int page_size, bool silu_mul) -> Tensor");
+  // nf4_linear_sgmv of a fused q | k | v projection (q_heads heads, then kv_heads of k and of v), then
+  // rotary_kv_cache_write of its q, k and v: returns the output with q and k rotated, and writes k and v to the
+  // cache. On CUDA, for up to 8 rows of x, the GEMV's epilogue does the rotary and the cache write.
+  m.def(
+      "nf4_linear_sgmv_rotary(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, "
+      "float offset, int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias, Tensor? arena, "
+      "Tensor? page_table, Tensor? ranks, Tensor? scales, Tensor? seg_starts, Tensor? seg_slots, Tensor? v, "
+      "int layer, int[] modules, int[] columns, int page_size, int q_heads, int kv_heads, Tensor cos, Tensor sin, "
+      "Tensor positions, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> Tensor");
 
   // Multi-adapter LoRA through the paged adapter pool (csrc/lora/lora.h has the layout). One call serves the
   // modules of a fused projection, which share x. Shrink: v [T, modules * max_rank] fp32, module i's block =

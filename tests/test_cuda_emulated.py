@@ -33,6 +33,7 @@ from test_nf4_sgmv import CASES as NF4_SGMV_CASES
 from test_nf4_sgmv import QKV as NF4_SGMV_MODULES
 from test_nf4_sgmv import case_id as nf4_sgmv_case_id
 from test_nf4_sgmv import check_device_norm_shrink as check_norm_shrink
+from test_nf4_sgmv import QKV_CASES, QKV_ODD, check_device_rotary
 from test_nf4_sgmv import check_device_op as check_nf4_sgmv
 
 MODE = os.environ.get("LORAX_EMU")  # "asan" inside test_emulated_kernels' subprocess
@@ -461,6 +462,34 @@ def test_nf4_linear_sgmv_several_tiles_per_cta(emu, case):
     modules = {"q_proj": (416, 4096), "k_proj": (416, 1280), "v_proj": (416, 1280), "gate_proj": (416, 3204),
                "up_proj": (416, 3204)}
     check_nf4_sgmv(case, torch.bfloat16, "cpu", run, modules=modules)
+
+
+@emulated
+@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", QKV_CASES, ids=nf4_sgmv_case_id)
+def test_nf4_linear_sgmv_rotary(emu, dtype, case, head_dim):
+    """q | k | v with rotary and the KV cache write in the GEMV's epilogue (1 to 8 rows; 9: the ops), bit for bit
+    the emulated nf4_linear_sgmv then rotary_kv_cache_write: rows without a slot, rows without an adapter."""
+    def run(f):
+        with emu():
+            return f()
+
+    check_device_rotary(case, head_dim, dtype, "cpu", run)
+
+
+@emulated
+def test_nf4_linear_sgmv_rotary_odd_shapes(emu):
+    """head_dim 48 (not a power of two: the ops one after the other), and 32 q + 2 x 10 kv heads of 128 (416 tiles
+    of 8 pairs: some CTAs take two)."""
+    def run(f):
+        with emu():
+            return f()
+
+    check_device_rotary(QKV_CASES[0], 48, torch.bfloat16, "cpu", run, modules=QKV_ODD)
+    big = {"q_proj": (416, 4096), "k_proj": (416, 1280), "v_proj": (416, 1280)}
+    for case in (QKV_CASES[0], QKV_CASES[-1]):
+        check_device_rotary(case, 128, torch.bfloat16, "cpu", run, modules=big)
 
 
 @emulated

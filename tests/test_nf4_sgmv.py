@@ -6,7 +6,8 @@ import torch
 
 from conftest import NF4_GEMV_MAX_ROWS, assert_close, assert_rounds_exact
 from lora_helpers import linear_sgmv_case
-from lorax_core.ops import add_rms_norm, add_rms_norm_sgmv_shrink, nf4_linear, nf4_linear_sgmv, sgmv, silu_mul
+from lorax_core.ops import add_rms_norm, add_rms_norm_sgmv_shrink, nf4_linear, nf4_linear_sgmv, nf4_linear_sgmv_rotary
+from lorax_core.ops import rotary_kv_cache_write, sgmv, silu_mul
 from lorax_core.ops import reference as ref
 from test_layer_ops import assert_norm_same
 
@@ -217,3 +218,148 @@ def check_device_norm_shrink(case, dtype, device, run=lambda f: f(), modules=QKV
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_norm_shrink_cuda_matches_cpu(case, dtype):
     check_device_norm_shrink(case, dtype, "cuda")
+
+
+# ------------------------------------------------------- nf4_linear_sgmv_rotary (q | k | v, rotary, KV cache write)
+
+# q | k | v cases; 1 to 8 rows take the GEMV on CUDA, 9 the ops one after the other
+QKV_CASES = [case for case in CASES if case[0] == ["q_proj", "k_proj", "v_proj"]]
+QKV_CASES.append((["q_proj", "k_proj", "v_proj"], 8, [2, 3, 3], [1, -1, 0]))
+QKV_ODD = {"q_proj": (256, 192), "k_proj": (256, 48), "v_proj": (256, 48)}  # head_dim 48: not a power of two
+
+
+def rotary_case(case, head_dim, dtype=torch.float32, device="cpu", modules=QKV, blocks=6, block_size=4):
+    """nf4_linear_sgmv_rotary's arguments (as a dict for the wrapper): the LoRA case's, the heads, cos / sin tables
+    of 40 positions, each row's position, caches of `blocks` blocks, and slots (the second row's -1: none)."""
+    names, tokens, lengths, seg = case
+    args, exact = linear_sgmv_case(modules, names, RANKS, tokens, lengths, seg, dtype=dtype)
+    q_heads, kv_heads = modules["q_proj"][1] // head_dim, modules["k_proj"][1] // head_dim
+    gen = torch.Generator().manual_seed(3)
+    angles = torch.arange(40.0)[:, None] * 0.37 ** torch.arange(head_dim // 2.0)
+    angles = torch.cat([angles, angles], dim=1)
+    cache = (blocks, block_size, kv_heads, head_dim)
+    slots = torch.randperm(blocks * block_size, generator=gen)[:tokens]
+    if tokens > 1:
+        slots[1] = -1
+    rotary = dict(q_heads=q_heads, kv_heads=kv_heads, cos=angles.cos().to(dtype), sin=angles.sin().to(dtype),
+                  positions=torch.randint(0, 40, (tokens,), generator=gen), k_cache=torch.randn(cache, generator=gen),
+                  v_cache=torch.randn(cache, generator=gen), slot_mapping=slots)
+    rotary["k_cache"], rotary["v_cache"] = rotary["k_cache"].to(dtype), rotary["v_cache"].to(dtype)
+    full = {**args, **rotary}
+    full.pop("modules")
+    full = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in full.items()}
+    if device != "cpu":
+        full["pool"] = linear_sgmv_case(modules, names, RANKS, tokens, lengths, seg, dtype=dtype,
+                                        device=device)[0]["pool"]
+    return dict(full, modules=names, v=None), exact
+
+
+def rotary_op(a):
+    return nf4_linear_sgmv_rotary(a["x"], a["w"], a["bias"], a["pool"], a["layer"], a["modules"], a["seg_starts"],
+                                  a["seg_slots"], a["v"], a["q_heads"], a["kv_heads"], a["cos"], a["sin"],
+                                  a["positions"], a["k_cache"], a["v_cache"], a["slot_mapping"])
+
+
+def rotary_composed(a):
+    """nf4_linear_sgmv, then rotary_kv_cache_write of its heads: the op's semantics, on a's own caches."""
+    y = nf4_linear_sgmv(a["x"], a["w"], a["bias"], a["pool"], a["layer"], a["modules"], a["seg_starts"],
+                        a["seg_slots"])
+    d = a["cos"].shape[1]
+    q, k, v = (p.view(y.shape[0], -1, d) for p in y.split([a["q_heads"] * d, a["kv_heads"] * d,
+                                                           a["kv_heads"] * d], dim=1))
+    rotary_kv_cache_write(q, k, v, a["cos"], a["sin"], a["positions"], a["k_cache"], a["v_cache"], a["slot_mapping"])
+    return y
+
+
+def fresh(a):
+    return {**a, "k_cache": a["k_cache"].clone(), "v_cache": a["v_cache"].clone()}
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64])
+@pytest.mark.parametrize("case", QKV_CASES, ids=case_id)
+def test_rotary_cpu_is_linear_sgmv_then_rotary_kv_cache_write(case, head_dim):
+    for dtype in (torch.float32, torch.bfloat16):
+        a, _ = rotary_case(case, head_dim, dtype)
+        got, want = fresh(a), fresh(a)
+        y = rotary_op(got)
+        assert torch.equal(y, rotary_composed(want))
+        assert torch.equal(got["k_cache"], want["k_cache"]) and torch.equal(got["v_cache"], want["v_cache"])
+        assert not torch.equal(got["k_cache"], a["k_cache"])  # the rows with a slot were written
+
+
+def test_rotary_cpu_matches_reference():
+    case = QKV_CASES[0]
+    a, _ = rotary_case(case, 32)
+    names, tokens, lengths, seg = case
+    pool, layer = a["pool"], a["layer"]
+    weights, scales = {}, {}
+    for i in range(len(RANKS)):
+        slot = pool.slot(f"a{i}")
+        parts = [pool.dense(f"a{i}", layer, n) for n in names]
+        weights[slot], scales[slot] = parts, float(pool.scales[slot])
+    got, want = fresh(a), fresh(a)
+    y = rotary_op(got)
+    rows = [s for s, n in zip(seg, lengths) for _ in range(n)]
+    expected = ref.nf4_linear_sgmv_rotary(a["x"], a["w"].dequantize(torch.float32), a["bias"], rows,
+                                          _block_weights(weights, names), scales, a["q_heads"], a["kv_heads"], a["cos"],
+                                          a["sin"], a["positions"], want["k_cache"], want["v_cache"],
+                                          a["slot_mapping"])
+    assert_close(y, expected)
+    assert_close(got["k_cache"], want["k_cache"])
+    assert_close(got["v_cache"], want["v_cache"])
+
+
+def _block_weights(weights, names):
+    """{slot: [(A, B) per module]} -> {slot: (A stacked, B block-diagonal)}: ref.lora_delta's one pair per adapter."""
+    out = {}
+    for slot, parts in weights.items():
+        a_rows = torch.cat([a for a, _ in parts])
+        b = torch.zeros(sum(b.shape[0] for _, b in parts), a_rows.shape[0])
+        r0, c0 = 0, 0
+        for a_w, b_w in parts:
+            b[r0:r0 + b_w.shape[0], c0:c0 + a_w.shape[0]] = b_w
+            r0, c0 = r0 + b_w.shape[0], c0 + a_w.shape[0]
+        out[slot] = (a_rows.float(), b.float())
+    return out
+
+
+def test_rotary_bad_inputs_and_opcheck():
+    a, _ = rotary_case(QKV_CASES[-1], 32)
+    with pytest.raises(RuntimeError, match="do not split into 5 q heads and 2 k and v heads"):
+        rotary_op({**a, "q_heads": 5})
+    with pytest.raises(RuntimeError, match="positions must be int64"):
+        rotary_op({**a, "positions": a["positions"].int()})
+    with pytest.raises(RuntimeError, match="slot_mapping must be int64"):
+        rotary_op({**a, "slot_mapping": a["slot_mapping"][:1]})
+    w, pool = a["w"], a["pool"]
+    state = (w.codes, w.absmax, w.nested_code, w.nested_absmax, w.offset, w.blocksize, w.nested_blocksize)
+    lora = (pool.arena, pool.page_table, pool.ranks, pool.scales, a["seg_starts"], a["seg_slots"], None)
+    modules = [pool.module_index(n) for n in a["modules"]]
+    torch.library.opcheck(torch.ops.lorax_core.nf4_linear_sgmv_rotary.default,
+                          (a["x"], *state, w.shape[0], a["bias"], *lora, a["layer"], modules, [0, 256, 320, 384], 64,
+                           a["q_heads"], a["kv_heads"], a["cos"], a["sin"], a["positions"], a["k_cache"],
+                           a["v_cache"], a["slot_mapping"]))
+
+
+def check_device_rotary(case, head_dim, dtype, device, run=lambda f: f(), modules=QKV):
+    """The device op against the device's nf4_linear_sgmv followed by its rotary_kv_cache_write, bit for bit: the
+    GEMV's epilogue rounds each output as nf4_linear_sgmv does, then rotates as the rotary op does."""
+    a, _ = rotary_case(case, head_dim, dtype, device, modules=modules)
+    got, want = fresh(a), fresh(a)
+    y = run(lambda: rotary_op(got))
+    expected = run(lambda: rotary_composed(want))
+    assert torch.equal(y, expected)
+    assert torch.equal(got["k_cache"], want["k_cache"]) and torch.equal(got["v_cache"], want["v_cache"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", QKV_CASES, ids=case_id)
+def test_rotary_cuda_matches_the_ops(case, dtype, head_dim):
+    check_device_rotary(case, head_dim, dtype, "cuda")
+
+
+@pytest.mark.cuda
+def test_rotary_cuda_head_dim_not_a_power_of_two():
+    check_device_rotary(QKV_CASES[0], 48, torch.bfloat16, "cuda", modules=QKV_ODD)

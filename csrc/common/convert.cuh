@@ -44,4 +44,13 @@ __device__ __forceinline__ T silu_mul_rounded(float g, float u) {
   return from_float<T>(__fmul_rn(silu, u));
 }
 
+// Rotary embedding of one element of a pair (layers.h), inputs already in T: x[i] (second = false) or x[i + D/2]
+// (second) from its own value `self`, its partner's `other` and the position's c = cos, s = sin at its index:
+// T(T(self c) - T(other s)) or T(T(self c) + T(other s)). The rotary kernels and the NF4 GEMV's epilogue.
+template <typename T>
+__device__ __forceinline__ T rotary_rounded(float self, float other, float c, float s, bool second) {
+  const float a = rounded<T>(__fmul_rn(self, c)), b = rounded<T>(__fmul_rn(other, s));
+  return from_float<T>(second ? __fadd_rn(a, b) : __fsub_rn(a, b));
+}
+
 }  // namespace lorax

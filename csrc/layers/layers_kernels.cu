@@ -58,10 +58,8 @@ __global__ void rotary_kernel(Rotating q, Rotating k, const T* __restrict__ cos,
     const Rotating& r = is_q ? q : k;
     T* v = static_cast<T*>(r.data) + t * r.token_stride + (is_q ? h : h - q.heads) * r.head_stride;
     const float x1 = to_float(v[i]), x2 = to_float(v[i + half]);
-    const float a = rounded<T>(__fmul_rn(x1, to_float(c[i]))), b = rounded<T>(__fmul_rn(x2, to_float(s[i])));
-    const float a2 = rounded<T>(__fmul_rn(x2, to_float(c[i + half])));
-    const float b2 = rounded<T>(__fmul_rn(x1, to_float(s[i + half])));
-    const T lo = from_float<T>(__fsub_rn(a, b)), hi = from_float<T>(__fadd_rn(a2, b2));
+    const T lo = rotary_rounded<T>(x1, x2, to_float(c[i]), to_float(s[i]), false);
+    const T hi = rotary_rounded<T>(x2, x1, to_float(c[i + half]), to_float(s[i + half]), true);
     v[i] = lo;
     v[i + half] = hi;
     if (!is_q && slot >= 0) {

@@ -80,15 +80,44 @@ at::Tensor linear_sgmv_composite(const at::Tensor& x, const at::Tensor& codes, c
                                  double offset, int64_t blocksize, int64_t blocksize2, int64_t out_features,
                                  const std::optional<at::Tensor>& bias, const LoraArgs& l, bool silu_mul);
 
-// The op's arguments in schema order, as a kernel receives them.
-#define LORAX_NF4_LINEAR_SGMV_PARAMS                                                                               \
+// nf4_linear_sgmv_rotary's rotary and KV cache arguments (rotary_kv_cache_write's, and the head counts that cut
+// the projection's output into q | k | v).
+struct RotaryArgs {
+  int64_t q_heads, kv_heads;
+  const at::Tensor &cos, &sin, &positions;
+  at::Tensor &k_cache, &v_cache;
+  const at::Tensor& slot_mapping;
+};
+
+// y [tokens, (q_heads + 2 kv_heads) * D] as q, k, v [tokens, heads, D] views; refuses an output that does not split
+// into heads of one even head_dim.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_heads(const at::Tensor& y, int64_t q_heads, int64_t kv_heads);
+
+// nf4_linear_sgmv (no silu_mul), then rotary_kv_cache_write of its q, k and v, both called through the dispatcher.
+at::Tensor linear_sgmv_rotary_composite(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+                                        const std::optional<at::Tensor>& code2,
+                                        const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize,
+                                        int64_t blocksize2, int64_t out_features,
+                                        const std::optional<at::Tensor>& bias, const LoraArgs& l, const RotaryArgs& r);
+
+// The op's arguments in schema order, as a kernel receives them (the rotary op's: no silu_mul, then its own).
+#define LORAX_NF4_LINEAR_SGMV_COMMON_PARAMS                                                                        \
   const at::Tensor &x, const at::Tensor &codes, const at::Tensor &absmax, const std::optional<at::Tensor> &code2,  \
       const std::optional<at::Tensor> &absmax2, double offset, int64_t blocksize, int64_t blocksize2,              \
       int64_t out_features, const std::optional<at::Tensor> &bias, const std::optional<at::Tensor> &arena,         \
       const std::optional<at::Tensor> &page_table, const std::optional<at::Tensor> &ranks,                         \
       const std::optional<at::Tensor> &scales, const std::optional<at::Tensor> &seg_starts,                        \
       const std::optional<at::Tensor> &seg_slots, const std::optional<at::Tensor> &v, int64_t layer,             \
-      at::IntArrayRef modules, at::IntArrayRef columns, int64_t page_size, bool silu_mul
+      at::IntArrayRef modules, at::IntArrayRef columns, int64_t page_size
+#define LORAX_NF4_LINEAR_SGMV_PARAMS LORAX_NF4_LINEAR_SGMV_COMMON_PARAMS, bool silu_mul
+#define LORAX_NF4_LINEAR_SGMV_ROTARY_PARAMS                                                                        \
+  LORAX_NF4_LINEAR_SGMV_COMMON_PARAMS, int64_t q_heads, int64_t kv_heads, const at::Tensor &cos,                   \
+      const at::Tensor &sin, const at::Tensor &positions, at::Tensor &k_cache, at::Tensor &v_cache,                \
+      const at::Tensor &slot_mapping
+#define LORAX_NF4_LINEAR_SGMV_ROTARY                                                                              \
+  RotaryArgs {                                                                                                    \
+    q_heads, kv_heads, cos, sin, positions, k_cache, v_cache, slot_mapping                                        \
+  }
 #define LORAX_NF4_LINEAR_SGMV_LORA                                                                                \
   LoraArgs {                                                                                                      \
     arena, page_table, ranks, scales, seg_starts, seg_slots, v, layer, modules.vec(), columns.vec(), page_size   \

@@ -162,6 +162,11 @@ at::Tensor op_linear_sgmv(LORAX_NF4_LINEAR_SGMV_PARAMS) {
                                LORAX_NF4_LINEAR_SGMV_LORA, silu_mul);
 }
 
+at::Tensor op_linear_sgmv_rotary(LORAX_NF4_LINEAR_SGMV_ROTARY_PARAMS) {
+  return linear_sgmv_rotary_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features,
+                                      bias, LORAX_NF4_LINEAR_SGMV_LORA, LORAX_NF4_LINEAR_SGMV_ROTARY);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lorax_core, CPU, m) {
@@ -171,6 +176,7 @@ TORCH_LIBRARY_IMPL(lorax_core, CPU, m) {
   m.impl("nf4_dequantize", &op_dequantize);
   m.impl("nf4_linear", &op_linear);
   m.impl("nf4_linear_sgmv", &op_linear_sgmv);
+  m.impl("nf4_linear_sgmv_rotary", &op_linear_sgmv_rotary);
 }
 
 }  // namespace lorax::nf4

@@ -11,6 +11,7 @@
 #include "common/dtype.h"
 
 #include "common/checks.h"
+#include "layers/layers.h"
 #include "lora/lora.h"
 #include "lora/lora_cuda_args.h"
 #include "nf4/nf4.h"
@@ -154,18 +155,24 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::T
   return y;
 }
 
-// Up to kGemvMaxM rows of x: the LoRA shrink (the sgmv_shrink op: one kernel; none when v is given), then the GEMV
-// with the expand, bias and silu_mul in its epilogue. Otherwise the ops one after the other.
-at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
-  const LoraArgs l = LORAX_NF4_LINEAR_SGMV_LORA;
-  check_linear_sgmv(x, out_features, l, silu_mul);
-  const int64_t K = x.size(-1), N = out_features, M = K > 0 ? x.numel() / K : 0;
+// Whether the GEMV serves nf4_linear_sgmv(_rotary) of x: up to kGemvMaxM rows of x in fp16 / bf16, a shape it
+// supports, and a pool in x's dtype.
+bool gemv_serves(const at::Tensor& x, int64_t N, const LoraArgs& l) {
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0;
   const bool half_dtype = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  if (M > cuda::kGemvMaxM || !half_dtype ||  // gemm_supported also refuses M < 1
-      !cuda::gemm_supported(M, N, K, lorax::kernel_dtype(x.scalar_type(), "nf4")) ||
-      (l.given() && l.arena->scalar_type() != x.scalar_type()))
-    return linear_sgmv_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,
-                                 l, silu_mul);
+  return M <= cuda::kGemvMaxM && half_dtype &&  // gemm_supported also refuses M < 1
+         cuda::gemm_supported(M, N, K, lorax::kernel_dtype(x.scalar_type(), "nf4")) &&
+         (!l.given() || l.arena->scalar_type() == x.scalar_type());
+}
+
+// The fused path of nf4_linear_sgmv(_rotary) (gemv_serves): the LoRA shrink (the sgmv_shrink op: one kernel; none
+// when v is given), then the GEMV with the expand, bias and silu_mul or the rotary and cache write in its epilogue,
+// into y [rows, N / 2 with silu_mul, else N].
+void linear_sgmv_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+                      const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2, double offset,
+                      int64_t blocksize, int64_t blocksize2, int64_t N, const std::optional<at::Tensor>& bias,
+                      const LoraArgs& l, bool silu_mul, const cuda::GemvRope* rope, at::Tensor& y) {
+  const int64_t K = x.size(-1), M = x.numel() / K;
   CHECK_SAME_DEVICE(x, codes);
   c10::cuda::CUDAGuard guard(x.device());
   AbsmaxHold h = absmax_args(codes, make_absmax_state(absmax, code2, absmax2, offset, blocksize2));
@@ -201,14 +208,51 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
             l.page_table->size(4), scale_t.data_ptr<float>(), starts.data_ptr<int32_t>(), slots.data_ptr<int32_t>(),
             slots.numel()};
   }
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
-  out_shape.push_back(silu_mul ? N / 2 : N);
-  at::Tensor y = at::empty(out_shape, x.options());
   cuda::gemv(xc.data_ptr(), lorax::kernel_dtype(x.scalar_type(), "nf4"), M, K, c.data_ptr<uint8_t>(), h.args,
              log2_exact(blocksize, "nf4 (CUDA): blocksize"), N, b ? b->data_ptr() : nullptr,
-             l.given() ? &lora : nullptr, silu_mul, y.data_ptr(),
+             l.given() ? &lora : nullptr, silu_mul, rope, y.data_ptr(),
              at::cuda::getCurrentDeviceProperties()->multiProcessorCount, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
+  const LoraArgs l = LORAX_NF4_LINEAR_SGMV_LORA;
+  check_linear_sgmv(x, out_features, l, silu_mul);
+  if (!gemv_serves(x, out_features, l))
+    return linear_sgmv_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,
+                                 l, silu_mul);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(silu_mul ? out_features / 2 : out_features);
+  at::Tensor y = at::empty(out_shape, x.options());
+  linear_sgmv_gemv(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias, l, silu_mul,
+                   nullptr, y);
+  return y;
+}
+
+// The GEMV's epilogue rotates and caches when head_dim is a power of two of at least 16 (a tile pairs 8 rows of a
+// head's first half with their partners; the kernel finds heads by shifts); otherwise nf4_linear_sgmv, then
+// rotary_kv_cache_write. The checks of the latter run first, on views of the output (cos / sin, caches and y share a
+// dtype and device; the caches are contiguous). As with rotary_kv_cache_write on CUDA, positions past cos / sin and
+// slots outside the cache are not checked.
+at::Tensor linear_sgmv_rotary_cuda(LORAX_NF4_LINEAR_SGMV_ROTARY_PARAMS) {
+  const LoraArgs l = LORAX_NF4_LINEAR_SGMV_LORA;
+  const RotaryArgs r = LORAX_NF4_LINEAR_SGMV_ROTARY;
+  check_linear_sgmv(x, out_features, l, false);
+  TORCH_CHECK(x.dim() == 2, "nf4_linear_sgmv_rotary: x must be [tokens, in], got ", x.sizes());
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  auto [q, k, values] = qkv_heads(y, q_heads, kv_heads);  // (v is the LoRA shrink)
+  const layers::RotaryShape shape =
+      layers::check_rotary_kv_cache_write(q, k, values, cos, sin, positions, k_cache, v_cache, slot_mapping);
+  const int64_t D = shape.head_dim;
+  if (!gemv_serves(x, out_features, l) || D < 16 || (D & (D - 1)) != 0)
+    return linear_sgmv_rotary_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features,
+                                        bias, l, r);
+  const at::Tensor pos = positions.contiguous(), slots = slot_mapping.contiguous();
+  const cuda::GemvRope rope{cos.data_ptr(), sin.data_ptr(), pos.const_data_ptr<int64_t>(),
+                            slots.const_data_ptr<int64_t>(), k_cache.data_ptr(), v_cache.data_ptr(),
+                            static_cast<int>(shape.head_dim), static_cast<int>(q_heads), static_cast<int>(kv_heads)};
+  linear_sgmv_gemv(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias, l, false,
+                   &rope, y);
   return y;
 }
 
@@ -221,6 +265,7 @@ TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) {
   m.impl("nf4_dequantize", &dequantize_cuda);
   m.impl("nf4_linear", &linear_cuda);
   m.impl("nf4_linear_sgmv", &linear_sgmv_cuda);
+  m.impl("nf4_linear_sgmv_rotary", &linear_sgmv_rotary_cuda);
 }
 
 }  // namespace lorax::nf4

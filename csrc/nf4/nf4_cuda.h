@@ -58,11 +58,28 @@ struct GemvLora {
   int64_t segments;
 };
 
+// Rotary embedding and the KV cache write of a fused q | k | v projection, in the GEMV's epilogue: its N outputs are
+// q_heads heads of head_dim, then kv_heads of k, then kv_heads of v. Each row m of x is at positions[m]: q and k
+// rotate as layers' rotary_embedding rounds (in y), and k and v also go to slot slots[m] of the caches (none when
+// it is negative), as rotary_kv_cache_write does. head_dim is a power of two >= 16: a tile pairs 8 rows of a head's
+// first half with their partners D/2 further.
+struct GemvRope {
+  const void* cos = nullptr;  // T [positions, head_dim]
+  const void* sin = nullptr;
+  const int64_t* positions = nullptr;  // [M]
+  const int64_t* slots = nullptr;      // [M]
+  void* k_cache = nullptr;             // T [cache slots, kv_heads * head_dim]
+  void* v_cache = nullptr;
+  int head_dim = 0;
+  int q_heads = 0;
+  int kv_heads = 0;
+};
 // The GEMV (M <= kGemvMaxM rows of x: gemm_supported(M, N, K, dtype)) with its epilogue: + bias, + the LoRA delta
 // when lora is not null, each output rounded once to x's dtype; with silu_mul (N even) the outputs g = y[:, :N/2]
-// and u = y[:, N/2:] become y' [M, N/2] = T(T(silu(g)) * u), as layers' silu_mul rounds. num_sms sizes its grid.
+// and u = y[:, N/2:] become y' [M, N/2] = T(T(silu(g)) * u), as layers' silu_mul rounds; with rope (not null, and
+// not with silu_mul) GemvRope's rotary and cache write. num_sms sizes its grid.
 void gemv(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a,
-          int blocksize_log2, int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, int num_sms,
-          cudaStream_t stream);
+          int blocksize_log2, int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, const GemvRope* rope,
+          void* y, int num_sms, cudaStream_t stream);
 
 }  // namespace lorax::nf4::cuda

@@ -338,7 +338,9 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 // - the LoRA expand of each row of x's adapter (kLora): the 8 warps split its rank rows and add their share to their
 //   partial sums, so the delta joins each output before its one rounding; its loads overlap the first step's;
 // - SwiGLU (silu_mul): a tile is gate rows i .. i + 7 (A rows 0-7) and up rows N/2 + i .. (A rows 8-15), and the
-//   last warp writes T(T(silu(g)) * u).
+//   last warp writes T(T(silu(g)) * u);
+// - rotary and the KV cache write of q | k | v (GemvRope): a tile is rows i .. i + 7 of a head's first half and
+//   their partners D/2 further, so lanes l and l ^ 8 of the last warp hold the two elements of a rotated pair.
 constexpr int kGemvWarps = 8;
 constexpr int kGemvRows = 16;   // a tile: the mma's A rows
 constexpr int kGemvSteps = 128;  // k per warp step: 4 lanes' chunks of 32
@@ -386,41 +388,59 @@ __device__ __forceinline__ float lora_part(const GemvLora& l, int adapter, int m
   return part * l.scales[adapter];
 }
 
-// The GEMV's tiles: 16 weight rows each, or with silu_mul 8 outputs (8 gate rows and their 8 up rows).
-__host__ __device__ __forceinline__ int gemv_tiles(int N, bool silu_mul) {
-  return silu_mul ? (N / 2 + 7) / 8 : (N + kGemvRows - 1) / kGemvRows;
+// Paired tiles: a tile holds 8 pairs of rows, pair i (of N / 2) being a row and the one `half` further:
+// silu_mul's gate row i and up row N/2 + i (half = N / 2, shift -1); rotary's rows d and d + D/2 of head h, for
+// i = h * D/2 + d (half = D / 2 = 2^shift). Without pairs (half = 0) a tile is 16 consecutive rows.
+struct Pairing {
+  int half, shift;
+};
+
+__host__ __device__ __forceinline__ Pairing pairing(int N, bool silu_mul, int head_dim) {
+  if (silu_mul) return {N / 2, -1};
+  if (head_dim == 0) return {0, -1};
+  int shift = 0;
+  while ((2 << shift) < head_dim) ++shift;
+  return {head_dim / 2, shift};
 }
 
-// The weight row of A row g (0..7) or g + 8 (second) of a tile: 16 consecutive rows, or with silu_mul gate row
-// 8 * tile + g and its up row N/2 + 8 * tile + g. Past the last output it is the last row again (read, not written).
-__device__ __forceinline__ int64_t gemv_row(int64_t tile, int g, bool second, int64_t N, bool silu_mul) {
-  if (!silu_mul) return min(tile * kGemvRows + g + (second ? 8 : 0), N - 1);
-  const int64_t half = N / 2, i = min(tile * 8 + g, half - 1);
-  return second ? half + i : i;
+// The GEMV's tiles: 16 weight rows each, or 8 pairs.
+__host__ __device__ __forceinline__ int gemv_tiles(int N, Pairing p) {
+  return p.half > 0 ? (N / 2 + 7) / 8 : (N + kGemvRows - 1) / kGemvRows;
+}
+
+// The weight row of A row g (0..7) or g + 8 (second) of a tile: row g + 8 * second of 16 consecutive rows, or the
+// first (g) or second row of pair 8 * tile + g. Past the last output it is the last row again (read, not written).
+// Rows fit 32 bits (gemm_supported: N * K < 2^31).
+__device__ __forceinline__ int gemv_row(int tile, int g, bool second, int N, Pairing p) {
+  if (p.half == 0) return min(tile * kGemvRows + g + (second ? 8 : 0), N - 1);
+  const int i = min(tile * 8 + g, N / 2 - 1);
+  const int first = p.shift < 0 ? i : ((i >> p.shift) << (p.shift + 1)) + (i & (p.half - 1));
+  return first + (second ? p.half : 0);
 }
 
 template <typename T, int MT, bool kLora, bool kDq>
 __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     gemv_kernel(const T* __restrict__ x, int M, int K, const uint8_t* __restrict__ codes, AbsmaxArgs a, int bs_log2,
-                int N, const T* __restrict__ bias, GemvLora lora, bool silu_mul, T* __restrict__ y) {
+                int N, const T* __restrict__ bias, GemvLora lora, bool silu_mul, GemvRope rope, T* __restrict__ y) {
   static_assert(MT == 1 || MT == 2 || MT == 4 || MT == 8, "rows of x: 1, 2, 4 or 8 (fewer are padding)");
   constexpr int kGroups = (MT + 1) / 2;  // mmas per A fragment: rows 2p, 2p + 1 of x in C columns 2t, 2t + 1
   __shared__ GemvShared<MT> sh;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
   const int chunks = K / 32, steps = (chunks + 3) / 4;
-  const int tiles = gemv_tiles(N, silu_mul);
+  const Pairing layout = pairing(N, silu_mul, rope.head_dim);
+  const int tiles = gemv_tiles(N, layout);
   // This warp's steps of a tile: warp, warp + 8, ... (none when the tile has fewer steps than warps).
   const int mine = warp < steps ? (steps - warp + kGemvWarps - 1) / kGemvWarps : 0;
   const int my_tiles = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
 
   // Lane (g, 0) asks L2 for its rows' lines of a tile's steps (a step is 64 bytes of a row): of the first tile
   // here, of the next one as each tile starts, so DRAM streams on while the registers' loads run a step ahead.
-  auto prefetch_tile = [&](int64_t tile) {
+  auto prefetch_tile = [&](int tile) {
     if (tq == 0)
-      for (int j = 0; j < mine; ++j)
-        for (int second = 0; second < 2; ++second)
-          prefetch_l2(codes + gemv_row(tile, g, second, N, silu_mul) * (K / 2) +
-                      int64_t{warp + j * kGemvWarps} * (kGemvSteps / 2));
+      for (int second = 0; second < 2; ++second) {
+        const uint8_t* row = codes + int64_t{gemv_row(tile, g, second, N, layout)} * (K / 2);
+        for (int j = 0; j < mine; ++j) prefetch_l2(row + int64_t{warp + j * kGemvWarps} * (kGemvSteps / 2));
+      }
   };
   prefetch_tile(blockIdx.x);
   {
@@ -448,10 +468,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   int ld_r = 0, ld_j = 0, ld_c = 0;
   uint32_t ld_e0 = 0, ld_e1 = 0;
   auto loader_rows = [&] {
-    const int64_t tile = blockIdx.x + int64_t{min(ld_r, my_tiles - 1)} * gridDim.x;
+    const int tile = static_cast<int>(blockIdx.x + min(ld_r, my_tiles - 1) * gridDim.x);
     ld_c = 4 * warp + tq;
-    ld_e0 = static_cast<uint32_t>(gemv_row(tile, g, false, N, silu_mul) * K + 32 * ld_c);
-    ld_e1 = static_cast<uint32_t>(gemv_row(tile, g, true, N, silu_mul) * K + 32 * ld_c);
+    ld_e0 = static_cast<uint32_t>(gemv_row(tile, g, false, N, layout)) * K + 32 * ld_c;
+    ld_e1 = static_cast<uint32_t>(gemv_row(tile, g, true, N, layout)) * K + 32 * ld_c;
   };
   auto load_next = [&] {
     const uint32_t back = ld_c < chunks ? 0u : 32u * tq;
@@ -525,13 +545,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     cur = load_next();
   }
   for (int r = 0; r < my_tiles; ++r) {
-    const int64_t tile = blockIdx.x + int64_t{r} * gridDim.x;
+    const int tile = static_cast<int>(blockIdx.x + r * gridDim.x);
     float acc[kGroups][4] = {};   // see compute
     float delta[kLora ? MT : 1] = {};  // lane l: its share of the LoRA delta of tile row l % 16, per row of x
     auto lora_share = [&] {
       if constexpr (kLora) {
         const int row = lane % kGemvRows;
-        const int64_t n = gemv_row(tile, row % 8, row >= 8, N, silu_mul);
+        const int n = gemv_row(tile, row % 8, row >= 8, N, layout);
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           const int adapter = m < M ? row_adapter(lora, m) : -1;
@@ -580,7 +600,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     __syncthreads();  // (the other buffer is free: every warp has passed the last tile's reads)
     if (warp != kGemvWarps - 1) continue;  // the last warp, with the fewest steps, finishes the tile
     const int row = lane % kGemvRows;
-    const int64_t n = gemv_row(tile, row % 8, row >= 8, N, silu_mul);
+    const int n = gemv_row(tile, row % 8, row >= 8, N, layout);
     const float b = bias != nullptr ? to_float(bias[n]) : 0.0f;
     auto output = [&](int m) {  // row m of x's result for weight row n (its one rounding is the caller's)
       float out = 0.0f;
@@ -589,11 +609,35 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
       return out + b;
     };
     if (silu_mul) {  // lanes 0-15 take even rows of x, 16-31 odd ones; lane l's up row is lane l + 8's
-      const int64_t half = N / 2, i = tile * 8 + row;
+      const int i = tile * 8 + row;
       for (int base = 0; base < MT; base += 2) {
         const int m = base + lane / kGemvRows;
         const float out = m < M ? output(m) : 0.0f, up = __shfl_sync(0xffffffffu, out, (lane + 8) % 32);
-        if (row < 8 && m < M && i < half) y[m * half + i] = silu_mul_rounded<T>(rounded<T>(out), rounded<T>(up));
+        if (row < 8 && m < M && i < layout.half)
+          y[m * layout.half + i] = silu_mul_rounded<T>(rounded<T>(out), rounded<T>(up));
+      }
+    } else if (layout.half > 0) {  // rotary: lane l holds element d (row < 8) or d + D/2 of a head, l ^ 8 the other
+      const int D = rope.head_dim, d = n & (D - 1), head = n >> (layout.shift + 1);
+      const int q_size = rope.q_heads * D, kv_size = rope.kv_heads * D;
+      const bool live = tile * 8 + row % 8 < N / 2, rotates = head < rope.q_heads + rope.kv_heads;
+      const T* cos = static_cast<const T*>(rope.cos);
+      const T* sin = static_cast<const T*>(rope.sin);
+      for (int base = 0; base < MT; base += 2) {
+        const int m = base + lane / kGemvRows;
+        const float out = m < M ? rounded<T>(output(m)) : 0.0f, other = __shfl_xor_sync(0xffffffffu, out, 8);
+        if (!live || m >= M) continue;
+        T value = from_float<T>(out);
+        if (rotates) {
+          const int64_t at = rope.positions[m] * D + d;
+          value = rotary_rounded<T>(out, other, to_float(cos[at]), to_float(sin[at]), row >= 8);
+        }
+        y[int64_t{m} * N + n] = value;
+        const int64_t slot = rope.slots[m];
+        if (slot >= 0 && head >= rope.q_heads) {
+          const bool is_v = n >= q_size + kv_size;
+          T* cache = static_cast<T*>(is_v ? rope.v_cache : rope.k_cache);
+          cache[slot * kv_size + (n - q_size - (is_v ? kv_size : 0))] = value;
+        }
       }
     } else if (tile * kGemvRows + row < N) {
       for (int m = lane / kGemvRows; m < M; m += 2) y[int64_t{m} * N + n] = from_float<T>(output(m));
@@ -631,13 +675,15 @@ void launch_gemm(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
 // The GEMV for M <= kGemvMaxM rows of x: the kernel instance for 1, 2, 4 or 8 rows that holds them.
 template <typename T, bool kLora>
 void launch_gemv(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N,
-                 const T* bias, const GemvLora& lora, bool silu_mul, T* y, int num_sms, cudaStream_t stream) {
+                 const T* bias, const GemvLora& lora, bool silu_mul, const GemvRope& rope, T* y, int num_sms,
+                 cudaStream_t stream) {
   auto run = [&](auto mt) {
     constexpr int MT = decltype(mt)::value;
-    const int64_t grid = std::min<int64_t>(gemv_tiles(N, silu_mul), int64_t{num_sms} * kGemvCtasPerSm<MT>);
+    const int tiles = gemv_tiles(N, pairing(N, silu_mul, rope.head_dim));
+    const int64_t grid = std::min<int64_t>(tiles, int64_t{num_sms} * kGemvCtasPerSm<MT>);
     auto kernel = a.code2 != nullptr ? gemv_kernel<T, MT, kLora, true> : gemv_kernel<T, MT, kLora, false>;
     launch(kernel, static_cast<int>(grid), kGemvWarps * 32, 0, stream, x, M, K, codes, a, bs_log2, N, bias, lora,
-           silu_mul, y);
+           silu_mul, rope, y);
   };
   static_assert(kGemvMaxM == 8, "launch_gemv instantiates the GEMV for 1, 2, 4 and 8 rows");
   if (M == 1) run(std::integral_constant<int, 1>{});
@@ -655,7 +701,8 @@ void dispatch_gemm(const void* x_, int64_t M, int64_t K, const uint8_t* codes, c
     launch_gemm<T, decltype(nt)::value>(x, M, K, codes, a, bs_log2, N, bias, ws, num_sms, y, stream);
   };
   if (M <= kGemvMaxM)
-    launch_gemv<T, false>(x, static_cast<int>(M), K, codes, a, bs_log2, N, bias, GemvLora{}, false, y, num_sms, stream);
+    launch_gemv<T, false>(x, static_cast<int>(M), K, codes, a, bs_log2, N, bias, GemvLora{}, false, GemvRope{}, y,
+                          num_sms, stream);
   else if (M <= 16) gemm(std::integral_constant<int, 2>{});
   else gemm(std::integral_constant<int, 4>{});
 }
@@ -708,17 +755,18 @@ void gemm(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes
 }
 
 void gemv(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a,
-          int blocksize_log2, int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, void* y, int num_sms,
-          cudaStream_t stream) {
+          int blocksize_log2, int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, const GemvRope* rope,
+          void* y, int num_sms, cudaStream_t stream) {
   auto run = [&](auto t) {
     using T = decltype(t);
     const T *xt = static_cast<const T*>(x), *b = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
     const int m = static_cast<int>(M);
+    const GemvRope r = rope != nullptr ? *rope : GemvRope{};
     if (lora != nullptr)
-      launch_gemv<T, true>(xt, m, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, yt, num_sms, stream);
+      launch_gemv<T, true>(xt, m, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, r, yt, num_sms, stream);
     else
-      launch_gemv<T, false>(xt, m, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, yt, num_sms, stream);
+      launch_gemv<T, false>(xt, m, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, r, yt, num_sms, stream);
   };
   if (dtype == DType::kBFloat16)
     run(__nv_bfloat16{});

@@ -1,5 +1,6 @@
-// nf4_linear_sgmv composed of the ops that do its parts (nf4_linear, sgmv, silu_mul): the CPU's kernel, and the
-// CUDA kernel's path for what its fused GEMV does not serve (more than one row of x, fp32, odd shapes).
+// nf4_linear_sgmv composed of the ops that do its parts (nf4_linear, sgmv, silu_mul), and nf4_linear_sgmv_rotary of
+// nf4_linear_sgmv and rotary_kv_cache_write: the CPU's kernels, and the CUDA kernels' path for what their fused GEMV
+// does not serve (more than 8 rows of x, fp32, odd shapes).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -58,6 +59,42 @@ at::Tensor linear_sgmv_composite(const at::Tensor& x, const at::Tensor& codes, c
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
   const int64_t half = out_features / 2;
   return silu.call(y.narrow(-1, 0, half), y.narrow(-1, half, half));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_heads(const at::Tensor& y, int64_t q_heads, int64_t kv_heads) {
+  const int64_t heads = q_heads + 2 * kv_heads, N = y.size(-1);
+  TORCH_CHECK(q_heads > 0 && kv_heads > 0 && N % heads == 0 && (N / heads) % 2 == 0,
+              "nf4_linear_sgmv_rotary: unsupported shape: ", N, " outputs do not split into ", q_heads, " q heads and ",
+              kv_heads, " k and v heads of one even head_dim");
+  const int64_t D = N / heads, T = y.size(0);
+  auto heads_of = [&](int64_t first, int64_t count) { return y.narrow(1, first * D, count * D).view({T, count, D}); };
+  return {heads_of(0, q_heads), heads_of(q_heads, kv_heads), heads_of(q_heads + kv_heads, kv_heads)};
+}
+
+at::Tensor linear_sgmv_rotary_composite(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+                                        const std::optional<at::Tensor>& code2,
+                                        const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize,
+                                        int64_t blocksize2, int64_t out_features,
+                                        const std::optional<at::Tensor>& bias, const LoraArgs& l, const RotaryArgs& r) {
+  TORCH_CHECK(x.dim() == 2, "nf4_linear_sgmv_rotary: x must be [tokens, in], got ", x.sizes());
+  using Opt = const std::optional<at::Tensor>&;
+  static auto linear_sgmv =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lorax_core::nf4_linear_sgmv", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, Opt, Opt, double, int64_t,
+                            int64_t, c10::SymInt, Opt, Opt, Opt, Opt, Opt, Opt, Opt, Opt, int64_t, at::IntArrayRef,
+                            at::IntArrayRef, int64_t, bool)>();
+  at::Tensor y = linear_sgmv.call(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2,
+                                  c10::SymInt(out_features), bias, l.arena, l.page_table, l.ranks, l.scales,
+                                  l.seg_starts, l.seg_slots, l.v, l.layer, l.modules, l.columns, l.page_size, false);
+  auto [q, k, v] = qkv_heads(y, r.q_heads, r.kv_heads);
+  static auto rotary = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("lorax_core::rotary_kv_cache_write", "")
+                           .typed<void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                                       const at::Tensor&)>();
+  rotary.call(q, k, v, r.cos, r.sin, r.positions, r.k_cache, r.v_cache, r.slot_mapping);
+  return y;
 }
 
 }  // namespace lorax::nf4

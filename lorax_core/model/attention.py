@@ -25,11 +25,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, shrunk: torch.Tensor | None = None) -> torch.Tensor:
         """shrunk: x's LoRA shrink for q, k, v when the norm before did it."""
-        q, k, v = self.qkv(x, ctx, shrunk)
-        q = q.view(-1, self.heads, self.head_dim)
-        k = k.view(-1, self.kv_heads, self.head_dim)
-        v = v.view(-1, self.kv_heads, self.head_dim)
-        self.rotary(q, k, v, ctx.positions, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if self.qkv.rotates():  # the projection, rotary and the cache write in one op
+            q, k, v = self.qkv.rotated(x, ctx, self.rotary, (self.heads, self.kv_heads), self.k_cache, self.v_cache,
+                                       shrunk)
+        else:
+            q, k, v = self.qkv(x, ctx, shrunk)
+            q = q.view(-1, self.heads, self.head_dim)
+            k = k.view(-1, self.kv_heads, self.head_dim)
+            v = v.view(-1, self.kv_heads, self.head_dim)
+            self.rotary(q, k, v, ctx.positions, self.k_cache, self.v_cache, ctx.slot_mapping)
         p = ctx.num_prefill_tokens
         if p == 0:
             out = self._decode(q, ctx)

@@ -5,13 +5,15 @@ import torch
 from torch import nn
 
 from lorax_core.model.context import ForwardContext
-from lorax_core.ops import add_rms_norm, add_rms_norm_sgmv_shrink, nf4_linear_sgmv, rms_norm, rotary_kv_cache_write
+from lorax_core.ops import add_rms_norm, add_rms_norm_sgmv_shrink, nf4_linear_sgmv, nf4_linear_sgmv_rotary, rms_norm
+from lorax_core.ops import rotary_kv_cache_write
 from lorax_core.ops import silu_mul as silu_mul_op
 from lorax_core.quant.nf4 import NF4Linear
 
 # NF4 projections go through nf4_linear_sgmv: on CUDA at up to 8 rows (decode at batch 1 to 8) its GEMV adds the
-# LoRA delta and SwiGLU in its epilogue, and at one row the norm before them does their LoRA shrink
-# (add_rms_norm_sgmv_shrink). False: add_rms_norm, nf4_linear, sgmv and silu_mul one after the other
+# LoRA delta and SwiGLU (gate | up) or rotary and the KV cache write (q | k | v: nf4_linear_sgmv_rotary) in its
+# epilogue, and at one row the norm before them does their LoRA shrink (add_rms_norm_sgmv_shrink). False:
+# add_rms_norm, nf4_linear, sgmv, silu_mul and rotary_kv_cache_write one after the other
 # (bench_engine.py's baseline row; the same results off those paths). Read when a step runs, so CUDA graphs keep
 # what they captured.
 FUSED_NF4 = True
@@ -102,6 +104,22 @@ class Projection(nn.Module):
     def activated(self, x: torch.Tensor, ctx: ForwardContext, v: torch.Tensor | None = None) -> torch.Tensor:
         """SwiGLU's silu(gate) * up of a projection whose two parts are gate and up."""
         return self._output(x, ctx, silu_mul=True, v=v)
+
+    def rotates(self) -> bool:
+        """Whether `rotated` serves this projection: NF4 weights and the NF4 fusions on."""
+        return FUSED_NF4 and isinstance(self.base, NF4Linear)
+
+    def rotated(self, x: torch.Tensor, ctx: ForwardContext, rotary: RotaryEmbedding, heads: tuple[int, int],
+                k_cache: torch.Tensor, v_cache: torch.Tensor, v: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """q, k, v [T, heads, D] of a fused q | k | v projection with q and k rotated and k and v stored in the KV
+        cache: this projection then RotaryEmbedding in one op (nf4_linear_sgmv_rotary: on CUDA, for up to 8 rows, in
+        the GEMV's epilogue). heads: (q heads, kv heads)."""
+        bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
+        lora = ctx.lora
+        pool, starts, slots = (lora.pool, lora.seg_starts, lora.seg_slots) if lora is not None else (None,) * 3
+        y = nf4_linear_sgmv_rotary(x, self.base.weight, bias, pool, self.layer, self.module_names, starts, slots, v,
+                                   *heads, rotary.cos, rotary.sin, ctx.positions, k_cache, v_cache, ctx.slot_mapping)
+        return [part.view(x.shape[0], -1, rotary.cos.shape[1]) for part in y.split(list(self.parts.values()), dim=-1)]
 
     def shrinks_in_norm(self, rows: int, ctx: ForwardContext) -> bool:
         """Whether the norm before this projection should do its LoRA shrink too (add_rms_norm_sgmv_shrink): one

@@ -41,6 +41,14 @@ def _nf4_linear_sgmv(x, codes, absmax, nested_code, nested_absmax, offset, block
     return x.new_empty((*x.shape[:-1], out_features // 2 if silu_mul else out_features))
 
 
+@torch.library.register_fake("lorax_core::nf4_linear_sgmv_rotary")
+def _nf4_linear_sgmv_rotary(x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize,
+                            out_features, bias, arena, page_table, ranks, scales, seg_starts, seg_slots, v, layer,
+                            modules, columns, page_size, q_heads, kv_heads, cos, sin, positions, k_cache, v_cache,
+                            slot_mapping):
+    return x.new_empty((x.shape[0], out_features))
+
+
 @torch.library.register_fake("lorax_core::add_rms_norm_sgmv_shrink")
 def _add_rms_norm_sgmv_shrink(x, residual, weight, eps, arena, page_table, ranks, seg_starts, seg_adapters, layer,
                               modules, page_size):

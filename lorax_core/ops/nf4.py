@@ -74,6 +74,35 @@ def nf4_linear_sgmv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = N
                                                 page_size, silu_mul)
 
 
+def nf4_linear_sgmv_rotary(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, pool: AdapterPool | None,
+                           layer: int, modules: Sequence[str], seg_starts: torch.Tensor | None,
+                           seg_slots: torch.Tensor | None, v: torch.Tensor | None, q_heads: int, kv_heads: int,
+                           cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """A fused q | k | v projection (nf4_linear_sgmv), then rotary on its q and k and their k and v into the paged KV
+    cache (rotary_kv_cache_write): what attention does before it reads the cache.
+
+    Semantics:
+        y = nf4_linear_sgmv(x, w, bias, pool, layer, modules, seg_starts, seg_slots, v=v)      [T, (H + 2 KV) * D]
+        q, k, v = y's first H heads of D, next KV, last KV                              (views [T, heads, D])
+        rotary_kv_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)
+    Returns y (q and k rotated). On CUDA with up to 8 rows of x in fp16 / bf16 and D a power of two >= 16, the
+    GEMV's epilogue rotates each output pair and writes the cache: the rotary kernel is gone.
+    """
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"nf4_linear_sgmv_rotary: x has {x.shape[-1]} features, the weight expects {w.shape[1]}")
+    if pool is None:
+        lora, layer, indices, columns, page_size = (None,) * 7, 0, [], [], 0
+    else:
+        from lorax_core.ops.lora import _modules, _pool_args
+
+        indices, columns = _modules(pool, w.shape[0], modules)
+        lora, page_size = (*_pool_args(pool), pool.scales, seg_starts, seg_slots, v), pool.page_size
+    return torch.ops.lorax_core.nf4_linear_sgmv_rotary(x, *_state_args(w), w.shape[0], bias, *lora, layer, indices,
+                                                       columns, page_size, q_heads, kv_heads, cos, sin, positions,
+                                                       k_cache, v_cache, slot_mapping)
+
+
 def _linear_setup_context(ctx, inputs, output):
     x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, out_features, bias = inputs
     ctx.state = (codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize)

@@ -125,6 +125,18 @@ def nf4_linear_sgmv(x: torch.Tensor, w_dequantized: torch.Tensor, bias: torch.Te
     return torch.nn.functional.silu(gate) * up
 
 
+def nf4_linear_sgmv_rotary(x: torch.Tensor, w_dequantized: torch.Tensor, bias: torch.Tensor | None, slots: list[int],
+                           weights: dict[int, tuple], scales: dict[int, float], q_heads: int, kv_heads: int,
+                           cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """nf4_linear_sgmv (fp32), then rotary_kv_cache_write of its q, k, v heads; returns y with q and k rotated."""
+    y = nf4_linear_sgmv(x, w_dequantized, bias, slots, weights, scales, silu_mul=False)
+    d = y.shape[1] // (q_heads + 2 * kv_heads)
+    q, k, v = (part.view(y.shape[0], -1, d) for part in y.split([q_heads * d, kv_heads * d, kv_heads * d], dim=1))
+    rotary_kv_cache_write(q, k, v, cos, sin, positions, k_cache, v_cache, slot_mapping)
+    return y
+
+
 def add_rms_norm_sgmv_shrink(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                              slots: list[int], a_weights: list[dict[int, torch.Tensor]], max_rank: int):
     """add_rms_norm, then v[t, i * max_rank : i * max_rank + r] = out[t] @ A_i.T for row t's adapter a = slots[t]
