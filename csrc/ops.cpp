@@ -79,7 +79,7 @@ TORCH_LIBRARY(lorax_core, m) {
   m.def("kv_cache_write(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
   m.def(
       "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
-      "float scale, int sliding_window) -> Tensor");
+      "float scale, int sliding_window, Tensor(a!)? counters=None) -> Tensor");
 
   // The small per-layer ops, fused (csrc/layers/layers.h has the math and its rounding): RMSNorm, RMSNorm after
   // the residual add (returns the normalized rows and the new residual), rotary embeddings of q and k in place

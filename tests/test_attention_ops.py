@@ -47,6 +47,20 @@ def test_decode_attention_dtypes(dtype):
     assert_close(out, reference.paged_attention_decode(q, k, v, tables, lens, 128**-0.5))
 
 
+def test_decode_attention_counters_are_checked_and_unused_on_the_cpu():
+    k, v, tables, lens = random_cache([5, 40], 4, 2, 16, torch.float32)
+    q = torch.randn(2, 4, 16)
+    out = paged_attention_decode(q, k, v, tables, lens, 0.25)
+    counters = torch.zeros(4, dtype=torch.int32)
+    assert torch.equal(paged_attention_decode(q, k, v, tables, lens, 0.25, counters=counters), out)
+    with pytest.raises(RuntimeError, match="counters must be int32, contiguous, at least batch x kv_heads = 4"):
+        paged_attention_decode(q, k, v, tables, lens, 0.25, counters=counters[:3])
+    with pytest.raises(RuntimeError, match="counters must be int32"):
+        paged_attention_decode(q, k, v, tables, lens, 0.25, counters=counters.long())
+    torch.library.opcheck(torch.ops.lorax_core.paged_attention_decode.default,
+                          (q, k, v, tables, lens, 0.25, 0, counters))
+
+
 def test_decode_attention_equals_sdpa():
     """Against torch's attention on the same keys laid out contiguously (GQA expanded by hand)."""
     k, v, tables, lens = random_cache([23], 4, 2, 16, torch.float32)
@@ -141,6 +155,12 @@ def test_decode_attention_cuda_wide_tables_and_layer_views(batch, block_size, wi
         out = paged_attention_decode(q.cuda(), gpu[layer, 0], gpu[layer, 1], tables.cuda(), lens.cuda(), 0.088,
                                      window)
         assert_close(out.cpu(), expected)
+        # the splits merged by the last CTA of each (sequence, kv head) instead of a second kernel: the same bits,
+        # and the counters back to zero for the next layer
+        counters = torch.zeros(batch * kv_heads, dtype=torch.int32, device="cuda")
+        fused = paged_attention_decode(q.cuda(), gpu[layer, 0], gpu[layer, 1], tables.cuda(), lens.cuda(), 0.088,
+                                       window, counters)
+        assert torch.equal(fused, out) and not counters.any()
 
 
 @pytest.mark.cuda
@@ -149,8 +169,10 @@ def test_decode_attention_cuda_is_deterministic():
     k, v, tables, lens = random_cache([4096, 700, 3], 16, 8, 128, torch.bfloat16, device="cuda")
     q = torch.randn(3, 32, 128).bfloat16().cuda()
     first = paged_attention_decode(q, k, v, tables, lens, 0.088)
+    counters = torch.zeros(3 * 8, dtype=torch.int32, device="cuda")
     for _ in range(5):
         assert torch.equal(paged_attention_decode(q, k, v, tables, lens, 0.088), first)
+        assert torch.equal(paged_attention_decode(q, k, v, tables, lens, 0.088, counters=counters), first)
 
 
 @pytest.mark.cuda

@@ -276,6 +276,18 @@ def test_decode_attention(emu, dtype, head_dim, group, window):
     expected = paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window)
     with emu():
         assert_close(paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window), expected)
+    _check_counters(emu, q, k, v, tables, lens, head_dim**-0.5, window)
+
+
+def _check_counters(emu, q, k, v, tables, lens, scale, window):
+    """With counters, the splits merged in the last CTA to finish: the two-kernel result bit for bit, and the
+    counters left zero (shared by every layer, they must be)."""
+    counters = torch.zeros(q.shape[0] * k.shape[2] + 3, dtype=torch.int32)
+    with emu():
+        two_kernels = paged_attention_decode(q, k, v, tables, lens, scale, window)
+        for _ in range(2):
+            assert torch.equal(paged_attention_decode(q, k, v, tables, lens, scale, window, counters), two_kernels)
+            assert not counters.any()
 
 
 @emulated
@@ -290,6 +302,7 @@ def test_decode_attention_random_shapes(emu, lengths, block_size, kv_heads, grou
     expected = paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window)
     with emu():
         assert_close(paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window), expected)
+    _check_counters(emu, q, k, v, tables, lens, head_dim**-0.5, window)
 
 
 @emulated
@@ -548,6 +561,9 @@ def test_model_on_emulated_kernels_matches_peft(emu, kind, tmp_path):
     llm = LLM(base, dtype="float32", device="cpu", kv_block_size=4, max_active_adapters=4, adapter_loader_threads=0)
     for name, path in adapters.items():
         llm.load_adapter(name, path)
+    counters = torch.zeros(8 * llm.model.config.num_kv_heads, dtype=torch.int32)  # as the runner sets them on a GPU
+    for layer in llm.model.layers:
+        layer.attn.counters = counters
     hf = hf_peft_model(base, adapters)
     rows = ["r4_qv", None, "r8_all", "r16_rslora", "r8_pattern"]
     rng = random.Random(0)
@@ -562,6 +578,7 @@ def test_model_on_emulated_kernels_matches_peft(emu, kind, tmp_path):
             expected = hf_logits(hf, seq.token_ids, seq.adapter)[-1]
             where = f"{seq.adapter}, step {step}"
             torch.testing.assert_close(row, expected, rtol=1e-4, atol=1e-4, msg=lambda m, where=where: f"{where}: {m}")
+        assert not counters.any()
         for seq, row in zip(batch, logits):
             seq.num_computed_tokens, seq.chunk = len(seq), 0
             seq.append(int(row.argmax()))

@@ -28,5 +28,9 @@ void write_kv_cache_cpu(const CacheShape& c, at::Tensor& k_cache, at::Tensor& v_
                         const at::Tensor& v, const at::Tensor& slot_mapping);
 CacheShape check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t window);
+// Decode attention's optional counters: int32, contiguous, at least batch * kv_heads of them, on q's device, all
+// zero between calls (the kernel that uses them puts each back to zero). With them, CUDA merges the splits of a
+// (sequence, kv head) in the split kernel's last CTA instead of a second kernel.
+void check_counters(const std::optional<at::Tensor>& counters, const at::Tensor& q, const CacheShape& c);
 
 }  // namespace lorax::attention

@@ -61,4 +61,13 @@ CacheShape check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   return c;
 }
 
+void check_counters(const std::optional<at::Tensor>& counters, const at::Tensor& q, const CacheShape& c) {
+  if (!counters) return;
+  TORCH_CHECK(counters->scalar_type() == at::kInt && counters->is_contiguous() &&
+                  counters->numel() >= q.size(0) * c.kv_heads,
+              "paged_attention_decode: counters must be int32, contiguous, at least batch x kv_heads = ",
+              q.size(0) * c.kv_heads, " of them, got ", counters->scalar_type(), " ", counters->sizes());
+  CHECK_SAME_DEVICE(q, (*counters));
+}
+
 }  // namespace lorax::attention

@@ -70,8 +70,9 @@ void attend_one(const T* q, const T* kc, const T* vc, const int32_t* blocks, int
 
 at::Tensor paged_attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                      int64_t window) {
+                                      int64_t window, const std::optional<at::Tensor>& counters) {
   const CacheShape c = check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, window);
+  check_counters(counters, q, c);  // unused here: the CPU kernel has no splits to merge
   const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
   const int64_t B = q.size(0), H = q.size(1), D = c.head_dim, max_blocks = tables.size(1);
   const int32_t* tp = tables.data_ptr<int32_t>();

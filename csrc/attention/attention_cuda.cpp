@@ -32,8 +32,9 @@ void kv_cache_write_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Ten
 
 at::Tensor paged_attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                        const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                       int64_t window) {
+                                       int64_t window, const std::optional<at::Tensor>& counters) {
   const CacheShape c = check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, window);
+  check_counters(counters, q, c);
   c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
   at::Tensor out = at::empty_like(qc);
@@ -45,7 +46,8 @@ at::Tensor paged_attention_decode_cuda(const at::Tensor& q, const at::Tensor& k_
                             q.options().dtype(at::kFloat));
   cuda::paged_attention_decode(qc.data_ptr(), out.data_ptr(), cache, tables.data_ptr<int32_t>(), tables.size(1),
                                lens.data_ptr<int32_t>(), q.size(0), q.size(1), static_cast<float>(scale), window,
-                               ws.data_ptr<float>(), splits, dtype, at::cuda::getCurrentCUDAStream());
+                               ws.data_ptr<float>(), splits, counters ? counters->data_ptr<int32_t>() : nullptr, dtype,
+                               at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

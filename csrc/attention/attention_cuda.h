@@ -21,10 +21,11 @@ void kv_cache_write(void* k_cache, void* v_cache, const void* k, const void* v, 
                     int64_t tokens, int64_t row, int64_t k_stride, int64_t v_stride, DType dtype, cudaStream_t stream);
 // How many splits decode attention cuts each (sequence, kv head) into: a function of the shapes alone (never of
 // the context lengths), so CUDA graphs captured once stay valid. With splits > 1 the launch needs a float
-// workspace of batch * heads * splits * (head_dim + 2).
+// workspace of batch * heads * splits * (head_dim + 2), and merges the splits in a second kernel, or, given
+// counters (batch * kv_heads int32, zero; left zero), in the last CTA of each (sequence, kv head) to finish.
 int64_t decode_splits(const Cache& c, int64_t batch, int64_t heads, int64_t max_blocks, DType dtype, int num_sms);
 void paged_attention_decode(const void* q, void* out, const Cache& c, const int32_t* block_tables, int64_t max_blocks,
                             const int32_t* context_lens, int64_t batch, int64_t heads, float scale, int64_t window,
-                            float* workspace, int64_t splits, DType dtype, cudaStream_t stream);
+                            float* workspace, int64_t splits, int32_t* counters, DType dtype, cudaStream_t stream);
 
 }  // namespace lorax::attention::cuda

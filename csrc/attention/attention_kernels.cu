@@ -6,8 +6,10 @@
 // position of the chunk at once (all table and K loads issued before any arithmetic); (2) one warp per head takes
 // the chunk's max and exponentials (online softmax across chunks); (3) the same threads accumulate p * V in
 // registers. The position groups are summed in shared memory, in a fixed order; with S > 1 splits, each writes
-// its (max, sum, unnormalised output) and combine_kernel merges them. S depends on the batch and the block-table
-// width only, not the context lengths, so a CUDA graph captured once stays right. Head sizes that 16-byte loads do
+// its (max, sum, unnormalised output), and the last of a (sequence, kv head)'s CTAs to finish merges them (it
+// counts them in with an atomic on a counter that it then puts back to zero), or without counters
+// combine_kernel does. S depends on the batch and the block-table width only, not the context lengths, so a CUDA
+// graph captured once stays right. Head sizes that 16-byte loads do
 // not tile (or GQA groups over 8) take general_kernel: one CTA per (head, sequence), a warp per position.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -121,11 +123,34 @@ struct Partials {
   float* acc;
 };
 
+// The largest running max of the splits of (sequence, head) bh that saw a position. Loads bypass L1 (here and in
+// merged): in split_kernel's last CTA they read what other CTAs wrote during the same kernel.
+__device__ __forceinline__ float split_top(const Partials& part, int64_t bh, int64_t splits) {
+  float top = -INFINITY;
+  for (int64_t s = 0; s < splits; ++s)
+    if (__ldcg(part.sum + bh * splits + s) > 0.0f) top = fmaxf(top, __ldcg(part.max + bh * splits + s));
+  return top;
+}
+
+// Output element d of (sequence, head) bh from its splits: sum_s e^(m_s - top) acc_s / sum_s e^(m_s - top) l_s.
+__device__ __forceinline__ float merged(const Partials& part, int64_t bh, int64_t splits, int64_t D, int64_t d,
+                                        float top) {
+  float num = 0.0f, den = 0.0f;
+  for (int64_t s = 0; s < splits; ++s) {
+    const float l = __ldcg(part.sum + bh * splits + s);
+    if (l <= 0.0f) continue;
+    const float w = __expf(__ldcg(part.max + bh * splits + s) - top);
+    num += w * __ldcg(part.acc + (bh * splits + s) * D + d);
+    den += w * l;
+  }
+  return den > 0.0f ? num / den : 0.0f;
+}
+
 template <typename T, int TPP>
 __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q, T* __restrict__ out, Cache c,
                                                          const int32_t* __restrict__ tables, int64_t max_blocks,
                                                          const int32_t* __restrict__ lens, int group, float scale,
-                                                         int64_t window, Partials part) {
+                                                         int64_t window, Partials part, int32_t* counters) {
   pdl_prologue();
   constexpr int VEC = 16 / sizeof(T), D = TPP * VEC, PPP = kThreads / TPP, CHUNK = PPP * kPasses;
   __shared__ float q_s[kMaxGroup][D];
@@ -260,6 +285,26 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
       }
     }
   }
+  if (splits == 1 || counters == nullptr) return;  // (combine_kernel merges the splits)
+  // The last CTA of this (sequence, kv head) to finish merges its splits (CUDA's threadFenceReduction pattern): a
+  // CTA's partials are visible to the whole GPU before it counts itself in, and the last one puts the counter back
+  // to zero for the next call once every split has arrived.
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    int32_t* arrived = counters + b * c.kv_heads + kvh;
+    last = atomicAdd(arrived, 1) == splits - 1;
+    if (last) *arrived = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int i = tid; i < group * D; i += kThreads) {
+    const int h = i / D, d = i % D;
+    const int64_t bh = b * heads + h0 + h;
+    out[bh * D + d] = from_float<T>(merged(part, bh, splits, D, d, split_top(part, bh, splits)));
+  }
 }
 
 // Merges the splits of one (head, sequence): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
@@ -267,21 +312,9 @@ template <typename T>
 __global__ void combine_kernel(T* __restrict__ out, Partials part, int64_t splits, int64_t D) {
   pdl_prologue();
   const int64_t bh = blockIdx.x;
-  const float* m = part.max + bh * splits;
-  const float* l = part.sum + bh * splits;
-  float top = -INFINITY;
-  for (int64_t s = 0; s < splits; ++s)
-    if (l[s] > 0.0f) top = fmaxf(top, m[s]);
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float num = 0.0f, den = 0.0f;
-    for (int64_t s = 0; s < splits; ++s) {
-      if (l[s] <= 0.0f) continue;
-      const float w = __expf(m[s] - top);
-      num += w * part.acc[(bh * splits + s) * D + d];
-      den += w * l[s];
-    }
-    out[bh * D + d] = from_float<T>(den > 0.0f ? num / den : 0.0f);
-  }
+  const float top = split_top(part, bh, splits);
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
+    out[bh * D + d] = from_float<T>(merged(part, bh, splits, D, d, top));
 }
 
 // Threads per position for split_kernel (16 bytes each), or 0 where general_kernel must run.
@@ -296,7 +329,7 @@ int split_tpp(const Cache& c, int64_t heads, int64_t elem) {
 template <typename T>
 void launch_decode(const void* q, void* out, const Cache& c, const int32_t* tables, int64_t max_blocks,
                    const int32_t* lens, int64_t batch, int64_t heads, float scale, int64_t window, float* workspace,
-                   int64_t splits, cudaStream_t stream) {
+                   int64_t splits, int32_t* counters, cudaStream_t stream) {
   if (batch == 0 || heads == 0) return;
   const int tpp = split_tpp(c, heads, sizeof(T));
   if (tpp == 0) {
@@ -311,12 +344,12 @@ void launch_decode(const void* q, void* out, const Cache& c, const int32_t* tabl
   const int group = static_cast<int>(heads / c.kv_heads);
   auto run = [&](auto kernel) {
     launch(kernel, grid, kThreads, 0, stream, static_cast<const T*>(q), static_cast<T*>(out), c, tables, max_blocks,
-           lens, group, scale, window, part);
+           lens, group, scale, window, part, counters);
   };
   if (tpp == 8) run(split_kernel<T, 8>);
   if (tpp == 16) run(split_kernel<T, 16>);
   if (tpp == 32) run(split_kernel<T, 32>);
-  if (splits > 1)
+  if (splits > 1 && counters == nullptr)
     launch(combine_kernel<T>, static_cast<unsigned>(rows), static_cast<unsigned>(std::min<int64_t>(c.head_dim, 256)), 0,
            stream, static_cast<T*>(out), part, splits, c.head_dim);
 }
@@ -343,10 +376,10 @@ int64_t decode_splits(const Cache& c, int64_t batch, int64_t heads, int64_t max_
 
 void paged_attention_decode(const void* q, void* out, const Cache& c, const int32_t* block_tables, int64_t max_blocks,
                             const int32_t* context_lens, int64_t batch, int64_t heads, float scale, int64_t window,
-                            float* workspace, int64_t splits, DType dtype, cudaStream_t stream) {
+                            float* workspace, int64_t splits, int32_t* counters, DType dtype, cudaStream_t stream) {
   with_dtype(dtype, [&](auto t) {
     launch_decode<decltype(t)>(q, out, c, block_tables, max_blocks, context_lens, batch, heads, scale, window,
-                               workspace, splits, stream);
+                               workspace, splits, counters, stream);
   });
 }
 

@@ -64,7 +64,7 @@ class LLM:
                              "kv_cache_bytes or gpu_memory_utilization")
         graph_batch = config.max_num_seqs if config.cuda_graphs else 0
         self.runner = ModelRunner(self.model, self.pool, num_blocks, config.kv_block_size, graph_batch,
-                                  self.max_model_len)
+                                  self.max_model_len, config.max_num_seqs)
         self.blocks = BlockManager(num_blocks, config.kv_block_size)
         self.scheduler = Scheduler(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
                                    config.max_active_adapters, config.adapter_time_slice_s, self.blocks, self.registry,

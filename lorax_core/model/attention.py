@@ -22,6 +22,9 @@ class Attention(nn.Module):
         self.o = Projection(o, {"o_proj": config.hidden_size}, layer)
         self.rotary = rotary
         self.k_cache = self.v_cache = torch.empty(0)  # [blocks, block_size, kv_heads, head_dim], set by the runner
+        # int32 zeros shared by the layers (set by the runner on a GPU): decode attention merges its splits in the
+        # split kernel's last CTA, not in a second kernel (paged_attention_decode)
+        self.counters: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, shrunk: torch.Tensor | None = None) -> torch.Tensor:
         """shrunk: x's LoRA shrink for q, k, v when the norm before did it."""
@@ -44,8 +47,11 @@ class Attention(nn.Module):
         return self.o(out.reshape(-1, self.heads * self.head_dim), ctx)[0]
 
     def _decode(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        counters = self.counters
+        if counters is not None and counters.numel() < q.shape[0] * self.kv_heads:
+            counters = None  # a batch larger than the runner planned for: the two-kernel merge
         return paged_attention_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
-                                      self.window)
+                                      self.window, counters)
 
     def _prefill(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
         """Causal attention of each prompt chunk over its sequence so far: the chunk itself when it starts the

@@ -93,7 +93,7 @@ def _kv_cache_write(k_cache, v_cache, k, v, slot_mapping):
 
 
 @torch.library.register_fake("lorax_core::paged_attention_decode")
-def _paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window):
+def _paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, counters=None):
     return torch.empty_like(q)
 
 

@@ -17,7 +17,8 @@ def kv_cache_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                           counters: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new query token per sequence over its KV cache blocks (decode).
 
     Semantics:
@@ -27,6 +28,9 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         L = 0 is a padding row (CUDA graphs pad decode batches so): out[b] = 0, no block read
     Shapes: q [B, heads, head_dim] -> out [B, heads, head_dim]; block_tables int32 [B, max_blocks];
     context_lens int32 [B] (the new token included: its k, v are written first).
+    counters: int32 zeros, at least B * kv_heads (left zero; may be shared by every layer). On CUDA, a long
+    context's (sequence, kv head) is cut into splits that a second kernel merges; with counters, the last split to
+    finish merges them instead (one kernel). Ignored on the CPU.
     """
     return torch.ops.lorax_core.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale,
-                                                       sliding_window or 0)
+                                                       sliding_window or 0, counters)

@@ -350,6 +350,12 @@ template <typename T>
 T __ldcs(const T* p) {
   return *p;
 }
+template <typename T>
+T __ldcg(const T* p) {
+  return *p;
+}
+// Blocks run one after another: every write of an earlier block is visible to a later one.
+inline void __threadfence() {}
 
 // One thread runs at a time, and only a barrier switches threads: a read-modify-write is atomic.
 template <typename T>
