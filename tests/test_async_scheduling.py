@@ -183,3 +183,20 @@ def test_penalties_count_the_token_still_on_the_device(engines):
     for mode in (False, True):
         for out in engines[mode].generate(prompts(6, 7), params):
             assert len(set(out.token_ids)) == len(out.token_ids)
+
+
+def test_turning_async_scheduling_off_between_steps(paths):
+    """bench_engine.py flips the flag on a running engine: the step in flight is taken with the next one, and
+    nothing is lost or reported twice."""
+    llm = engine(paths, True)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = engine(paths, False).generate(prompts(3, 9), params)
+    seqs = [llm.add_request(p, params) for p in prompts(3, 9)]
+    llm.step()
+    llm.step()
+    llm.async_scheduling = False
+    got = llm.step()
+    assert len(got) == len(set(map(id, got))) == 3 and all(s.num_pending == 0 for s in seqs)
+    while not all(s.finished for s in seqs):
+        llm.step()
+    assert [s.completion_ids for s in seqs] == [o.token_ids for o in expected]

@@ -72,3 +72,38 @@ def test_loads_a_bitsandbytes_4bit_checkpoint(setup, tmp_path):
     assert a.token_ids == b.token_ids
     torch.testing.assert_close(torch.tensor([t.logprob for t in a.logprobs]),
                                torch.tensor([t.logprob for t in b.logprobs]), rtol=1e-5, atol=1e-5)
+
+
+def test_batch1_decode_step_runs_the_fused_ops(setup):
+    """What a batch-1 NF4 decode step with an adapter dispatches (on CUDA each op one kernel, nf4_linear_sgmv's LoRA
+    shrink aside): per layer the norm with the q | k | v shrink, q | k | v with rotary and the KV cache write,
+    attention, o, the norm with the gate | up shrink, gate | up with SwiGLU, and down. A change that splits a
+    fusion apart shows here."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if name.startswith("lorax_core."):
+                self.count[name.removeprefix("lorax_core.")] += 1
+            return func(*args, **(kwargs or {}))
+
+    llm, *_ = setup
+    seq = llm.add_request([5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), "r8_all")
+    while not seq.completion_ids:
+        llm.step()
+    batch = llm.scheduler.schedule()
+    assert batch == [seq] and seq.chunk == 1
+    ops = Ops()
+    with ops:
+        llm.runner.run(batch)
+    llm.abort(seq)
+    layers = llm.model.config.num_layers
+    assert ops.count == {"rms_norm": 1, "add_rms_norm_sgmv_shrink": 2 * layers - 1, "nf4_linear_sgmv_rotary": layers,
+                         "paged_attention_decode": layers, "nf4_linear_sgmv": 3 * layers, "add_rms_norm": 1}

@@ -179,8 +179,8 @@ class LLM:
         self._in_flight = current
         if previous is not None:
             got = self._take(previous)
-        if not self.async_scheduling:
-            got = self._take(current)
+        if not self.async_scheduling:  # (a step may be in flight still if the flag was just turned off)
+            got += [seq for seq in self._take(current) if seq not in got]
         return got
 
     def _take(self, step: Sampled) -> list[Sequence]:
