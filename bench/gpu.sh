@@ -17,8 +17,9 @@
 # Unpack here with `tar xzf results.tgz`. Build outputs stay on a warm machine, so later calls rebuild little.
 # Calls that fit in 10 minutes each (timed on an H100; a phase's start time is logged):
 #   PHASES=tests TESTS_ARGS="-m cuda" bash bench/gpu.sh          (2.5 min on 2026-11-24, build included)
-#   PHASES=engine,host,profile bash bench/gpu.sh                 (7 min before the engine's NF4-epilogue-off row
-#                                                                 and profile's nf4-nopdl setup; split it if it nears 10)
+#   PHASES=engine,host bash bench/gpu.sh                         (engine + host + profile took 7 min before the
+#   PHASES=profile bash bench/gpu.sh                              engine's fusions-off and async-off rows and the
+#                                                                 profile's nf4-nopdl and nf4-sync setups: two calls)
 #   PHASES=kernels bash bench/gpu.sh                             (2 min; the LoRA rows now replay 32 calls, not 8)
 #   PHASES=serving SERVING_ARGS="--clients 1,32 --adapters 1,32 --cell-seconds 6" bash bench/gpu.sh   (4 min)
 # Missing wheels (bitsandbytes) travel in .whl/ (see bench/RESULTS.md for how to fetch them).
@@ -82,7 +83,7 @@ if want host SKIP_HOST_BENCH; then  # host time per step outside the model: deto
 fi
 if want profile SKIP_PROFILE; then  # where a batch-1 decode step's time goes (issue #4's 2 ms target)
   phase profile
-  python3 bench/profile_step.py --batch 1 --setups ${PROFILE_SETUPS:-nf4,nf4-nopdl,nf4-eager,bf16-eager,nf4-eager-base} \
+  python3 bench/profile_step.py --batch 1 --setups ${PROFILE_SETUPS:-nf4,nf4-sync,nf4-nopdl,nf4-eager,bf16-eager,nf4-eager-base} \
     --out "$RES" > "$RES/profile.log" 2>&1 || status=1
   tail -5 "$RES/profile.log"
   pack

@@ -35,13 +35,14 @@ RANGES = {  # (object path on the LLM, method) -> range name
     ("runner.model", "forward"): "lorax::forward (eager)",
     ("runner.graphs", "run"): "lorax::graph replay",
     ("runner.model", "compute_logits"): "lorax::logits",
+    ("", "_take"): "lorax::take tokens (waits for their step)",
 }
 
 
 def instrument(llm) -> None:
     """Wrap the engine's step phases in profiler ranges (instance attributes: nothing global changes)."""
     for (path, method), name in RANGES.items():
-        obj = functools.reduce(getattr, path.split("."), llm)
+        obj = functools.reduce(getattr, path.split("."), llm) if path else llm
         if obj is None:
             continue
         inner = getattr(obj, method)
@@ -53,12 +54,13 @@ def instrument(llm) -> None:
         setattr(obj, method, wrapped)
 
 
-def build(work: Path, setup: ba.Setup, quantize: str | None, eager: bool, names: list[str], batch: int):
+def build(work: Path, setup: ba.Setup, quantize: str | None, eager: bool, names: list[str], batch: int,
+          overlap: bool = True):
     from lorax_core import LLM
 
     options = {"kv_cache_bytes": setup.kv_cache_bytes} if setup.kv_cache_bytes else {}
     llm = LLM(work / "base", dtype=setup.dtype, quantize=quantize, device=setup.device, max_num_seqs=max(batch, 1),
-              cuda_graphs=not eager, **options)
+              cuda_graphs=not eager, async_scheduling=None if overlap else False, **options)
     for name in names:
         llm.load_adapter(name, work / name)
     return llm
@@ -114,14 +116,15 @@ def tables(prof, steps: int, cuda: bool) -> str:
     return "\n".join(lines)
 
 
-def parse_setup(name: str, tiny: bool) -> tuple[str | None, bool, bool, bool]:
-    """'nf4' | 'bf16' (tiny: 'fp32'), then optional '-eager', '-base' and '-nopdl' -> (quantize, eager, base only,
-    programmatic dependent launch)."""
+def parse_setup(name: str, tiny: bool) -> tuple[str | None, bool, bool, bool, bool]:
+    """'nf4' | 'bf16' (tiny: 'fp32'), then optional '-eager', '-base', '-nopdl' and '-sync' -> (quantize, eager,
+    base only, programmatic dependent launch, async scheduling (the engine's default))."""
     base_dtype, *flags = name.split("-")
-    if base_dtype not in ("nf4", "fp32" if tiny else "bf16") or not set(flags) <= {"eager", "base", "nopdl"}:
-        raise SystemExit(f"unknown setup {name!r}: use nf4 or {'fp32' if tiny else 'bf16'}, then -eager, -base "
-                         "and/or -nopdl")
-    return ("nf4" if base_dtype == "nf4" else None), "eager" in flags, "base" in flags, "nopdl" not in flags
+    if base_dtype not in ("nf4", "fp32" if tiny else "bf16") or not set(flags) <= {"eager", "base", "nopdl", "sync"}:
+        raise SystemExit(f"unknown setup {name!r}: use nf4 or {'fp32' if tiny else 'bf16'}, then -eager, -base, "
+                         "-nopdl and/or -sync")
+    return (("nf4" if base_dtype == "nf4" else None), "eager" in flags, "base" in flags, "nopdl" not in flags,
+            "sync" not in flags)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="profiled steps")
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--setups", help="comma-separated: nf4|bf16 (tiny: fp32) [-eager] [-base] "
+    parser.add_argument("--setups", help="comma-separated: nf4|bf16 (tiny: fp32) [-eager] [-base] [-nopdl] [-sync] "
                                          "(default: nf4; fp32 with --tiny)")
     parser.add_argument("--out", help="output directory (default: $OUT, else a new temporary directory)")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace of the first setup (GPU)")
@@ -147,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     sections = [ba.device_header()]
     with tempfile.TemporaryDirectory(prefix="lorax-profile-") as work:
         config, _, names = ba.write_base_and_adapters(Path(work), setup, args.adapters, args.rank)
-        for i, (quantize, eager, base_only, pdl, name) in enumerate(setups):
+        for i, (quantize, eager, base_only, pdl, overlap, name) in enumerate(setups):
             was = set_programmatic_launch(pdl)  # read at each launch; CUDA graphs keep what they captured
-            llm = build(Path(work), setup, quantize, eager, names, args.batch)
-            cuda = llm.device.type == "cuda"
+            llm = build(Path(work), setup, quantize, eager, names, args.batch, overlap)
+            cuda, llm_async = llm.device.type == "cuda", llm.async_scheduling
             trace = out / "profile_trace.json" if cuda and args.trace and i == 0 else None
             prof, wall_ms = profile(llm, [] if base_only else names, config.vocab_size, args.batch, args.steps,
                                     8 if args.tiny else 128, trace)
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             set_programmatic_launch(was)
             adapters = "no adapter" if base_only else f"{args.adapters} rank-{args.rank} adapters"
             sections.append(f"## {name}\n\n{model}, base {quantize or setup.dtype}, "
-                            f"{'eager' if eager or not cuda else 'CUDA graphs'}{'' if pdl else ', PDL off'}, "
+                            f"{'eager' if eager or not cuda else 'CUDA graphs'}{'' if pdl else ', PDL off'}"
+                            f"{', async scheduling' if llm_async else ''}, "
                             f"batch {args.batch}, {adapters}; "
                             f"{args.steps} profiled decode steps, {wall_ms:.2f} ms per step under the profiler\n\n"
                             f"{tables(prof, args.steps, cuda)}")
