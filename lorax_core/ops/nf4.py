@@ -61,17 +61,8 @@ def nf4_linear_sgmv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = N
     (as the silu_mul op rounds) in its epilogue: two kernels instead of four. Elsewhere the ops one after the
     other, whose y is rounded after nf4_linear and again after the LoRA add.
     """
-    if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"nf4_linear_sgmv: x has {x.shape[-1]} features, the weight expects {w.shape[1]}")
-    if pool is None:
-        lora, layer, indices, columns, page_size = (None,) * 7, 0, [], [], 0
-    else:
-        from lorax_core.ops.lora import _modules, _pool_args
-
-        indices, columns = _modules(pool, w.shape[0], modules)
-        lora, page_size = (*_pool_args(pool), pool.scales, seg_starts, seg_slots, v), pool.page_size
-    return torch.ops.lorax_core.nf4_linear_sgmv(x, *_state_args(w), w.shape[0], bias, *lora, layer, indices, columns,
-                                                page_size, silu_mul)
+    return torch.ops.lorax_core.nf4_linear_sgmv(*_linear_sgmv_args("nf4_linear_sgmv", x, w, bias, pool, layer, modules,
+                                                                   seg_starts, seg_slots, v), silu_mul)
 
 
 def nf4_linear_sgmv_rotary(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, pool: AdapterPool | None,
@@ -89,8 +80,15 @@ def nf4_linear_sgmv_rotary(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | N
     Returns y (q and k rotated). On CUDA with up to 8 rows of x in fp16 / bf16 and D a power of two >= 16, the
     GEMV's epilogue rotates each output pair and writes the cache: the rotary kernel is gone.
     """
+    args = _linear_sgmv_args("nf4_linear_sgmv_rotary", x, w, bias, pool, layer, modules, seg_starts, seg_slots, v)
+    return torch.ops.lorax_core.nf4_linear_sgmv_rotary(*args, q_heads, kv_heads, cos, sin, positions, k_cache, v_cache,
+                                                       slot_mapping)
+
+
+def _linear_sgmv_args(op: str, x, w, bias, pool, layer, modules, seg_starts, seg_slots, v) -> tuple:
+    """nf4_linear_sgmv's arguments up to page_size (the rotary op's too), as the schema orders them."""
     if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"nf4_linear_sgmv_rotary: x has {x.shape[-1]} features, the weight expects {w.shape[1]}")
+        raise ValueError(f"{op}: x has {x.shape[-1]} features, the weight expects {w.shape[1]}")
     if pool is None:
         lora, layer, indices, columns, page_size = (None,) * 7, 0, [], [], 0
     else:
@@ -98,9 +96,7 @@ def nf4_linear_sgmv_rotary(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | N
 
         indices, columns = _modules(pool, w.shape[0], modules)
         lora, page_size = (*_pool_args(pool), pool.scales, seg_starts, seg_slots, v), pool.page_size
-    return torch.ops.lorax_core.nf4_linear_sgmv_rotary(x, *_state_args(w), w.shape[0], bias, *lora, layer, indices,
-                                                       columns, page_size, q_heads, kv_heads, cos, sin, positions,
-                                                       k_cache, v_cache, slot_mapping)
+    return (x, *_state_args(w), w.shape[0], bias, *lora, layer, indices, columns, page_size)
 
 
 def _linear_setup_context(ctx, inputs, output):
