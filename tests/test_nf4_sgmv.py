@@ -245,13 +245,11 @@ def rotary_case(case, head_dim, dtype=torch.float32, device="cpu", modules=QKV, 
                   positions=torch.randint(0, 40, (tokens,), generator=gen), k_cache=torch.randn(cache, generator=gen),
                   v_cache=torch.randn(cache, generator=gen), slot_mapping=slots)
     rotary["k_cache"], rotary["v_cache"] = rotary["k_cache"].to(dtype), rotary["v_cache"].to(dtype)
-    full = {**args, **rotary}
-    full.pop("modules")
-    full = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in full.items()}
+    full = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in {**args, **rotary}.items()}
     if device != "cpu":
         full["pool"] = linear_sgmv_case(modules, names, RANKS, tokens, lengths, seg, dtype=dtype,
                                         device=device)[0]["pool"]
-    return dict(full, modules=names, v=None), exact
+    return dict(full, v=None), exact
 
 
 def rotary_op(a):

@@ -300,10 +300,11 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
   __syncthreads();
   if (!last) return;
   __threadfence();
+  if (tid < group) max_s[tid] = split_top(part, b * heads + h0 + tid, splits);  // max_s: now each head's top
+  __syncthreads();
   for (int i = tid; i < group * D; i += kThreads) {
     const int h = i / D, d = i % D;
-    const int64_t bh = b * heads + h0 + h;
-    out[bh * D + d] = from_float<T>(merged(part, bh, splits, D, d, split_top(part, bh, splits)));
+    out[(b * heads + h0 + h) * D + d] = from_float<T>(merged(part, b * heads + h0 + h, splits, D, d, max_s[h]));
   }
 }
 

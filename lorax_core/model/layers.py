@@ -105,8 +105,8 @@ class Projection(nn.Module):
         """SwiGLU's silu(gate) * up of a projection whose two parts are gate and up."""
         return self._output(x, ctx, silu_mul=True, v=v)
 
-    def rotates(self) -> bool:
-        """Whether `rotated` serves this projection: NF4 weights and the NF4 fusions on."""
+    def fused_nf4(self) -> bool:
+        """Whether the fused NF4 ops serve this projection (its output, `rotated`): NF4 weights, FUSED_NF4 on."""
         return FUSED_NF4 and isinstance(self.base, NF4Linear)
 
     def rotated(self, x: torch.Tensor, ctx: ForwardContext, rotary: RotaryEmbedding, heads: tuple[int, int],
@@ -114,11 +114,9 @@ class Projection(nn.Module):
         """q, k, v [T, heads, D] of a fused q | k | v projection with q and k rotated and k and v stored in the KV
         cache: this projection then RotaryEmbedding in one op (nf4_linear_sgmv_rotary: on CUDA, for up to 8 rows, in
         the GEMV's epilogue). heads: (q heads, kv heads)."""
-        bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
-        lora = ctx.lora
-        pool, starts, slots = (lora.pool, lora.seg_starts, lora.seg_slots) if lora is not None else (None,) * 3
-        y = nf4_linear_sgmv_rotary(x, self.base.weight, bias, pool, self.layer, self.module_names, starts, slots, v,
-                                   *heads, rotary.cos, rotary.sin, ctx.positions, k_cache, v_cache, ctx.slot_mapping)
+        y = nf4_linear_sgmv_rotary(x, **self._nf4_args(x, ctx), v=v, q_heads=heads[0], kv_heads=heads[1],
+                                   cos=rotary.cos, sin=rotary.sin, positions=ctx.positions, k_cache=k_cache,
+                                   v_cache=v_cache, slot_mapping=ctx.slot_mapping)
         return [part.view(x.shape[0], -1, rotary.cos.shape[1]) for part in y.split(list(self.parts.values()), dim=-1)]
 
     def shrinks_in_norm(self, rows: int, ctx: ForwardContext) -> bool:
@@ -126,14 +124,18 @@ class Projection(nn.Module):
         row (a batch-1 decode step, where a kernel less counts) of an NF4 projection with adapters in the step."""
         return FUSED_NF4 and rows == 1 and ctx.lora is not None and isinstance(self.base, NF4Linear)
 
+    def _nf4_args(self, x: torch.Tensor, ctx: ForwardContext) -> dict:
+        """nf4_linear_sgmv's (and nf4_linear_sgmv_rotary's) weight, bias and LoRA arguments for this projection."""
+        bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
+        lora = ctx.lora
+        if lora is None:
+            return dict(w=self.base.weight, bias=bias, pool=None, layer=0, modules=(), seg_starts=None, seg_slots=None)
+        return dict(w=self.base.weight, bias=bias, pool=lora.pool, layer=self.layer, modules=self.module_names,
+                    seg_starts=lora.seg_starts, seg_slots=lora.seg_slots)
+
     def _output(self, x: torch.Tensor, ctx: ForwardContext, silu_mul: bool, v: torch.Tensor | None) -> torch.Tensor:
-        if FUSED_NF4 and isinstance(self.base, NF4Linear):
-            bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
-            lora = ctx.lora
-            if lora is None:
-                return nf4_linear_sgmv(x, self.base.weight, bias, silu_mul=silu_mul)
-            return nf4_linear_sgmv(x, self.base.weight, bias, lora.pool, self.layer, self.module_names,
-                                   lora.seg_starts, lora.seg_slots, silu_mul=silu_mul, v=v)
+        if self.fused_nf4():
+            return nf4_linear_sgmv(x, **self._nf4_args(x, ctx), silu_mul=silu_mul, v=v)
         if v is not None:
             raise ValueError("a LoRA shrink done in the norm needs an NF4 projection (nf4_linear_sgmv)")
         y = self.base(x)
