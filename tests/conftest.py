@@ -38,11 +38,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol["rtol"], atol=tol["atol"] * scale)
 
 
-def assert_rounds_exact(actual: torch.Tensor, exact: torch.Tensor, atol: float = 1e-4):
-    """`actual` (fp16 / bf16) is `exact` (fp32) rounded once: within half an ulp of actual's dtype, plus `atol` for
-    the order of an fp32 sum."""
+def assert_rounds_exact(actual: torch.Tensor, exact: torch.Tensor, atol: float = 1e-4, magnitude=None):
+    """`actual` (fp16 / bf16) is `exact` (fp32) rounded once: within half an ulp of actual's dtype, plus slack for the
+    order of an fp32 sum: `atol`, or, given `magnitude` (each output's sum of |terms|), 2^-21 of it. Tensor cores
+    accumulate in fp32 but align each group of products to the largest before adding, truncating the rest; over
+    K = 14336 terms that cost 2^-24.6 of the magnitude on an H100 (2026-11-24), more than a fixed 1e-4. Rounding any
+    product or a block's partial sum to 16 bits instead costs about 2^-12 of it: still far outside."""
     half_ulp = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[actual.dtype]
-    torch.testing.assert_close(actual.float(), exact, rtol=half_ulp, atol=atol)
+    slack = atol if magnitude is None else 2.0**-21 * magnitude
+    error = (actual.float() - exact).abs()
+    bad = error > half_ulp * exact.abs() + slack
+    if bad.any():
+        i = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(f"{int(bad.sum())} of {bad.numel()} outputs are not the exact value rounded once: at {i} "
+                             f"{actual[i].item()} vs {exact[i].item()}, allowed {(half_ulp * exact.abs() + slack)[i]:.3g}")
 
 
 def _gemv_max_rows() -> int:

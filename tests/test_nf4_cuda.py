@@ -72,7 +72,8 @@ def test_linear_cuda_few_rows_round_the_exact_product(dtype, shape):
     exact_w = nf4_gemv_weight(w, dtype)
     for m in range(1, NF4_GEMV_MAX_ROWS + 1):
         x = torch.randn(m, k, device="cuda").to(dtype)
-        assert_rounds_exact(nf4_linear(x, w), x.float() @ exact_w.T)
+        exact = x.float() @ exact_w.T
+        assert_rounds_exact(nf4_linear(x, w), exact, magnitude=x.float().abs() @ exact_w.abs().T)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
