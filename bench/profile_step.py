@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import os
 import random
 import sys
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                                     8 if args.tiny else 128, trace)
             llm.close()
             del llm
+            gc.collect()  # the next setup's engine sizes its KV cache by the GPU memory left free
+            if cuda:
+                torch.cuda.empty_cache()
             set_programmatic_launch(was)
             adapters = "no adapter" if base_only else f"{args.adapters} rank-{args.rank} adapters"
             sections.append(f"## {name}\n\n{model}, base {quantize or setup.dtype}, "

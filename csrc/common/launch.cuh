@@ -5,8 +5,8 @@
 // launches. With PDL the next kernel launches as soon as every CTA of the one before it has started: its CTAs
 // wait in pdl_prologue() until that kernel has finished and its writes are visible, then run. So the launch
 // overlaps the previous kernel's work, also inside a CUDA graph. Correctness needs only that a kernel touches no
-// memory before its prologue (prefetch_l2 of weights, which no kernel writes, is the exception: it reads nothing
-// into the kernel); where PDL is off (older GPUs or CUDA, or set_programmatic_launch(false)) the
+// memory before its prologue but weights, which no kernel writes: prefetch_l2 of them, and the NF4 GEMV's loads of
+// its absmax tables and first codes; where PDL is off (older GPUs or CUDA, or set_programmatic_launch(false)) the
 // prologue does nothing and launches are ordinary stream-ordered ones.
 // tests/cuda_emu/launch.cuh stands in for this header in the CPU emulator, which checks that every thread of
 // every kernel passes the prologue.

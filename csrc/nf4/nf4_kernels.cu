@@ -451,7 +451,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
       reinterpret_cast<uint4*>(sh.pairs.copies)[u] = make_uint4(p, p, p, p);
     }
   }
-  pdl_prologue();
   load_tables(sh.t, a);  // its barrier also publishes the pairs
 
   // What a step needs from memory, loaded a step ahead (across tiles too).
@@ -544,6 +543,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     loader_rows();
     cur = load_next();
   }
+  // Everything above reads weights only, which no kernel writes: with PDL it overlaps the kernel before this one.
+  // x, the LoRA's v and the outputs wait for it.
+  pdl_prologue();
   for (int r = 0; r < my_tiles; ++r) {
     const int tile = static_cast<int>(blockIdx.x + r * gridDim.x);
     float acc[kGroups][4] = {};   // see compute
