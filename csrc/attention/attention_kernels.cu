@@ -9,7 +9,8 @@
 // its (max, sum, unnormalised output), and the last of a (sequence, kv head)'s CTAs to finish merges them (it
 // counts them in with an atomic on a counter that it then puts back to zero), or without counters
 // combine_kernel does. S depends on the batch and the block-table width only, not the context lengths, so a CUDA
-// graph captured once stays right. Head sizes that 16-byte loads do
+// graph captured once stays right; the splits that a shorter context does not reach leave at once, and only the
+// ones that walked a chunk are merged (one alone writes the output itself). Head sizes that 16-byte loads do
 // not tile (or GQA groups over 8) take general_kernel: one CTA per (head, sequence), a warp per position.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -123,20 +124,21 @@ struct Partials {
   float* acc;
 };
 
-// The largest running max of the splits of (sequence, head) bh that saw a position. Loads bypass L1 (here and in
-// merged): in split_kernel's last CTA they read what other CTAs wrote during the same kernel.
-__device__ __forceinline__ float split_top(const Partials& part, int64_t bh, int64_t splits) {
+// The largest running max of the first `walked` splits of (sequence, head) bh (of `splits` in the partials' layout)
+// that saw a position. Loads bypass L1 (here and in merged): in split_kernel's last CTA they read what other CTAs
+// wrote during the same kernel.
+__device__ __forceinline__ float split_top(const Partials& part, int64_t bh, int64_t splits, int64_t walked) {
   float top = -INFINITY;
-  for (int64_t s = 0; s < splits; ++s)
+  for (int64_t s = 0; s < walked; ++s)
     if (__ldcg(part.sum + bh * splits + s) > 0.0f) top = fmaxf(top, __ldcg(part.max + bh * splits + s));
   return top;
 }
 
 // Output element d of (sequence, head) bh from its splits: sum_s e^(m_s - top) acc_s / sum_s e^(m_s - top) l_s.
-__device__ __forceinline__ float merged(const Partials& part, int64_t bh, int64_t splits, int64_t D, int64_t d,
-                                        float top) {
+__device__ __forceinline__ float merged(const Partials& part, int64_t bh, int64_t splits, int64_t walked, int64_t D,
+                                        int64_t d, float top) {
   float num = 0.0f, den = 0.0f;
-  for (int64_t s = 0; s < splits; ++s) {
+  for (int64_t s = 0; s < walked; ++s) {
     const float l = __ldcg(part.sum + bh * splits + s);
     if (l <= 0.0f) continue;
     const float w = __expf(__ldcg(part.max + bh * splits + s) - top);
@@ -144,6 +146,12 @@ __device__ __forceinline__ float merged(const Partials& part, int64_t bh, int64_
     den += w * l;
   }
   return den > 0.0f ? num / den : 0.0f;
+}
+
+// How many splits of a context walk a chunk: chunks first / chunk .. ceil(len / chunk) - 1 go to splits 0, 1, ...
+// in turn. At least one, so that an empty context still gets its zeros written.
+__device__ __forceinline__ int64_t walked_splits(int64_t len, int64_t first, int64_t chunk, int64_t splits) {
+  return max(int64_t{1}, min(splits, (len + chunk - 1) / chunk - first / chunk));
 }
 
 template <typename T, int TPP>
@@ -163,6 +171,10 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
   const int64_t len = min(int64_t{lens[b]}, max_blocks * c.block_size);
   const int64_t first = window > 0 && len > window ? len - window : 0;
   const int32_t* table = tables + b * max_blocks;
+  // S is sized for the longest context the block table holds; a split with no chunk of this one leaves at once,
+  // and when one split walks them all it writes the output itself.
+  const int64_t walked = walked_splits(len, first, CHUNK, splits);
+  if (split >= walked) return;
 
   for (int i = tid; i < kMaxGroup * D; i += kThreads) {
     const int h = i / D, d = i % D;
@@ -275,7 +287,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
   for (int i = tid; i < group * D; i += kThreads) {
     const int h = i / D, d = i % D;
     const int64_t bh = b * heads + h0 + h;
-    if (splits == 1) {
+    if (walked == 1) {
       out[bh * D + d] = from_float<T>(sum_s[h] > 0.0f ? acc_s[h][d] / sum_s[h] : 0.0f);
     } else {
       part.acc[(bh * splits + split) * D + d] = acc_s[h][d];
@@ -285,7 +297,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
       }
     }
   }
-  if (splits == 1 || counters == nullptr) return;  // (combine_kernel merges the splits)
+  if (walked == 1 || counters == nullptr) return;  // (combine_kernel merges the splits)
   // The last CTA of this (sequence, kv head) to finish merges its splits (CUDA's threadFenceReduction pattern): a
   // CTA's partials are visible to the whole GPU before it counts itself in, and the last one puts the counter back
   // to zero for the next call once every split has arrived.
@@ -294,28 +306,35 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
   __syncthreads();
   if (tid == 0) {
     int32_t* arrived = counters + b * c.kv_heads + kvh;
-    last = atomicAdd(arrived, 1) == splits - 1;
+    last = atomicAdd(arrived, 1) == walked - 1;
     if (last) *arrived = 0;
   }
   __syncthreads();
   if (!last) return;
   __threadfence();
-  if (tid < group) max_s[tid] = split_top(part, b * heads + h0 + tid, splits);  // max_s: now each head's top
+  if (tid < group) max_s[tid] = split_top(part, b * heads + h0 + tid, splits, walked);  // now each head's top
   __syncthreads();
   for (int i = tid; i < group * D; i += kThreads) {
     const int h = i / D, d = i % D;
-    out[(b * heads + h0 + h) * D + d] = from_float<T>(merged(part, b * heads + h0 + h, splits, D, d, max_s[h]));
+    out[(b * heads + h0 + h) * D + d] =
+        from_float<T>(merged(part, b * heads + h0 + h, splits, walked, D, d, max_s[h]));
   }
 }
 
 // Merges the splits of one (head, sequence): out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
+// (A context that one split walks has its output from split_kernel already.)
 template <typename T>
-__global__ void combine_kernel(T* __restrict__ out, Partials part, int64_t splits, int64_t D) {
+__global__ void combine_kernel(T* __restrict__ out, Partials part, int64_t splits, int64_t D,
+                               const int32_t* __restrict__ lens, int64_t heads, int64_t max_positions, int64_t window,
+                               int64_t chunk) {
   pdl_prologue();
   const int64_t bh = blockIdx.x;
-  const float top = split_top(part, bh, splits);
+  const int64_t len = min(int64_t{lens[bh / heads]}, max_positions);
+  const int64_t walked = walked_splits(len, window > 0 && len > window ? len - window : 0, chunk, splits);
+  if (walked == 1) return;
+  const float top = split_top(part, bh, splits, walked);
   for (int64_t d = threadIdx.x; d < D; d += blockDim.x)
-    out[bh * D + d] = from_float<T>(merged(part, bh, splits, D, d, top));
+    out[bh * D + d] = from_float<T>(merged(part, bh, splits, walked, D, d, top));
 }
 
 // Threads per position for split_kernel (16 bytes each), or 0 where general_kernel must run.
@@ -352,7 +371,8 @@ void launch_decode(const void* q, void* out, const Cache& c, const int32_t* tabl
   if (tpp == 32) run(split_kernel<T, 32>);
   if (splits > 1 && counters == nullptr)
     launch(combine_kernel<T>, static_cast<unsigned>(rows), static_cast<unsigned>(std::min<int64_t>(c.head_dim, 256)), 0,
-           stream, static_cast<T*>(out), part, splits, c.head_dim);
+           stream, static_cast<T*>(out), part, splits, c.head_dim, lens, heads, max_blocks * c.block_size, window,
+           int64_t{kThreads} / tpp * kPasses);
 }
 
 }  // namespace
