@@ -3,7 +3,7 @@
 // Decode attention (split_kernel + combine_kernel, flash-decoding style): one CTA per (kv head, sequence, split)
 // serves all the query heads of its GQA group, so each K and V row is read once. A split walks chunks of CHUNK
 // positions (chunk split, split + S, ...). Per chunk: (1) TPP threads per position, 16 bytes each, score every
-// position of the chunk at once (all table and K loads issued before any arithmetic); (2) one warp per head takes
+// position of the chunk at once (all table, K and V loads issued before any arithmetic); (2) one warp per head takes
 // the chunk's max and exponentials (online softmax across chunks); (3) the same threads accumulate p * V in
 // registers. The position groups are summed in shared memory, in a fixed order; with S > 1 splits, each writes
 // its (max, sum, unnormalised output), and the last of a (sequence, kv head)'s CTAs to finish merges them (it
@@ -127,10 +127,15 @@ struct Partials {
 // The largest running max of the first `walked` splits of (sequence, head) bh (of `splits` in the partials' layout)
 // that saw a position. Loads bypass L1 (here and in merged): in split_kernel's last CTA they read what other CTAs
 // wrote during the same kernel.
+// Every load is unconditional (a select, not a branch, skips a split without positions), so the splits' loads are
+// all in flight at once rather than one L2 round trip after another.
 __device__ __forceinline__ float split_top(const Partials& part, int64_t bh, int64_t splits, int64_t walked) {
   float top = -INFINITY;
-  for (int64_t s = 0; s < walked; ++s)
-    if (__ldcg(part.sum + bh * splits + s) > 0.0f) top = fmaxf(top, __ldcg(part.max + bh * splits + s));
+#pragma unroll 4
+  for (int64_t s = 0; s < walked; ++s) {
+    const float l = __ldcg(part.sum + bh * splits + s), m = __ldcg(part.max + bh * splits + s);
+    top = l > 0.0f ? fmaxf(top, m) : top;
+  }
   return top;
 }
 
@@ -138,11 +143,12 @@ __device__ __forceinline__ float split_top(const Partials& part, int64_t bh, int
 __device__ __forceinline__ float merged(const Partials& part, int64_t bh, int64_t splits, int64_t walked, int64_t D,
                                         int64_t d, float top) {
   float num = 0.0f, den = 0.0f;
+#pragma unroll 4
   for (int64_t s = 0; s < walked; ++s) {
-    const float l = __ldcg(part.sum + bh * splits + s);
-    if (l <= 0.0f) continue;
-    const float w = __expf(__ldcg(part.max + bh * splits + s) - top);
-    num += w * __ldcg(part.acc + (bh * splits + s) * D + d);
+    const float l = __ldcg(part.sum + bh * splits + s), m = __ldcg(part.max + bh * splits + s);
+    const float acc = __ldcg(part.acc + (bh * splits + s) * D + d);
+    const float w = l > 0.0f ? __expf(m - top) : 0.0f;
+    num += w * acc;
     den += w * l;
   }
   return den > 0.0f ? num / den : 0.0f;
@@ -203,11 +209,14 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
                    ? ((int64_t{table[pos / c.block_size]} * c.block_size + pos % c.block_size) * c.kv_heads + kvh) * D
                    : -1;
     }
-    uint4 raw[kPasses];
+    uint4 raw[kPasses], vals[kPasses];  // K and V rows, all asked for at once: one memory round trip a chunk
 #pragma unroll
     for (int p = 0; p < kPasses; ++p)
       raw[p] = row[p] >= 0 ? *reinterpret_cast<const uint4*>(static_cast<const T*>(c.k) + row[p] + t * VEC)
                           : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p)
+      if (row[p] >= 0) vals[p] = *reinterpret_cast<const uint4*>(static_cast<const T*>(c.v) + row[p] + t * VEC);
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
       const T* k = reinterpret_cast<const T*>(&raw[p]);
@@ -245,9 +254,6 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
       }
     }
     // (3) values: this thread's VEC dimensions of every position it scored
-#pragma unroll
-    for (int p = 0; p < kPasses; ++p)
-      if (row[p] >= 0) raw[p] = *reinterpret_cast<const uint4*>(static_cast<const T*>(c.v) + row[p] + t * VEC);
     __syncthreads();
 #pragma unroll
     for (int h = 0; h < kMaxGroup; ++h) {
@@ -259,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
 #pragma unroll
     for (int p = 0; p < kPasses; ++p) {
       if (row[p] < 0) continue;
-      const T* val = reinterpret_cast<const T*>(&raw[p]);
+      const T* val = reinterpret_cast<const T*>(&vals[p]);
 #pragma unroll
       for (int h = 0; h < kMaxGroup; ++h) {
         if (h >= group) break;
