@@ -74,11 +74,8 @@ def test_loads_a_bitsandbytes_4bit_checkpoint(setup, tmp_path):
                                torch.tensor([t.logprob for t in b.logprobs]), rtol=1e-5, atol=1e-5)
 
 
-def test_batch1_decode_step_runs_the_fused_ops(setup):
-    """What a batch-1 NF4 decode step with an adapter dispatches (on CUDA each op one kernel, nf4_linear_sgmv's LoRA
-    shrink aside): per layer the norm with the q | k | v shrink, q | k | v with rotary and the KV cache write,
-    attention, o, the norm with the gate | up shrink, gate | up with SwiGLU, and down. A change that splits a
-    fusion apart shows here."""
+def decode_step_ops(llm, adapters) -> dict:
+    """The lorax_core ops that one decode step of len(adapters) sequences (one per adapter) dispatches, counted."""
     import collections
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -94,16 +91,43 @@ def test_batch1_decode_step_runs_the_fused_ops(setup):
                 self.count[name.removeprefix("lorax_core.")] += 1
             return func(*args, **(kwargs or {}))
 
-    llm, *_ = setup
-    seq = llm.add_request([5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), "r8_all")
-    while not seq.completion_ids:
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    seqs = [llm.add_request([5, 6, 7 + i], params, a) for i, a in enumerate(adapters)]
+    while not all(s.completion_ids for s in seqs):
         llm.step()
     batch = llm.scheduler.schedule()
-    assert batch == [seq] and seq.chunk == 1
+    assert sorted(s.id for s in batch) == sorted(s.id for s in seqs) and all(s.chunk == 1 for s in batch)
     ops = Ops()
     with ops:
         llm.runner.run(batch)
-    llm.abort(seq)
+    for seq in seqs:
+        llm.abort(seq)
+    return dict(ops.count)
+
+
+def test_batch1_decode_step_runs_the_fused_ops(setup):
+    """What a batch-1 NF4 decode step with an adapter dispatches (on CUDA each op one kernel, nf4_linear_sgmv's LoRA
+    shrink aside): per layer the norm with the q | k | v shrink, q | k | v with rotary and the KV cache write,
+    attention, o, the norm with the gate | up shrink, gate | up with SwiGLU, and down. A change that splits a
+    fusion apart shows here."""
+    llm, *_ = setup
     layers = llm.model.config.num_layers
-    assert ops.count == {"rms_norm": 1, "add_rms_norm_sgmv_shrink": 2 * layers - 1, "nf4_linear_sgmv_rotary": layers,
-                         "paged_attention_decode": layers, "nf4_linear_sgmv": 3 * layers, "add_rms_norm": 1}
+    assert decode_step_ops(llm, ["r8_all"]) == {
+        "rms_norm": 1, "add_rms_norm_sgmv_shrink": 2 * layers - 1, "nf4_linear_sgmv_rotary": layers,
+        "paged_attention_decode": layers, "nf4_linear_sgmv": 3 * layers, "add_rms_norm": 1}
+
+
+@pytest.mark.parametrize("rows", [4, 5])
+def test_fused_projections_up_to_four_rows(setup, rows):
+    """Decode steps of up to FUSED_NF4_MAX_ROWS (4) rows take the fused projections; more rows take nf4_linear and
+    the LoRA ops one after the other (on an H100 the fused GEMV's 8-row instance lost to them)."""
+    from lorax_core.model import layers as model_layers
+
+    llm, *_ = setup
+    assert model_layers.FUSED_NF4_MAX_ROWS == 4
+    layers = llm.model.config.num_layers
+    ops = decode_step_ops(llm, ROWS[:rows])
+    fused = rows <= 4
+    assert ops.get("nf4_linear_sgmv_rotary", 0) == (layers if fused else 0)
+    assert ops.get("nf4_linear_sgmv", 0) == (3 * layers if fused else 0)
+    assert ops.get("nf4_linear", 0) == (0 if fused else 4 * layers)

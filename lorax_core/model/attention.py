@@ -28,7 +28,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, shrunk: torch.Tensor | None = None) -> torch.Tensor:
         """shrunk: x's LoRA shrink for q, k, v when the norm before did it."""
-        if self.qkv.fused_nf4():  # the projection, rotary and the cache write in one op
+        if self.qkv.fused_nf4(x.shape[0]):  # the projection, rotary and the cache write in one op
             q, k, v = self.qkv.rotated(x, ctx, self.rotary, (self.heads, self.kv_heads), self.k_cache, self.v_cache,
                                        shrunk)
         else:

@@ -10,13 +10,17 @@ from lorax_core.ops import rotary_kv_cache_write
 from lorax_core.ops import silu_mul as silu_mul_op
 from lorax_core.quant.nf4 import NF4Linear
 
-# NF4 projections go through nf4_linear_sgmv: on CUDA at up to 8 rows (decode at batch 1 to 8) its GEMV adds the
-# LoRA delta and SwiGLU (gate | up) or rotary and the KV cache write (q | k | v: nf4_linear_sgmv_rotary) in its
-# epilogue, and at one row the norm before them does their LoRA shrink (add_rms_norm_sgmv_shrink). False:
-# add_rms_norm, nf4_linear, sgmv, silu_mul and rotary_kv_cache_write one after the other
+# NF4 projections of up to FUSED_NF4_MAX_ROWS rows go through nf4_linear_sgmv: on CUDA its GEMV adds the LoRA
+# delta and SwiGLU (gate | up) or rotary and the KV cache write (q | k | v: nf4_linear_sgmv_rotary) in its
+# epilogue, and at one row the norm before them does their LoRA shrink (add_rms_norm_sgmv_shrink). Otherwise, or
+# with FUSED_NF4 False: add_rms_norm, nf4_linear, sgmv, silu_mul and rotary_kv_cache_write one after the other
 # (bench_engine.py's baseline row; the same results off those paths). Read when a step runs, so CUDA graphs keep
-# what they captured.
+# what they captured. On an H100 (2026-11-24, bench/RESULTS.md) the fusions took a batch-1 decode step from 7.18
+# to 4.80 ms but a batch-8 one from 9.90 to 11.08 ms. The GEMV's 8-row instance, which serves 5 to 8 rows, spills
+# 204-244 bytes of registers with the LoRA epilogue (ptxas, sm_90); its 1-, 2- and 4-row ones 0-52. 2 and 4 rows
+# are not measured yet.
 FUSED_NF4 = True
+FUSED_NF4_MAX_ROWS = 4
 
 
 class RMSNorm(nn.Module):
@@ -105,9 +109,10 @@ class Projection(nn.Module):
         """SwiGLU's silu(gate) * up of a projection whose two parts are gate and up."""
         return self._output(x, ctx, silu_mul=True, v=v)
 
-    def fused_nf4(self) -> bool:
-        """Whether the fused NF4 ops serve this projection (its output, `rotated`): NF4 weights, FUSED_NF4 on."""
-        return FUSED_NF4 and isinstance(self.base, NF4Linear)
+    def fused_nf4(self, rows: int) -> bool:
+        """Whether the fused NF4 ops serve this projection of `rows` rows (its output, `rotated`): NF4 weights,
+        FUSED_NF4 on, at most FUSED_NF4_MAX_ROWS rows."""
+        return FUSED_NF4 and isinstance(self.base, NF4Linear) and rows <= FUSED_NF4_MAX_ROWS
 
     def rotated(self, x: torch.Tensor, ctx: ForwardContext, rotary: RotaryEmbedding, heads: tuple[int, int],
                 k_cache: torch.Tensor, v_cache: torch.Tensor, v: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -134,7 +139,7 @@ class Projection(nn.Module):
                     seg_starts=lora.seg_starts, seg_slots=lora.seg_slots)
 
     def _output(self, x: torch.Tensor, ctx: ForwardContext, silu_mul: bool, v: torch.Tensor | None) -> torch.Tensor:
-        if self.fused_nf4():
+        if self.fused_nf4(x.shape[0]):
             return nf4_linear_sgmv(x, **self._nf4_args(x, ctx), silu_mul=silu_mul, v=v)
         if v is not None:
             raise ValueError("a LoRA shrink done in the norm needs an NF4 projection (nf4_linear_sgmv)")
