@@ -126,8 +126,9 @@ class Projection(nn.Module):
 
     def shrinks_in_norm(self, rows: int, ctx: ForwardContext) -> bool:
         """Whether the norm before this projection should do its LoRA shrink too (add_rms_norm_sgmv_shrink): one
-        row (a batch-1 decode step, where a kernel less counts) of an NF4 projection with adapters in the step."""
-        return FUSED_NF4 and rows == 1 and ctx.lora is not None and isinstance(self.base, NF4Linear)
+        row (a batch-1 decode step, where a kernel less counts) of a projection the fused NF4 ops serve (fused_nf4),
+        with adapters in the step."""
+        return rows == 1 and ctx.lora is not None and self.fused_nf4(rows)
 
     def _nf4_args(self, x: torch.Tensor, ctx: ForwardContext) -> dict:
         """nf4_linear_sgmv's (and nf4_linear_sgmv_rotary's) weight, bias and LoRA arguments for this projection."""
