@@ -1,7 +1,8 @@
 """SGMV / BGMV (Punica's sweep, trimmed) against a per-adapter matmul loop (PEFT), gather + bmm over stacked padded
-weights, our kernel on contiguous (unfragmented) pages, and our kernel with programmatic dependent launch off
-(BGMV is three kernels in a row: what PDL gives), all in the same run. Shapes: h = 4096 (q_proj) for the whole
-sweep, and the MLP's 4096 -> 14336 (gate / up) and 14336 -> 4096 (down) at rank 16."""
+weights, our kernel on contiguous (unfragmented) pages, our kernel with programmatic dependent launch off, and (for
+decode) the shrink and expand ops one after the other, which is what bgmv runs where it has no one-kernel path (below
+sm_90, or over 64 tokens), all in the same run. Shapes: h = 4096 (q_proj) for the whole sweep, and the MLP's
+4096 -> 14336 (gate / up) and 14336 -> 4096 (down) at rank 16."""
 import random
 
 import pytest
@@ -89,7 +90,15 @@ def timed_case(benchmark, setup, impl, module, tokens, slots, segments):
         state["layer"] = (state["layer"] + 1) % LAYERS
         return state["layer"]
 
-    if impl in ("paged", "contiguous", "paged_pdl_off"):
+    if impl == "two_kernels":  # BGMV's shrink and expand ops: v through memory, two kernels' latency
+        pool = pools["paged"]
+        common, m = (pool.arena, pool.page_table, pool.ranks), [pool.module_index(module)]
+
+        def fn():
+            at = layer()
+            v = torch.ops.lorax_core.bgmv_shrink(x, *common, slot_t, at, m, pool.page_size)
+            torch.ops.lorax_core.bgmv_expand(y, v, *common, pool.scales, slot_t, at, m, [0, n_out], pool.page_size)
+    elif impl in ("paged", "contiguous", "paged_pdl_off"):
         pool = pools["contiguous" if impl == "contiguous" else "paged"]
         if segments is None:
             fn = lambda: bgmv(y, x, pool, layer(), module, slot_t)  # noqa: E731
@@ -112,7 +121,7 @@ def timed_case(benchmark, setup, impl, module, tokens, slots, segments):
     return us, nbytes / us / 1e3, mode
 
 
-@pytest.mark.parametrize("impl", ["paged", "contiguous", "loop", "gather_bmm", "paged_pdl_off"])
+@pytest.mark.parametrize("impl", ["paged", "contiguous", "loop", "gather_bmm", "paged_pdl_off", "two_kernels"])
 @pytest.mark.parametrize("case", DECODE, ids=lambda c: f"{c[0]}-r{c[1]}-t{c[2]}-{c[3]}")
 def test_bgmv_decode(benchmark, setup, impl, case):
     module, rank, tokens, popularity = case

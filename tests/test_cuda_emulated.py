@@ -142,6 +142,30 @@ def test_sgmv(emu, pool, lengths):
 
 
 @emulated
+@pytest.mark.parametrize("lengths", [[1], [3, 0, 1], [4, 5, 2, 1], [16], [2, 1, 1, 1, 3, 1, 2, 1, 1]])
+@pytest.mark.parametrize("module", ["q_proj", "down_proj", "odd"])
+def test_sgmv_decode(emu, pool, module, lengths):
+    """Decode-sized SGMV (at most 16 tokens): on sm_90 one kernel, a cluster of CTAs per tile of a segment's tokens
+    and module that share v on chip (apply_kernel); tiles of 1 to 4 tokens, a segment of base rows, an adapter
+    outside the pool. The shrink and expand ops one after the other take the two-kernel path: the same sums."""
+    seg = torch.tensor([(i % (len(RANKS) + 1)) - 1 for i in range(len(lengths))], dtype=torch.int32)
+    if len(lengths) > 3:
+        seg[3] = 99  # outside the pool: no adapter
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    x, y, _ = _lora_inputs(pool, sum(lengths), *MODULES[module], "uniform", seed=len(lengths))
+    expected = sgmv(y.clone(), x, pool, 0, module, starts, torch.where(seg == 99, -1, seg))  # the CPU op refuses 99
+    m = [pool.module_index(module)]
+    common = (pool.arena, pool.page_table, pool.ranks)
+    with emu():
+        assert_close(sgmv(y.clone(), x, pool, 0, module, starts, seg), expected, scale=4)
+        v = torch.ops.lorax_core.sgmv_shrink(x, *common, starts, seg, 0, m, pool.page_size)
+        got = y.clone()
+        torch.ops.lorax_core.sgmv_expand(got, v, *common, pool.scales, starts, seg, 0, m, [0, y.shape[1]],
+                                         pool.page_size)
+    assert_close(got, expected, scale=4)
+
+
+@emulated
 @pytest.mark.parametrize("tokens", [1, 6, 33])
 def test_fused_modules_into_column_slices(emu, pool, tokens):
     """q | k | v in one call, written into the middle columns of a wider tensor; SGMV and BGMV."""

@@ -1,4 +1,4 @@
-// When launch() (launch.cuh) uses programmatic dependent launch.
+// When launch() (launch.cuh) uses programmatic dependent launch, and whether launch_cluster() may use clusters.
 #include <atomic>
 
 #include "common/launch.cuh"
@@ -18,25 +18,27 @@ bool cuda_supports_pdl() {
   return supported;
 }
 
-bool device_supports_pdl(int device) {
+// The current device's compute capability major (0 where it cannot say), asked once per device.
+int current_major() {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> major[kMaxDevices] = {};  // 0: not asked yet
-  if (device < 0 || device >= kMaxDevices) return false;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 0;
   int m = major[device].load(std::memory_order_relaxed);
   if (m == 0) {
-    if (cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return 0;
     major[device].store(m, std::memory_order_relaxed);
   }
-  return m >= 9;
+  return m;
 }
 
 }  // namespace
 
 bool programmatic_launch_enabled() {
-  if (!g_enabled.load(std::memory_order_relaxed) || !cuda_supports_pdl()) return false;
-  int device = 0;
-  return cudaGetDevice(&device) == cudaSuccess && device_supports_pdl(device);
+  return g_enabled.load(std::memory_order_relaxed) && cuda_supports_pdl() && current_major() >= 9;
 }
+
+bool cluster_launch_supported() { return current_major() >= 9; }
 
 bool set_programmatic_launch(bool enabled) { return g_enabled.exchange(enabled); }
 

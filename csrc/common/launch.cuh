@@ -41,21 +41,42 @@ bool programmatic_launch_enabled();
 // Turns PDL on or off for later launches (CUDA graphs keep what they captured); returns the previous setting.
 bool set_programmatic_launch(bool enabled);
 
-// kernel<<<grid, block, smem, stream>>>(args...), with PDL where programmatic_launch_enabled(). A launch error
-// is left for the caller's C10_CUDA_KERNEL_LAUNCH_CHECK(), as with <<<>>>.
+// Whether launch_cluster() may use clusters of more than one CTA on the current device: compute capability 9.0+.
+// Defined in launch.cu.
+bool cluster_launch_supported();
+
+// kernel<<<grid, block, smem, stream>>>(args...) in clusters of `cluster` CTAs along x (cluster.cuh; 1: none, 2 to
+// 8 where cluster_launch_supported(), and dividing grid.x), with PDL where programmatic_launch_enabled(). A launch
+// error is left for the caller's C10_CUDA_KERNEL_LAUNCH_CHECK(), as with <<<>>>.
 template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
-  cudaLaunchAttribute pdl[1];
-  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl[0].val.programmaticStreamSerializationAllowed = 1;
+void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                    unsigned cluster, Args... args) {
+  cudaLaunchAttribute attrs[2];
+  unsigned count = 0;
+  if (programmatic_launch_enabled()) {
+    attrs[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[count++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attrs[count].id = cudaLaunchAttributeClusterDimension;
+    attrs[count].val.clusterDim.x = cluster;
+    attrs[count].val.clusterDim.y = 1;
+    attrs[count++].val.clusterDim.z = 1;
+  }
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  config.attrs = pdl;
-  config.numAttrs = programmatic_launch_enabled() ? 1 : 0;
+  config.attrs = attrs;
+  config.numAttrs = count;
   (void)cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with PDL where programmatic_launch_enabled().
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
+  launch_cluster(kernel, grid, block, smem, stream, 1u, args...);
 }
 
 }  // namespace lorax

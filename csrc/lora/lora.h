@@ -44,6 +44,9 @@ void check_pool(const PoolView& p, const std::vector<int64_t>& dims, int64_t ab,
 void check_activations(const at::Tensor& act, const PoolView& p, const char* op);
 void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Tensor& scales, const PoolView& p,
                          const std::vector<int64_t>& columns, const char* op);
+// All of check_expand_inputs but v.
+void check_expand_target(const at::Tensor& y, const at::Tensor& scales, const PoolView& p,
+                         const std::vector<int64_t>& columns, const char* op);
 // Its parts for a y of `width` columns that is not there yet (the NF4 GEMV's epilogue): columns, the pool's B side
 // and scales; v of `tokens` rows.
 void check_expand_pool(const at::Tensor& scales, const PoolView& p, const std::vector<int64_t>& columns,
@@ -64,13 +67,25 @@ using ShrinkKernel = void (*)(const at::Tensor& x, const PoolView& p, const Grou
 using ExpandKernel = void (*)(at::Tensor& y, const at::Tensor& v, const PoolView& p, const at::Tensor& scales,
                               const Groups& g, const std::vector<int64_t>& columns);
 using GroupFn = Groups (*)(const at::Tensor& adapter_indices, int64_t slots);
+// Shrink and expand in one kernel, where the backend has one for this call: returns whether it ran (x contiguous).
+using ApplyKernel = bool (*)(at::Tensor& y, const at::Tensor& x, const PoolView& p, const at::Tensor& scales,
+                             const Groups& g, const std::vector<int64_t>& columns);
 
-// Checks x [T, in] against the pool and returns shrink's output, v [T, modules * max_rank] fp32, uninitialised.
-inline at::Tensor checked_shrink_output(const at::Tensor& x, const PoolView& p, const char* op) {
+inline void check_shrink_input(const at::Tensor& x, const PoolView& p, const char* op) {
   check_activations(x, p, op);
   check_pool(p, std::vector<int64_t>(p.modules.size(), x.size(1)), 0, op);
+}
+
+// shrink's output for x [T, in]: v [T, modules * max_rank] fp32, uninitialised.
+inline at::Tensor shrink_output(const at::Tensor& x, const PoolView& p) {
   return at::empty({x.size(0), static_cast<int64_t>(p.modules.size()) * p.page_table.size(4)},
                    x.options().dtype(at::kFloat));
+}
+
+// Checks x [T, in] against the pool and returns shrink's output.
+inline at::Tensor checked_shrink_output(const at::Tensor& x, const PoolView& p, const char* op) {
+  check_shrink_input(x, p, op);
+  return shrink_output(x, p);
 }
 
 inline void check_indices(const at::Tensor& adapter_indices, int64_t tokens, const char* op) {
@@ -119,34 +134,42 @@ void bgmv_expand(at::Tensor& y, const at::Tensor& v, const at::Tensor& arena, co
   Expand(y, v.contiguous(), p, scales.contiguous(), Group(adapter_indices, page_table.size(0)), columns.vec());
 }
 
-// Shrink and expand in one op: v is internal, and BGMV groups its tokens once for both kernels.
-template <ShrinkKernel Shrink, ExpandKernel Expand>
+// Shrink and expand in one op: v is internal, and BGMV groups its tokens once for both kernels. Where the backend
+// has one kernel for both (Apply, not null) and it serves the call, that runs instead.
+template <ShrinkKernel Shrink, ExpandKernel Expand, ApplyKernel Apply>
 void apply_lora(at::Tensor& y, const at::Tensor& x, const PoolView& p, const at::Tensor& scales, const Groups& g,
                 const std::vector<int64_t>& columns, const char* op) {
-  at::Tensor v = checked_shrink_output(x, p, op);
+  check_shrink_input(x, p, op);
   TORCH_CHECK(y.dim() == 2 && y.size(0) == x.size(0), op, ": y must have x's ", x.size(0), " rows, got ",
               y.sizes());
-  check_expand_inputs(y, v, scales, p, columns, op);
-  Shrink(x.contiguous(), p, g, v);
-  Expand(y, v, p, scales.contiguous(), g, columns);
+  check_expand_target(y, scales, p, columns, op);
+  const at::Tensor xc = x.contiguous(), sc = scales.contiguous();
+  if constexpr (Apply != nullptr) {
+    if (Apply(y, xc, p, sc, g, columns)) return;
+  }
+  at::Tensor v = shrink_output(x, p);
+  Shrink(xc, p, g, v);
+  Expand(y, v, p, sc, g, columns);
 }
 
-template <ShrinkKernel Shrink, ExpandKernel Expand>
+template <ShrinkKernel Shrink, ExpandKernel Expand, ApplyKernel Apply>
 void sgmv(at::Tensor& y, const at::Tensor& x, const at::Tensor& arena, const at::Tensor& page_table,
           const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& seg_starts,
           const at::Tensor& seg_adapters, int64_t layer, at::IntArrayRef modules, at::IntArrayRef columns,
           int64_t page_size) {
   PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
-  apply_lora<Shrink, Expand>(y, x, p, scales, groups_from_segments(seg_starts, seg_adapters), columns.vec(), "sgmv");
+  apply_lora<Shrink, Expand, Apply>(y, x, p, scales, groups_from_segments(seg_starts, seg_adapters), columns.vec(),
+                                    "sgmv");
 }
 
-template <ShrinkKernel Shrink, ExpandKernel Expand, GroupFn Group>
+template <ShrinkKernel Shrink, ExpandKernel Expand, ApplyKernel Apply, GroupFn Group>
 void bgmv(at::Tensor& y, const at::Tensor& x, const at::Tensor& arena, const at::Tensor& page_table,
           const at::Tensor& ranks, const at::Tensor& scales, const at::Tensor& adapter_indices, int64_t layer,
           at::IntArrayRef modules, at::IntArrayRef columns, int64_t page_size) {
   PoolView p{arena, page_table, ranks, layer, modules.vec(), page_size};
   check_indices(adapter_indices, x.size(0), "bgmv");
-  apply_lora<Shrink, Expand>(y, x, p, scales, Group(adapter_indices, page_table.size(0)), columns.vec(), "bgmv");
+  apply_lora<Shrink, Expand, Apply>(y, x, p, scales, Group(adapter_indices, page_table.size(0)), columns.vec(),
+                                    "bgmv");
 }
 
 // add_rms_norm then sgmv_shrink through the dispatcher (lora_common.cpp): the CPU's kernel, and CUDA's beyond one row.
@@ -155,12 +178,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_sgmv_shrink_composit
     const at::Tensor& page_table, const at::Tensor& ranks, const at::Tensor& seg_starts,
     const at::Tensor& seg_adapters, int64_t layer, at::IntArrayRef modules, int64_t page_size);
 
-#define LORAX_REGISTER_LORA_OPS(m, shrink, expand, group)                  \
+// apply: the backend's ApplyKernel, or nullptr.
+#define LORAX_REGISTER_LORA_OPS(m, shrink, expand, apply, group)           \
   m.impl("sgmv_shrink", &lorax::lora::sgmv_shrink<shrink>);               \
   m.impl("bgmv_shrink", &lorax::lora::bgmv_shrink<shrink, group>);        \
   m.impl("sgmv_expand", &lorax::lora::sgmv_expand<expand>);               \
   m.impl("bgmv_expand", &lorax::lora::bgmv_expand<expand, group>);        \
-  m.impl("sgmv", &lorax::lora::sgmv<shrink, expand>);                     \
-  m.impl("bgmv", &lorax::lora::bgmv<shrink, expand, group>)
+  m.impl("sgmv", &lorax::lora::sgmv<shrink, expand, apply>);              \
+  m.impl("bgmv", &lorax::lora::bgmv<shrink, expand, apply, group>)
 
 }  // namespace lorax::lora

@@ -68,13 +68,18 @@ void check_shrunk(const at::Tensor& v, int64_t tokens, const PoolView& p, const 
   CHECK_SAME_DEVICE(p.arena, v);
 }
 
-void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Tensor& scales, const PoolView& p,
+void check_expand_target(const at::Tensor& y, const at::Tensor& scales, const PoolView& p,
                          const std::vector<int64_t>& columns, const char* op) {
   check_activations(y, p, op);
   check_expand_pool(scales, p, columns, y.size(1), op);
   TORCH_CHECK(y.stride(1) == 1 && y.stride(0) >= y.size(1), op,
               ": y's rows must be contiguous (it is updated in place; a column slice of a wider tensor is fine), got "
               "strides ", y.strides());
+}
+
+void check_expand_inputs(const at::Tensor& y, const at::Tensor& v, const at::Tensor& scales, const PoolView& p,
+                         const std::vector<int64_t>& columns, const char* op) {
+  check_expand_target(y, scales, p, columns, op);
   check_shrunk(v, y.size(0), p, op);
 }
 

@@ -105,7 +105,7 @@ void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lorax_core, CPU, m) {
-  LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel, groups_from_indices);
+  LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel, nullptr, groups_from_indices);
   m.impl("add_rms_norm_sgmv_shrink", &add_rms_norm_sgmv_shrink_composite);
 }
 

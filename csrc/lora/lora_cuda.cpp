@@ -54,6 +54,20 @@ void expand_kernel(at::Tensor& y, const at::Tensor& v, const PoolView& p, const 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+bool apply_kernel(at::Tensor& y, const at::Tensor& x, const PoolView& p, const at::Tensor& scales, const Groups& g,
+                  const std::vector<int64_t>& columns) {
+  const int64_t max_rank = p.page_table.size(4);
+  check_groups(g, x, max_rank, "lora");
+  c10::cuda::CUDAGuard guard(x.device());
+  const bool ran = cuda::apply(y.data_ptr(), lorax::kernel_dtype(y.scalar_type(), "lora"), y.size(0), y.stride(0),
+                               x.data_ptr(), x.size(1), pool_args(p), module_args(p, columns),
+                               scales.data_ptr<float>(), group_args(g, x.size(0)), max_rank,
+                               at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                               at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return ran;
+}
+
 // BGMV's tokens bucketed by adapter on the GPU in one kernel (the CPU's version is a handful of ATen ops); up to
 // kPerTokenMaxTokens tokens, one group per token and no kernel (the indices are the groups' adapters).
 Groups group_kernel(const at::Tensor& adapter_indices, int64_t slots) {
@@ -102,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_sgmv_shrink_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) {
-  LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel, group_kernel);
+  LORAX_REGISTER_LORA_OPS(m, shrink_kernel, expand_kernel, apply_kernel, group_kernel);
   m.impl("add_rms_norm_sgmv_shrink", &add_rms_norm_sgmv_shrink_cuda);
 }
 

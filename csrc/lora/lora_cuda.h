@@ -60,4 +60,12 @@ void norm_shrink(const void* x, const void* residual, const void* weight, int64_
 void expand(void* y, DType dtype, int64_t tokens, int64_t ld, const float* v, int64_t max_rank, const Pool& p,
             const Modules& m, const float* scales, const TokenGroups& g, cudaStream_t stream);
 
+// y += scale * (x @ A.T) @ B.T in one kernel (shrink and expand, v kept on chip) where the GPU runs thread block
+// clusters (sm_90) and the call is a decode's: at most kPerTokenMaxTokens tokens. Returns false, having launched
+// nothing, where it does not serve the call: then shrink() and expand() do. x [tokens, in] contiguous; y as
+// expand's. num_sms sizes the clusters.
+bool apply(void* y, DType dtype, int64_t tokens, int64_t ld, const void* x, int64_t in, const Pool& p,
+           const Modules& m, const float* scales, const TokenGroups& g, int64_t max_rank, int num_sms,
+           cudaStream_t stream);
+
 }  // namespace lorax::lora::cuda

@@ -18,13 +18,17 @@
 // their adapter's rank, exit at once.
 // One call serves the modules of a fused projection (q, k, v): their blocks are stacked along the grid's y, so
 // three modules cost one launch, not three.
+// The sgmv and bgmv ops (shrink then expand) of at most kPerTokenMaxTokens tokens take apply_kernel instead on sm_90:
+// both in one kernel, a thread block cluster per tile and module sharing v through distributed shared memory.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <limits>
 
 #include <cub/block/block_scan.cuh>
 
+#include "common/cluster.cuh"
 #include "common/convert.cuh"
 #include "common/launch.cuh"
 #include "common/warp.cuh"
@@ -98,20 +102,17 @@ struct TileRef {
   int group, begin, n;
 };
 
-// The call's tiles are its groups' tokens cut into pieces of at most Tile, groups in order; CTA blockIdx.x takes
-// tile blockIdx.x. Warp 0 finds it: a prefix sum of the groups' tile counts, 32 groups at a time. So a grid needs
-// tile_bound(tokens, groups, Tile) CTAs along x for any layout, not groups x ceil(tokens / Tile), most of which
-// would find no tokens (a decode step's 64 one-token segments: 64 CTAs, not 64 x 4).
+// The call's tiles are its groups' tokens cut into pieces of at most Tile, groups in order; find_tile(g) gives CTA
+// blockIdx.x tile blockIdx.x. Warp 0 finds it: a prefix sum of the groups' tile counts, 32 groups at a time. So a
+// grid needs tile_bound(tokens, groups, Tile) CTAs along x for any layout, not groups x ceil(tokens / Tile), most
+// of which would find no tokens (a decode step's 64 one-token segments: 64 CTAs, not 64 x 4).
+// find_tile(g, want, found) finds tile `want` (a cluster's CTAs share one), with `found` a shared-memory slot.
 template <int Tile>
-__device__ TileRef find_tile(const TokenGroups& g) {
-  if (g.starts == nullptr) {  // one group per token (BGMV's decode calls): tile = token = group blockIdx.x
-    const int t = static_cast<int>(blockIdx.x);
-    return TileRef{t, t, t < g.tokens ? 1 : 0};
-  }
-  __shared__ TileRef found;
+__device__ TileRef find_tile(const TokenGroups& g, int want, TileRef& found) {
+  if (g.starts == nullptr)  // one group per token (BGMV's decode calls): tile = token = group
+    return TileRef{want, want, want < g.tokens ? 1 : 0};
   if (threadIdx.x < 32) {
-    const int lane = threadIdx.x, want = static_cast<int>(blockIdx.x), count = static_cast<int>(g.count),
-              tokens = static_cast<int>(g.tokens);
+    const int lane = threadIdx.x, count = static_cast<int>(g.count), tokens = static_cast<int>(g.tokens);
     if (lane == 0) found = TileRef{0, 0, 0};
     __syncwarp();
     // before: the tiles of groups [0, k0); covered: where they end. Groups past the last token are empty, so a CTA
@@ -127,6 +128,12 @@ __device__ TileRef find_tile(const TokenGroups& g) {
   }
   __syncthreads();
   return found;
+}
+
+template <int Tile>
+__device__ TileRef find_tile(const TokenGroups& g) {
+  __shared__ TileRef found;
+  return find_tile<Tile>(g, static_cast<int>(blockIdx.x), found);
 }
 
 template <typename T, int VEC, int RPW>
@@ -467,6 +474,165 @@ __global__ void __launch_bounds__(kExpandThreads)
   }
 }
 
+// Shrink and expand in one kernel, for decode (few tokens) on sm_90: a cluster of C CTAs (cluster.cuh) per tile of
+// up to kApplyTile tokens and module. CTA c of the cluster shrinks piece c of `in` into its partial v (shared
+// memory), reads the other CTAs' partials after a cluster barrier and sums them in rank order (so every CTA gets the
+// same v), then expands into piece c of the module's outputs. v never leaves the chip, and the step costs one
+// kernel's latency chain instead of two: adapter, rank, page table, weights, once. The CTA's B rows stream into L2
+// while it shrinks. Tokens without an adapter, and modules the adapter does not touch, are skipped (the whole
+// cluster returns: it shares the tile and module).
+constexpr int kApplyThreads = 128;
+constexpr int kApplyWarps = kApplyThreads / 32;
+constexpr int kApplyTile = kNarrowTile;  // tokens per tile: a segment's tokens share each weight load
+constexpr int kApplyRows = 4;            // rank rows per warp and pass of the shrink
+constexpr int kApplyUnroll = 4;          // 16-byte weight loads per lane and row in flight
+constexpr int kMaxCluster = 8;           // the portable cluster size
+
+// Piece i of n items cut into `parts` pieces of ceil(n / parts): [begin, end).
+__device__ __forceinline__ int2 piece(int n, int parts, int i) {
+  const int per = (n + parts - 1) / parts;
+  return make_int2(min(n, i * per), min(n, (i + 1) * per));
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kApplyThreads)
+    apply_kernel(T* __restrict__ y, int64_t ld, const T* __restrict__ x, int in, Pool p, Modules mods,
+                 const float* __restrict__ scales, TokenGroups g, int max_rank) {
+  pdl_prologue();
+  // Dynamic only (cluster.cuh): part [kApplyTile][max_rank], this CTA's partial v, which the cluster reads; total,
+  // the same shape, scale * v; then the tile and its tokens.
+  extern __shared__ float apply_shared[];
+  float* part = apply_shared;
+  float* total = part + kApplyTile * max_rank;
+  TileRef* found = reinterpret_cast<TileRef*>(total + kApplyTile * max_rank);
+  int* tok = reinterpret_cast<int*>(found + 1);
+  const int c = cluster_rank(), C = cluster_size();
+  const TileRef tile = find_tile<kApplyTile>(g, static_cast<int>(blockIdx.x) / C, *found);
+  const int n = tile.n;
+  const int adapter = n > 0 ? group_adapter(g, p, tile.group) : -1;
+  if (adapter < 0) return;
+  const int2 mb = cta_module(mods, p);
+  const int rank = p.ranks[layer_module(p, adapter)];
+  if (rank == 0) return;
+  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, tile.begin + threadIdx.x);
+  const T* arena = static_cast<const T*>(p.arena);
+  const int mask = (1 << p.page_log2) - 1;
+  const int2 outs = piece(static_cast<int>(mods.column[mb.x + 1] - mods.column[mb.x]) / VEC, C, c);  // vectors
+  y += mods.column[mb.x];
+  {  // this CTA's B rows into L2: a line (or a page, if smaller) at a time
+    const int step = min(128 / static_cast<int>(sizeof(T)), 1 << p.page_log2);
+    const int first = outs.x * VEC, lines = ((outs.y - outs.x) * VEC + step - 1) / step;
+    for (int e = threadIdx.x; e < rank * lines; e += kApplyThreads) {
+      const int i = e / lines, o = first + (e - i * lines) * step;
+      prefetch_l2(arena + (int64_t{row_pages(p, adapter, 1, i)[o >> p.page_log2]} << p.page_log2) + (o & mask));
+    }
+  }
+  __syncthreads();  // tok
+
+  // Shrink piece c of `in`: warp w takes rank rows [4w, 4w + 4), then [16 + 4w, ...), ...; its lanes split the
+  // piece's vectors, kApplyUnroll loads per row in flight, and each token of the tile uses every load.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int2 ks = piece(in / VEC, C, c);
+  for (int r0 = warp * kApplyRows; r0 < rank; r0 += kApplyWarps * kApplyRows) {  // warp-uniform
+    const int32_t* pages[kApplyRows];
+#pragma unroll
+    for (int i = 0; i < kApplyRows; ++i) pages[i] = row_pages(p, adapter, 0, min(r0 + i, rank - 1));
+    float acc[kApplyRows][kApplyTile] = {};
+    for (int v0 = ks.x; v0 < ks.y; v0 += 32 * kApplyUnroll) {
+      Packed<T, VEC> w[kApplyRows][kApplyUnroll];
+#pragma unroll
+      for (int i = 0; i < kApplyRows; ++i)
+#pragma unroll
+        for (int u = 0; u < kApplyUnroll; ++u) {
+          const int k = (v0 + u * 32 + lane) * VEC;
+          if (r0 + i < rank && k < ks.y * VEC) {
+            w[i][u] = *reinterpret_cast<const Packed<T, VEC>*>(arena + (int64_t{pages[i][k >> p.page_log2]}
+                                                                        << p.page_log2) + (k & mask));
+          } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) w[i][u].e[e] = from_float<T>(0.0f);
+          }
+        }
+#pragma unroll
+      for (int j = 0; j < kApplyTile; ++j) {
+        if (j >= n) break;
+#pragma unroll
+        for (int u = 0; u < kApplyUnroll; ++u) {
+          const int k = (v0 + u * 32 + lane) * VEC;
+          if (k < ks.y * VEC) {
+            float xv[VEC];
+            load_floats<T, VEC>(x + int64_t{tok[j]} * in + k, xv);
+#pragma unroll
+            for (int i = 0; i < kApplyRows; ++i)
+#pragma unroll
+              for (int e = 0; e < VEC; ++e) acc[i][j] = fmaf(xv[e], static_cast<float>(w[i][u].e[e]), acc[i][j]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kApplyRows; ++i)
+#pragma unroll
+      for (int j = 0; j < kApplyTile; ++j) {
+        const float s = warp_sum(acc[i][j]);
+        if (lane == 0 && j < n && r0 + i < rank) part[j * max_rank + r0 + i] = s;
+      }
+  }
+
+  cluster_sync();  // every CTA's partial v is written (and visible across the cluster)
+  const float scale = scales[adapter];
+  for (int e = threadIdx.x; e < n * rank; e += kApplyThreads) {
+    const int j = e / rank, i = e - j * rank;
+    float s = 0.0f;
+    for (int q = 0; q < C; ++q) s += cluster_load(&part[j * max_rank + i], q);
+    total[j * max_rank + i] = scale * s;
+  }
+  cluster_arrive();  // done with the other CTAs' shared memory; cluster_wait() below, before returning
+  __syncthreads();   // total
+
+  // Expand into piece c of the outputs: a thread per 16 bytes of them (for every token of the tile), walking the
+  // rank with kExpandBatch rows' loads in flight, as expand_kernel.
+  for (int o = outs.x + static_cast<int>(threadIdx.x); o < outs.y; o += kApplyThreads) {
+    const int64_t col = int64_t{o} * VEC;
+    const int32_t* pages = row_pages(p, adapter, 1, 0) + (col >> p.page_log2);  // row i's page: pages[i * chunks]
+    const int64_t in_page = col & mask;
+    Packed<T, VEC> prior[kApplyTile];
+#pragma unroll
+    for (int j = 0; j < kApplyTile; ++j)
+      if (j < n) prior[j] = *reinterpret_cast<const Packed<T, VEC>*>(y + tok[j] * ld + col);
+    float acc[kApplyTile][VEC] = {};
+    for (int i0 = 0; i0 < rank; i0 += kExpandBatch) {
+      Packed<T, VEC> w[kExpandBatch];
+#pragma unroll
+      for (int u = 0; u < kExpandBatch; ++u)
+        if (i0 + u < rank)
+          w[u] = *reinterpret_cast<const Packed<T, VEC>*>(
+              arena + (int64_t{pages[(i0 + u) * p.chunks]} << p.page_log2) + in_page);
+#pragma unroll
+      for (int u = 0; u < kExpandBatch; ++u) {
+        if (i0 + u >= rank) break;
+#pragma unroll
+        for (int j = 0; j < kApplyTile; ++j) {
+          if (j < n) {
+            const float s = total[j * max_rank + i0 + u];
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[j][e] = fmaf(s, static_cast<float>(w[u].e[e]), acc[j][e]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kApplyTile; ++j) {
+      if (j < n) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) prior[j].e[e] = from_float<T>(static_cast<float>(prior[j].e[e]) + acc[j][e]);
+        *reinterpret_cast<Packed<T, VEC>*>(y + tok[j] * ld + col) = prior[j];
+      }
+    }
+  }
+  cluster_wait();  // the other CTAs have read this one's part
+}
+
 // Counting sort of tokens by adapter in one CTA: bucket k holds adapter k - 1 (bucket 0: none).
 __global__ void __launch_bounds__(kGroupThreads)
     group_kernel(const int32_t* __restrict__ indices, int tokens, int slots, int32_t* __restrict__ starts,
@@ -568,6 +734,35 @@ void dispatch_expand(void* y, int64_t tokens, int64_t ld, const float* v, int64_
   launch_expand<T, 1>(y, tokens, ld, v, max_rank, p, m, scales, g, stream);
 }
 
+// The one-kernel shrink + expand (apply_kernel), where it serves the call: see apply() in lora_cuda.h.
+template <typename T>
+bool dispatch_apply(void* y, int64_t tokens, int64_t ld, const void* x, int64_t in, const Pool& p, const Modules& m,
+                    const float* scales, const TokenGroups& g, int64_t max_rank, int num_sms, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const size_t smem = sizeof(float) * 2 * kApplyTile * max_rank + sizeof(TileRef) + sizeof(int) * kApplyTile;
+  if (smem > 48 * 1024 || in > std::numeric_limits<int>::max()) return false;
+  bool vec = in % kVec == 0 && aligned16(x, in, sizeof(T)) && aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
+  for (int i = 0; i < m.count; ++i)
+    vec = vec && (m.column[i + 1] - m.column[i]) % kVec == 0 &&
+          aligned16(static_cast<const T*>(y) + m.column[i], ld, sizeof(T));
+  const int64_t vectors = vec ? in / kVec : in;
+  // Clusters as large as keep the grid within two CTAs an SM and each CTA at least a vector per lane of `in`.
+  const int64_t ctas = tile_bound(tokens, g.count, kApplyTile) * m.count;
+  unsigned cluster = 1;
+  while (2 * cluster <= kMaxCluster && ctas * 2 * cluster <= 2 * int64_t{num_sms} && vectors >= 64 * cluster)
+    cluster *= 2;
+  const dim3 grid(static_cast<unsigned>(ctas / m.count * cluster), m.count);
+  auto run = [&](auto kernel) {
+    launch_cluster(kernel, grid, kApplyThreads, smem, stream, cluster, static_cast<T*>(y), ld,
+                   static_cast<const T*>(x), static_cast<int>(in), p, m, scales, g, static_cast<int>(max_rank));
+  };
+  if (vec)
+    run(apply_kernel<T, kVec>);
+  else
+    run(apply_kernel<T, 1>);
+  return true;
+}
+
 }  // namespace
 
 void group_by_adapter(const int32_t* indices, int64_t tokens, int64_t slots, int32_t* starts, int32_t* adapters,
@@ -604,6 +799,18 @@ void shrink(const void* x, DType dtype, int64_t tokens, int64_t in, const Pool& 
             const TokenGroups& g, float* v, int64_t max_rank, cudaStream_t stream) {
   if (tokens == 0 || g.count == 0 || max_rank == 0 || m.count == 0) return;
   with_dtype(dtype, [&](auto t) { dispatch_shrink<decltype(t)>(x, tokens, in, p, m, g, v, max_rank, stream); });
+}
+
+bool apply(void* y, DType dtype, int64_t tokens, int64_t ld, const void* x, int64_t in, const Pool& p,
+           const Modules& m, const float* scales, const TokenGroups& g, int64_t max_rank, int num_sms,
+           cudaStream_t stream) {
+  if (!cluster_launch_supported() || tokens > kPerTokenMaxTokens) return false;
+  if (tokens == 0 || g.count == 0 || max_rank == 0 || m.count == 0) return true;
+  bool done = false;
+  with_dtype(dtype, [&](auto t) {
+    done = dispatch_apply<decltype(t)>(y, tokens, ld, x, in, p, m, scales, g, max_rank, num_sms, stream);
+  });
+  return done;
 }
 
 void expand(void* y, DType dtype, int64_t tokens, int64_t ld, const float* v, int64_t max_rank, const Pool& p,

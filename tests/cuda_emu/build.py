@@ -9,7 +9,8 @@ The sources of csrc/{lora,attention,layers,nf4} are copied and rewritten, never 
   where host code calls an op through the dispatcher, it calls the `lorax_emu` one;
 - the headers with inline PTX are replaced by the emulator's: csrc/common/mma.cuh (the tensor-core mma) by
   mma.cuh, csrc/common/launch.cuh (programmatic dependent launch) by launch.cuh, csrc/common/lane_table.cuh
-  (shared-memory loads by address) by lane_table.cuh.
+  (shared-memory loads by address) by lane_table.cuh, csrc/common/cluster.cuh (thread block clusters) by
+  cluster.cuh.
 So `torch.ops.lorax_emu.<op>(cpu tensors)` runs the same host code and kernels as `torch.ops.lorax_core.<op>`
 on a GPU.
 
@@ -31,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
 FAMILIES = ("lora", "attention", "layers", "nf4")
 STAND_INS = {Path("common/mma.cuh"): HERE / "mma.cuh", Path("common/launch.cuh"): HERE / "launch.cuh",
-             Path("common/lane_table.cuh"): HERE / "lane_table.cuh"}
+             Path("common/lane_table.cuh"): HERE / "lane_table.cuh", Path("common/cluster.cuh"): HERE / "cluster.cuh"}
 
 
 def cuda_include_dirs() -> list[str]:

@@ -4,19 +4,27 @@
 // `extern __shared__ T name[];` into a pointer to the launch's dynamic shared memory; their `lorax::launch` calls
 // (launch.cuh, the stand-in for csrc/common/launch.cuh) come to emu::launch below.
 //
-// Execution model: the blocks of a launch run one after another. The threads of a block are fibers on the
-// calling thread: each runs until it waits at a barrier (__syncthreads, __syncwarp, a warp shuffle) or
-// returns, then the next one runs, in thread order for even blocks and reverse order for odd ones. So a read of
-// another thread's write with no barrier between them sees the old value in one of the two orders: a missing
-// __syncthreads shows up as a wrong result. A thread that returns leaves the barriers (as on Volta and later).
-// Static __shared__ variables become function statics (one copy, owned by the one running block). Dynamic
-// shared memory is a heap buffer of exactly the launch's size, filled with 0xff bytes (NaN as floats) before
-// each block, so AddressSanitizer catches overruns and a read of shared memory nobody wrote shows in results.
+// Execution model: the blocks of a launch run one after another (a cluster's blocks together). The threads of
+// a block are fibers on the calling thread: each runs until it waits at a barrier (__syncthreads, __syncwarp, a
+// warp shuffle) or returns, then the next one runs, in thread order for even blocks and reverse order for odd
+// ones. So a read of another thread's write with no barrier between them sees the old value in one of the two
+// orders: a missing __syncthreads shows up as a wrong result. A thread that returns leaves the barriers (as on
+// Volta and later). Static __shared__ variables become function statics (one copy, owned by the one running
+// block). Dynamic shared memory is a heap buffer of exactly the launch's size, filled with 0xff bytes (NaN as
+// floats) before each block, so AddressSanitizer catches overruns and a read of shared memory nobody wrote shows
+// in results.
+//
+// Thread block clusters (launch_cluster, csrc/common/cluster.cuh): the blocks of a cluster run together, their
+// threads all fibers of one round robin, so the cluster barrier and reads of another block's shared memory
+// (cluster_load) behave as on a GPU. Static __shared__ variables would be one copy for the whole cluster: kernels
+// launched in clusters keep their shared memory dynamic (one buffer per block).
 //
 // It fails loudly on what a GPU would refuse or leave undefined and the CPU would not notice: blocks over 1024
 // threads, grid y / z over 65535, dynamic shared memory over 48 KiB, a full-mask shuffle after lanes of the
 // warp returned, a barrier that can never complete (deadlock), a thread of a kernel launched with lorax::launch
-// that returns without having called pdl_prologue().
+// that returns without having called pdl_prologue(); clusters over 8 blocks or not dividing the grid's x, a read
+// of another block's shared memory before a cluster barrier (the block may not have started) or after that block
+// returned, a thread that returns between its cluster arrive and wait.
 //
 // Tensor-core mma (csrc/common/mma.cuh) is a warp exchange like a shuffle: tests/cuda_emu/mma.cuh stands in for
 // that header, and each lane computes its results from the warp's fragments.
@@ -74,6 +82,9 @@ struct Fiber {
   bool passed_prologue = false;  // called pdl_prologue() in this block
   const Barrier* waiting_on = nullptr;
   uint64_t waiting_phase = 0;
+  struct Block* block = nullptr;  // the block it runs in this time
+  bool cluster_arrived = false;   // between cluster_arrive() and cluster_wait()
+  uint64_t cluster_phase = 0;     // the cluster barrier's phase at its arrival
 };
 
 constexpr size_t kStackSize = size_t{1} << 16;  // a kernel's frames, with AddressSanitizer's redzones
@@ -100,10 +111,19 @@ class Barrier {
   int expected() const { return expected_; }
   uint64_t phase() const { return phase_; }
 
-  void wait() {
-    if (++arrived_ == expected_) return release();
+  void wait() { wait_for(arrive()); }
+
+  // The two halves of wait(), for split barriers (barrier.cluster.arrive / wait): arrive returns the phase that
+  // wait_for(phase) waits out.
+  uint64_t arrive() {
+    const uint64_t phase = phase_;
+    if (++arrived_ == expected_) release();
+    return phase;
+  }
+  void wait_for(uint64_t phase) {
+    if (phase_ != phase) return;
     current->waiting_on = this;
-    current->waiting_phase = phase_;
+    current->waiting_phase = phase;
     yield();  // the scheduler resumes this fiber once the phase has moved on
     current->waiting_on = nullptr;
   }
@@ -133,16 +153,25 @@ struct Warp {
   MmaFragments mma[32];                     // mma exchange: each lane's A and B fragments
 };
 
-// The state of the block that is running; one block runs at a time.
+// A block of the cluster that is running (the blocks of one cluster run together; clusters one after another).
 struct Block {
   Barrier barrier;
   std::vector<Warp> warps;
   std::vector<unsigned char> shared;  // dynamic shared memory
+  uint3 index{};
+  long live = 0;  // threads that have not returned
+};
+
+struct Cluster {
+  Barrier barrier;            // barrier.cluster: every thread of its blocks
+  std::vector<Block> blocks;  // by rank in the cluster
+  bool started = false;       // a cluster barrier has completed: every block has started, as on a GPU
 };
 
 inline dim3 grid_dim, block_dim;
 inline uint3 thread_idx, block_idx;
-inline Block* block = nullptr;
+inline Block* block = nullptr;  // the running thread's block
+inline Cluster* cluster = nullptr;
 
 inline int linear_thread() { return thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z); }
 inline Warp& my_warp() { return block->warps[linear_thread() / 32]; }
@@ -159,8 +188,11 @@ inline void fiber_main() {
     if (!current->passed_prologue)
       fail("a thread returned without calling pdl_prologue(): every kernel launched with lorax::launch must call it "
            "first (csrc/common/launch.cuh)");
+    if (current->cluster_arrived) fail("a thread returned between cluster_arrive() and cluster_wait()");
     my_warp().barrier.leave();
     block->barrier.leave();
+    cluster->barrier.leave();
+    --block->live;
     current->done = true;
     yield();  // never resumed after the last block: the next launch enters the stack afresh
   }
@@ -181,6 +213,8 @@ inline std::vector<void*>& stacks(size_t n) {
 EMU_SWITCH inline void run(Fiber& f) {
   current = &f;
   thread_idx = f.index;
+  block = f.block;
+  block_idx = f.block->index;
   if (__builtin_setjmp(scheduler) == 0) {
     if (f.started) jump(f.resume);
     f.started = true;
@@ -188,27 +222,37 @@ EMU_SWITCH inline void run(Fiber& f) {
   }
 }
 
-// Runs `body` (one thread's kernel call) for every thread of every block of the grid.
-inline void launch(dim3 grid, dim3 threads, size_t shared_bytes, cudaStream_t /*stream*/, std::function<void()> body) {
+// Runs `body` (one thread's kernel call) for every thread of every block of the grid, in clusters of
+// `cluster_size` blocks along x (1: every block alone, as a launch without clusters).
+inline void launch(dim3 grid, dim3 threads, size_t shared_bytes, cudaStream_t /*stream*/, std::function<void()> body,
+                   unsigned cluster_size = 1) {
   const long n = long{threads.x} * threads.y * threads.z;
   if (n < 1 || n > 1024) fail("a block of more than 1024 (or 0) threads: the launch fails on a GPU");
   if (grid.x < 1 || grid.y < 1 || grid.z < 1 || grid.y > 65535 || grid.z > 65535)
     fail("grid dimensions out of range (x >= 1, 1 <= y, z <= 65535)");
   if (shared_bytes > 48 * 1024) fail("more than 48 KiB of dynamic shared memory without opting in");
+  if (cluster_size < 1 || cluster_size > 8 || grid.x % cluster_size != 0)
+    fail("a cluster of more than 8 blocks (the portable limit), or one that does not divide the grid's x");
   grid_dim = grid;
   block_dim = threads;
-  Block state;
-  state.warps = std::vector<Warp>((n + 31) / 32);
-  state.shared.resize(shared_bytes);
-  block = &state;
+  const long warps = (n + 31) / 32, total = n * cluster_size;
+  Cluster state;
+  state.blocks.resize(cluster_size);
+  for (Block& b : state.blocks) {
+    b.warps = std::vector<Warp>(warps);
+    b.shared.resize(shared_bytes);
+  }
+  cluster = &state;
   current_body = &body;
 
-  std::vector<Fiber> fibers(n);
-  for (long t = 0; t < n; ++t) {
+  std::vector<Fiber> fibers(total);
+  for (long t = 0; t < total; ++t) {
     Fiber& f = fibers[t];
-    f.index = uint3{static_cast<unsigned>(t % threads.x), static_cast<unsigned>(t / threads.x % threads.y),
-                    static_cast<unsigned>(t / threads.x / threads.y)};
-    f.stack = stacks(n)[t];
+    const long i = t % n;
+    f.index = uint3{static_cast<unsigned>(i % threads.x), static_cast<unsigned>(i / threads.x % threads.y),
+                    static_cast<unsigned>(i / threads.x / threads.y)};
+    f.block = &state.blocks[t / n];
+    f.stack = stacks(total)[t];
     getcontext(&f.entry);
     f.entry.uc_stack.ss_sp = f.stack;
     f.entry.uc_stack.ss_size = kStackSize;
@@ -217,23 +261,30 @@ inline void launch(dim3 grid, dim3 threads, size_t shared_bytes, cudaStream_t /*
   }
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        block_idx = uint3{x, y, z};
-        state.barrier.reset(static_cast<int>(n));
-        for (size_t w = 0; w < state.warps.size(); ++w)
-          state.warps[w].barrier.reset(static_cast<int>(std::min<long>(32, n - 32 * static_cast<long>(w))));
-        std::fill(state.shared.begin(), state.shared.end(), 0xff);
+      for (unsigned x0 = 0; x0 < grid.x; x0 += cluster_size) {
+        for (unsigned r = 0; r < cluster_size; ++r) {
+          Block& b = state.blocks[r];
+          b.index = uint3{x0 + r, y, z};
+          b.live = n;
+          b.barrier.reset(static_cast<int>(n));
+          for (long w = 0; w < warps; ++w)
+            b.warps[w].barrier.reset(static_cast<int>(std::min<long>(32, n - 32 * w)));
+          std::fill(b.shared.begin(), b.shared.end(), 0xff);
+        }
+        state.barrier.reset(static_cast<int>(total));
+        state.started = false;
         for (Fiber& f : fibers) {
           f.done = false;
           f.passed_prologue = false;
           f.waiting_on = nullptr;
+          f.cluster_arrived = false;
         }
         // round robin: run each fiber that is not waiting until it waits or returns
-        const bool reverse = (x + y + z) % 2 == 1;
-        for (long remaining = n; remaining > 0;) {
+        const bool reverse = (x0 / cluster_size + y + z) % 2 == 1;
+        for (long remaining = total; remaining > 0;) {
           bool progressed = false;
-          for (long i = 0; i < n; ++i) {
-            Fiber& f = fibers[reverse ? n - 1 - i : i];
+          for (long i = 0; i < total; ++i) {
+            Fiber& f = fibers[reverse ? total - 1 - i : i];
             if (f.done || (f.waiting_on != nullptr && f.waiting_on->phase() == f.waiting_phase)) continue;
             run(f);
             progressed = true;
@@ -243,12 +294,42 @@ inline void launch(dim3 grid, dim3 threads, size_t shared_bytes, cudaStream_t /*
         }
       }
   block = nullptr;
+  cluster = nullptr;
   current = nullptr;
 }
 
 inline void pdl_prologue() { current->passed_prologue = true; }
 inline void syncthreads() { block->barrier.wait(); }
 inline void syncwarp() { my_warp().barrier.wait(); }
+
+// Thread block clusters (the stand-in for csrc/common/cluster.cuh is tests/cuda_emu/cluster.cuh).
+inline int cluster_rank() { return static_cast<int>(block_idx.x % cluster->blocks.size()); }
+inline int cluster_size() { return static_cast<int>(cluster->blocks.size()); }
+inline void cluster_arrive() {
+  if (current->cluster_arrived) fail("cluster_arrive() twice without cluster_wait() between");
+  current->cluster_phase = cluster->barrier.arrive();
+  current->cluster_arrived = true;
+}
+inline void cluster_wait() {
+  if (!current->cluster_arrived) fail("cluster_wait() without cluster_arrive() before it");
+  cluster->barrier.wait_for(current->cluster_phase);
+  current->cluster_arrived = false;
+  cluster->started = true;
+}
+
+// The address of `local` (in this block's dynamic shared memory) in block `rank` of the cluster.
+template <typename T>
+const T* cluster_address(const T* local, int rank) {
+  const auto offset = reinterpret_cast<const unsigned char*>(local) - block->shared.data();
+  if (offset < 0 || offset + sizeof(T) > block->shared.size())
+    fail("cluster_load of an address outside the block's dynamic shared memory");
+  if (rank < 0 || rank >= cluster_size()) fail("cluster_load from a rank outside the cluster");
+  if (!cluster->started)
+    fail("cluster_load before a cluster barrier: the other block may not have started (cluster_sync() first)");
+  const Block& other = cluster->blocks[rank];
+  if (other.live == 0) fail("cluster_load from a block that has returned (cluster_wait() before returning)");
+  return reinterpret_cast<const T*>(other.shared.data() + offset);
+}
 
 // The warp of a lane that takes part in a warp-wide exchange (a shuffle, an mma): all 32 lanes must be live.
 inline Warp& full_warp(const char* what) {

@@ -11,9 +11,18 @@ inline void pdl_prologue() { ::emu::pdl_prologue(); }
 // A hint with nothing to emulate, but its address must be one the kernel may read: AddressSanitizer checks it.
 inline void prefetch_l2(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
 
+// The emulator runs clusters (cuda_emu.h), as an H100 does.
+inline bool cluster_launch_supported() { return true; }
+
+template <typename... Params, typename... Args>
+void launch_cluster(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                    unsigned cluster, Args... args) {
+  ::emu::launch(grid, block, smem, stream, [&] { kernel(static_cast<Params>(args)...); }, cluster);
+}
+
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args... args) {
-  ::emu::launch(grid, block, smem, stream, [&] { kernel(static_cast<Params>(args)...); });
+  launch_cluster(kernel, grid, block, smem, stream, 1u, args...);
 }
 
 }  // namespace lorax
