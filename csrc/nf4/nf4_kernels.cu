@@ -331,9 +331,10 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 // The product is x @ (T(v[code]) * absmax).T: the NF4 values rounded to T, exact products, fp32 sums, one rounding
 // of each output. (bitsandbytes' own GEMV rounds the value, the absmax and each product to T.)
 // The grid is as many CTAs as fit on the GPU at once, each looping over tiles, so the table is filled once per CTA;
-// each warp loads its next step's codes and absmax before it computes the current one, across tiles too, and asks
-// L2 for the next tile's codes as it starts one. Before its PDL prologue (launch.cuh) each warp asks L2 for its
-// first tile's codes and fills the table: both overlap the end of the kernel before it.
+// each warp loads its next step's codes and absmax before it computes the current one, across tiles too, and the
+// CTA asks L2 for the next tile's codes and absmax (bulk requests, a row each) as it starts one. Before its PDL
+// prologue (launch.cuh) the CTA asks L2 for its first tile and fills the table: both overlap the end of the kernel
+// before it.
 // The epilogue can do what would otherwise be two or three more kernels of a decode step (gemv() in nf4_cuda.h):
 // - the LoRA expand of each row of x's adapter (kLora): the 8 warps split its rank rows and add their share to their
 //   partial sums, so the delta joins each output before its one rounding; its loads overlap the first step's;
@@ -343,7 +344,6 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 //   their partners D/2 further, so lanes l and l ^ 8 of the last warp hold the two elements of a rotated pair.
 constexpr int kGemvWarps = 8;
 constexpr int kGemvRows = 16;   // a tile: the mma's A rows
-constexpr int kGemvSteps = 128;  // k per warp step: 4 lanes' chunks of 32
 // CTAs per SM the grid counts on (launch bounds): at one row of x, 35 KB of shared memory and at most 85 registers
 // per thread each; with more rows, whose A fragments stay in registers while the token pairs take their turns, 2.
 template <int MT>
@@ -418,6 +418,24 @@ __device__ __forceinline__ int gemv_row(int tile, int g, bool second, int N, Pai
   return first + (second ? p.half : 0);
 }
 
+// The codes of A row `lane` of a tile, from L2 (a bulk request). Not inlined, as prefetch_absmax.
+__device__ __noinline__ void prefetch_codes(const uint8_t* codes, int K, int N, Pairing layout, int tile, int lane) {
+  // element indices fit 32 bits (gemm_supported)
+  prefetch_l2_bulk(codes + static_cast<uint32_t>(gemv_row(tile, lane % 8, lane >= 8, N, layout)) * (K / 2), K / 2);
+}
+
+// The absmax of A row `lane` of each of this CTA's tiles, from L2 (a bulk request a row). Not inlined: the GEMV's
+// registers are few, and this runs once.
+__device__ __noinline__ void prefetch_absmax(const void* absmax, uint32_t size, int K, int bs_log2, int N,
+                                             Pairing layout, int my_tiles, int lane) {
+  for (int r = 0; r < my_tiles; ++r) {  // element indices fit 32 bits (gemm_supported)
+    const int tile = static_cast<int>(blockIdx.x + r * gridDim.x);
+    const uint32_t e0 = static_cast<uint32_t>(gemv_row(tile, lane % 8, lane >= 8, N, layout)) * K;
+    const uint32_t b0 = e0 >> bs_log2, blocks = ((e0 + K - 1) >> bs_log2) - b0 + 1;  // the row's blocks
+    prefetch_l2_bulk(static_cast<const uint8_t*>(absmax) + b0 * size, blocks * size);
+  }
+}
+
 template <typename T, int MT, bool kLora, bool kDq>
 __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     gemv_kernel(const T* __restrict__ x, int M, int K, const uint8_t* __restrict__ codes, AbsmaxArgs a, int bs_log2,
@@ -433,16 +451,15 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   const int mine = warp < steps ? (steps - warp + kGemvWarps - 1) / kGemvWarps : 0;
   const int my_tiles = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
 
-  // Lane (g, 0) asks L2 for its rows' lines of a tile's steps (a step is 64 bytes of a row): of the first tile
-  // here, of the next one as each tile starts, so DRAM streams on while the registers' loads run a step ahead.
+  // Lane l < 16 of the first warp asks L2 for A row l of a tile's codes, a bulk request: of the first tile here, of
+  // the next one as each tile starts, so DRAM streams on while the registers' loads run a step ahead. Here it also
+  // asks for the absmax of its rows of every tile of this CTA (a few KB a tile, kept in L2 as the codes stream
+  // through it): as their codes came a line at a time before 2026-11-25, each step's absmax came from DRAM.
   auto prefetch_tile = [&](int tile) {
-    if (tq == 0)
-      for (int second = 0; second < 2; ++second) {
-        const uint8_t* row = codes + int64_t{gemv_row(tile, g, second, N, layout)} * (K / 2);
-        for (int j = 0; j < mine; ++j) prefetch_l2(row + int64_t{warp + j * kGemvWarps} * (kGemvSteps / 2));
-      }
+    if (warp == 0 && lane < kGemvRows) prefetch_codes(codes, K, N, layout, tile, lane);
   };
   prefetch_tile(blockIdx.x);
+  if (warp == 0 && lane < kGemvRows) prefetch_absmax(a.absmax, kDq ? 1 : 4, K, bs_log2, N, layout, my_tiles, lane);
   {
     constexpr float kValues[kNumCodes] = LORAX_NF4_VALUES;
     for (int u = threadIdx.x; u < 256 * 8; u += blockDim.x) {  // 16 bytes at a time: 4 lanes' copies of byte u / 8

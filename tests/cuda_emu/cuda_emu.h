@@ -448,3 +448,8 @@ T atomicAdd(T* p, T v) {
 
 using std::max;
 using std::min;
+
+// As nvcc spells it (after every standard header of this one: libstdc++ writes __attribute__((__noinline__))).
+#ifndef __noinline__
+#define __noinline__ __attribute__((noinline))
+#endif

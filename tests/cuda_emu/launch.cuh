@@ -10,6 +10,12 @@ namespace lorax {
 inline void pdl_prologue() { ::emu::pdl_prologue(); }
 // A hint with nothing to emulate, but its address must be one the kernel may read: AddressSanitizer checks it.
 inline void prefetch_l2(const void* p) { (void)*static_cast<const volatile unsigned char*>(p); }
+// Its whole range must be readable: AddressSanitizer checks the first and the last byte.
+inline void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+  if (bytes == 0) return;
+  (void)static_cast<const volatile unsigned char*>(p)[0];
+  (void)static_cast<const volatile unsigned char*>(p)[bytes - 1];
+}
 
 // The emulator runs clusters (cuda_emu.h), as an H100 does.
 inline bool cluster_launch_supported() { return true; }
