@@ -331,10 +331,10 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 // The product is x @ (T(v[code]) * absmax).T: the NF4 values rounded to T, exact products, fp32 sums, one rounding
 // of each output. (bitsandbytes' own GEMV rounds the value, the absmax and each product to T.)
 // The grid is as many CTAs as fit on the GPU at once, each looping over tiles, so the table is filled once per CTA;
-// each warp loads its next step's codes and absmax before it computes the current one, across tiles too, and the
-// CTA asks L2 for the next tile's codes and absmax (bulk requests, a row each) as it starts one. Before its PDL
-// prologue (launch.cuh) the CTA asks L2 for its first tile and fills the table: both overlap the end of the kernel
-// before it.
+// each warp loads its next step's codes and absmax (two steps ahead with more than one row of x) before it computes
+// the current one, across tiles too, and the CTA asks L2 for the next tile's codes (a bulk request a row) as it
+// starts one. Before its PDL prologue (launch.cuh) the CTA asks L2 for its first tile's codes and every tile's
+// absmax, and fills the table: all overlap the end of the kernel before it.
 // The epilogue can do what would otherwise be two or three more kernels of a decode step (gemv() in nf4_cuda.h):
 // - the LoRA expand of each row of x's adapter (kLora): the 8 warps split its rank rows and add their share to their
 //   partial sums, so the delta joins each output before its one rounding; its loads overlap the first step's;
@@ -477,7 +477,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   };
   // The loader's place: its tile and step, and the chunk and element index of the step in rows g and g + 8. A step
   // moves on by 32 chunks. Past k, a lane loads lane (g, 0)'s chunk again (chunk 4s is inside k for every step
-  // s < steps): its x is zero, so it adds nothing. After the last step it loads the last tile's first step again
+  // s < steps): its x is zero, so it adds nothing. After the last step it loads the last tile's steps again
   // (unused), so that every step's load is unconditional.
   // Element indices fit 32 bits (gemm_supported: N * K < 2^31).
   constexpr int kStride = 4 * kGemvWarps;  // chunks
@@ -555,10 +555,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     }
   };
 
-  Stage cur;
+  // The steps loaded ahead: one at one row of x (at its 80 registers a second one spills in the loop), else two.
+  constexpr bool kTwoAhead = MT > 1;
+  Stage cur, ahead;
   if (mine > 0) {
     loader_rows();
     cur = load_next();
+    if constexpr (kTwoAhead) ahead = load_next();
   }
   // Everything above reads weights only, which no kernel writes: with PDL it overlaps the kernel before this one.
   // x, the LoRA's v and the outputs wait for it.
@@ -586,7 +589,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
       const Stage next = load_next();
       if (j == 0) lora_share();  // its loads overlap the codes'
       compute(cur, 4 * (warp + kGemvWarps * j) + tq, acc);
-      cur = next;
+      if constexpr (kTwoAhead) {
+        cur = ahead;
+        ahead = next;
+      } else {
+        cur = next;
+      }
     }
 
     // The tile's sums: over the quad's chunks (shuffles), the LoRA share's lanes, then the warps (shared memory).
