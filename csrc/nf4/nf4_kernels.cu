@@ -454,7 +454,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   // Lane l < 16 of the first warp asks L2 for A row l of a tile's codes, a bulk request: of the first tile here, of
   // the next one as each tile starts, so DRAM streams on while the registers' loads run a step ahead. Here it also
   // asks for the absmax of its rows of every tile of this CTA (a few KB a tile, kept in L2 as the codes stream
-  // through it): as their codes came a line at a time before 2026-11-25, each step's absmax came from DRAM.
+  // through it): without it, each step's absmax load is a DRAM round trip.
   auto prefetch_tile = [&](int tile) {
     if (warp == 0 && lane < kGemvRows) prefetch_codes(codes, K, N, layout, tile, lane);
   };
