@@ -405,6 +405,50 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   }
 }
 
+// y[tok[j], col : col + VEC] += sum over i < rank of sv[j * sv_stride + i] * B^T[i, col : col + VEC], for the tile's
+// n tokens (sv: scale * v). y's values are loaded first, then the rank is walked with kExpandBatch rows' page
+// lookups and loads in flight together; one rounding of each output.
+template <typename T, int VEC, int Tile>
+__device__ __forceinline__ void expand_columns(T* y, int64_t ld, const int* tok, int n, int64_t col, const Pool& p,
+                                               int adapter, int rank, const float* sv, int sv_stride) {
+  const T* arena = static_cast<const T*>(p.arena);
+  const int32_t* pages = row_pages(p, adapter, 1, 0) + (col >> p.page_log2);  // row i's page: pages[i * chunks]
+  const int64_t in_page = col & ((1 << p.page_log2) - 1);
+  Packed<T, VEC> prior[Tile];
+#pragma unroll
+  for (int j = 0; j < Tile; ++j)
+    if (j < n) prior[j] = *reinterpret_cast<const Packed<T, VEC>*>(y + tok[j] * ld + col);
+  float acc[Tile][VEC] = {};
+  for (int i0 = 0; i0 < rank; i0 += kExpandBatch) {
+    Packed<T, VEC> w[kExpandBatch];
+#pragma unroll
+    for (int u = 0; u < kExpandBatch; ++u)
+      if (i0 + u < rank)
+        w[u] = *reinterpret_cast<const Packed<T, VEC>*>(arena + (int64_t{pages[(i0 + u) * p.chunks]} << p.page_log2) +
+                                                        in_page);
+#pragma unroll
+    for (int u = 0; u < kExpandBatch; ++u) {
+      if (i0 + u >= rank) break;
+#pragma unroll
+      for (int j = 0; j < Tile; ++j) {
+        if (j < n) {
+          const float s = sv[j * sv_stride + i0 + u];
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[j][e] = fmaf(s, static_cast<float>(w[u].e[e]), acc[j][e]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < Tile; ++j) {
+    if (j < n) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) prior[j].e[e] = from_float<T>(static_cast<float>(prior[j].e[e]) + acc[j][e]);
+      *reinterpret_cast<Packed<T, VEC>*>(y + tok[j] * ld + col) = prior[j];
+    }
+  }
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kExpandThreads)
     expand_kernel(T* __restrict__ y, int64_t ld, const float* __restrict__ v, int max_rank, Pool p, Modules mods,
@@ -432,46 +476,7 @@ __global__ void __launch_bounds__(kExpandThreads)
 
   const int o = (mb.y * kExpandThreads + threadIdx.x) * VEC;
   if (o >= out) return;
-  const T* arena = static_cast<const T*>(p.arena);
-  const int32_t* pages = row_pages(p, adapter, 1, 0) + (o >> p.page_log2);  // row i's page: pages[i * chunks]
-  const int64_t in_page = o & ((1 << p.page_log2) - 1);
-  Packed<T, VEC> prior[kExpandTile];  // y's current values, loaded while the weights are in flight
-#pragma unroll
-  for (int j = 0; j < kExpandTile; ++j)
-    if (j < n) prior[j] = *reinterpret_cast<const Packed<T, VEC>*>(y + tok[j] * ld + o);
-  float acc[kExpandTile][VEC];
-#pragma unroll
-  for (int j = 0; j < kExpandTile; ++j)
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) acc[j][e] = 0.0f;
-  for (int i0 = 0; i0 < rank; i0 += kExpandBatch) {  // a batch's page lookups, then its loads, in flight together
-    Packed<T, VEC> w[kExpandBatch];
-#pragma unroll
-    for (int u = 0; u < kExpandBatch; ++u)
-      if (i0 + u < rank)
-        w[u] = *reinterpret_cast<const Packed<T, VEC>*>(arena + (int64_t{pages[(i0 + u) * p.chunks]} << p.page_log2) +
-                                                        in_page);
-#pragma unroll
-    for (int u = 0; u < kExpandBatch; ++u) {
-      if (i0 + u >= rank) break;
-#pragma unroll
-      for (int j = 0; j < kExpandTile; ++j) {
-        if (j < n) {
-          const float s = scaled_v[j * rank + i0 + u];
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[j][e] = fmaf(s, static_cast<float>(w[u].e[e]), acc[j][e]);
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < kExpandTile; ++j) {
-    if (j < n) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) prior[j].e[e] = from_float<T>(static_cast<float>(prior[j].e[e]) + acc[j][e]);
-      *reinterpret_cast<Packed<T, VEC>*>(y + tok[j] * ld + o) = prior[j];
-    }
-  }
+  expand_columns<T, VEC, kExpandTile>(y, ld, tok, n, o, p, adapter, rank, scaled_v, rank);
 }
 
 // Shrink and expand in one kernel, for decode (few tokens) on sm_90: a cluster of C CTAs (cluster.cuh) per tile of
@@ -592,44 +597,8 @@ __global__ void __launch_bounds__(kApplyThreads)
 
   // Expand into piece c of the outputs: a thread per 16 bytes of them (for every token of the tile), walking the
   // rank with kExpandBatch rows' loads in flight, as expand_kernel.
-  for (int o = outs.x + static_cast<int>(threadIdx.x); o < outs.y; o += kApplyThreads) {
-    const int64_t col = int64_t{o} * VEC;
-    const int32_t* pages = row_pages(p, adapter, 1, 0) + (col >> p.page_log2);  // row i's page: pages[i * chunks]
-    const int64_t in_page = col & mask;
-    Packed<T, VEC> prior[kApplyTile];
-#pragma unroll
-    for (int j = 0; j < kApplyTile; ++j)
-      if (j < n) prior[j] = *reinterpret_cast<const Packed<T, VEC>*>(y + tok[j] * ld + col);
-    float acc[kApplyTile][VEC] = {};
-    for (int i0 = 0; i0 < rank; i0 += kExpandBatch) {
-      Packed<T, VEC> w[kExpandBatch];
-#pragma unroll
-      for (int u = 0; u < kExpandBatch; ++u)
-        if (i0 + u < rank)
-          w[u] = *reinterpret_cast<const Packed<T, VEC>*>(
-              arena + (int64_t{pages[(i0 + u) * p.chunks]} << p.page_log2) + in_page);
-#pragma unroll
-      for (int u = 0; u < kExpandBatch; ++u) {
-        if (i0 + u >= rank) break;
-#pragma unroll
-        for (int j = 0; j < kApplyTile; ++j) {
-          if (j < n) {
-            const float s = total[j * max_rank + i0 + u];
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[j][e] = fmaf(s, static_cast<float>(w[u].e[e]), acc[j][e]);
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kApplyTile; ++j) {
-      if (j < n) {
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) prior[j].e[e] = from_float<T>(static_cast<float>(prior[j].e[e]) + acc[j][e]);
-        *reinterpret_cast<Packed<T, VEC>*>(y + tok[j] * ld + col) = prior[j];
-      }
-    }
-  }
+  for (int o = outs.x + static_cast<int>(threadIdx.x); o < outs.y; o += kApplyThreads)
+    expand_columns<T, VEC, kApplyTile>(y, ld, tok, n, int64_t{o} * VEC, p, adapter, rank, total, max_rank);
   cluster_wait();  // the other CTAs have read this one's part
 }
 
