@@ -648,6 +648,24 @@ bool aligned16(const void* ptr, int64_t elements_stride, int64_t elem_size) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (elements_stride * elem_size) % 16 == 0;
 }
 
+// Whether 16-byte loads serve the shrink of x [tokens, in]: x and its rows, and the arena's pages, start on 16 bytes.
+template <typename T>
+bool shrink_vectorizes(const void* x, int64_t in, const Pool& p) {
+  return aligned16(x, in, sizeof(T)) && aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
+}
+
+// Whether 16-byte loads and stores serve the expand into y (row stride ld): the arena's pages, and every module's
+// columns, start on 16 bytes and hold whole vectors.
+template <typename T>
+bool expand_vectorizes(const void* y, int64_t ld, const Pool& p, const Modules& m) {
+  constexpr int kVec = 16 / sizeof(T);
+  bool vec = aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
+  for (int i = 0; i < m.count; ++i)
+    vec = vec && (m.column[i + 1] - m.column[i]) % kVec == 0 &&
+          aligned16(static_cast<const T*>(y) + m.column[i], ld, sizeof(T));
+  return vec;
+}
+
 template <typename T, int VEC, int RPW>
 void launch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, const Modules& m, const TokenGroups& g,
                    float* v, int64_t max_rank, cudaStream_t stream) {
@@ -660,7 +678,7 @@ template <typename T>
 void dispatch_shrink(const void* x, int64_t tokens, int64_t in, const Pool& p, const Modules& m, const TokenGroups& g,
                      float* v, int64_t max_rank, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  const bool vec = aligned16(x, in, sizeof(T)) && aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
+  const bool vec = shrink_vectorizes<T>(x, in, p);
   // decode: warps split `in`, so a row is a step of loads, not several
   if (tokens <= kNarrowMaxTokens || g.starts == nullptr) {
     dim3 grid(tile_bound(tokens, g.count, kNarrowTile), m.count * ceil_div(max_rank, kNarrowRows));
@@ -695,11 +713,8 @@ template <typename T>
 void dispatch_expand(void* y, int64_t tokens, int64_t ld, const float* v, int64_t max_rank, const Pool& p,
                      const Modules& m, const float* scales, const TokenGroups& g, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  bool vec = aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
-  for (int i = 0; i < m.count; ++i)  // every module's columns start on 16 bytes and hold whole vectors
-    vec = vec && (m.column[i + 1] - m.column[i]) % kVec == 0 &&
-          aligned16(static_cast<const T*>(y) + m.column[i], ld, sizeof(T));
-  if (vec) return launch_expand<T, kVec>(y, tokens, ld, v, max_rank, p, m, scales, g, stream);
+  if (expand_vectorizes<T>(y, ld, p, m))
+    return launch_expand<T, kVec>(y, tokens, ld, v, max_rank, p, m, scales, g, stream);
   launch_expand<T, 1>(y, tokens, ld, v, max_rank, p, m, scales, g, stream);
 }
 
@@ -710,10 +725,7 @@ bool dispatch_apply(void* y, int64_t tokens, int64_t ld, const void* x, int64_t 
   constexpr int kVec = 16 / sizeof(T);
   const size_t smem = sizeof(float) * 2 * kApplyTile * max_rank + sizeof(TileRef) + sizeof(int) * kApplyTile;
   if (smem > 48 * 1024 || in > std::numeric_limits<int>::max()) return false;
-  bool vec = in % kVec == 0 && aligned16(x, in, sizeof(T)) && aligned16(p.arena, int64_t{1} << p.page_log2, sizeof(T));
-  for (int i = 0; i < m.count; ++i)
-    vec = vec && (m.column[i + 1] - m.column[i]) % kVec == 0 &&
-          aligned16(static_cast<const T*>(y) + m.column[i], ld, sizeof(T));
+  const bool vec = shrink_vectorizes<T>(x, in, p) && expand_vectorizes<T>(y, ld, p, m);
   const int64_t vectors = vec ? in / kVec : in;
   // Clusters as large as keep the grid within two CTAs an SM and each CTA at least a vector per lane of `in`.
   const int64_t ctas = tile_bound(tokens, g.count, kApplyTile) * m.count;
