@@ -29,6 +29,16 @@ TORCH_LIBRARY(lorax_core, m) {
       "float offset, int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias, Tensor? arena, "
       "Tensor? page_table, Tensor? ranks, Tensor? scales, Tensor? seg_starts, Tensor? seg_slots, Tensor? v, "
       "int layer, int[] modules, int[] columns, int page_size, bool silu_mul) -> Tensor");
+  // nf4_linear_sgmv with silu_mul of a fused gate | up projection (LoRA arguments required), and the sgmv_shrink of
+  // its output for next_modules of the same layer (the MLP's down): (h [T, out_features / 2], v [T, len(next_modules)
+  // * max_rank]), v for the next projection's nf4_linear_sgmv. On CUDA, for up to 8 rows of x and with counters
+  // (int32 zeros, left zero; may be the ones decode attention shares), the GEMV's epilogue does the shrink too.
+  m.def(
+      "nf4_linear_sgmv_silu_shrink(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_code, "
+      "Tensor? nested_absmax, float offset, int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias, "
+      "Tensor? arena, Tensor? page_table, Tensor? ranks, Tensor? scales, Tensor? seg_starts, Tensor? seg_slots, "
+      "Tensor? v, int layer, int[] modules, int[] columns, int page_size, int[] next_modules, "
+      "Tensor(a!)? counters=None) -> (Tensor, Tensor)");
   // nf4_linear_sgmv of a fused q | k | v projection (q_heads heads, then kv_heads of k and of v), then
   // rotary_kv_cache_write of its q, k and v: returns the output with q and k rotated, and writes k and v to the
   // cache. On CUDA, for up to 8 rows of x, the GEMV's epilogue does the rotary and the cache write.

@@ -25,7 +25,7 @@ from conftest import (FLOAT_DTYPES, HAS_CUDA, NF4_GEMV_MAX_ROWS, assert_close, a
                       nf4_gemv_weight)
 from cuda_emu import build
 from lora_helpers import POPULARITY, make_pool, random_adapter, token_slots
-from lorax_core.ops import bgmv, kv_cache_write, nf4_linear, paged_attention_decode, sgmv
+from lorax_core.ops import bgmv, kv_cache_write, nf4_linear, nf4_linear_sgmv_silu_shrink, paged_attention_decode, sgmv
 from lorax_core.quant import NF4Weight
 from test_attention_ops import random_cache
 from test_layer_ops import qkv_views, rotary_cache_inputs
@@ -33,7 +33,8 @@ from test_nf4_sgmv import CASES as NF4_SGMV_CASES
 from test_nf4_sgmv import QKV as NF4_SGMV_MODULES
 from test_nf4_sgmv import case_id as nf4_sgmv_case_id
 from test_nf4_sgmv import check_device_norm_shrink as check_norm_shrink
-from test_nf4_sgmv import QKV_CASES, QKV_ODD, check_device_rotary
+from test_nf4_sgmv import MLP_CASES, QKV_CASES, QKV_ODD, check_device_rotary, check_device_silu_shrink
+from test_nf4_sgmv import mlp_case_id, silu_shrink_case
 from test_nf4_sgmv import check_device_op as check_nf4_sgmv
 
 MODE = os.environ.get("LORAX_EMU")  # "asan" inside test_emulated_kernels' subprocess
@@ -556,6 +557,33 @@ def test_nf4_linear_sgmv(emu, dtype, case):
 
 @emulated
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", MLP_CASES, ids=mlp_case_id)
+def test_nf4_linear_sgmv_silu_shrink(emu, dtype, case):
+    """gate | up with SwiGLU and down's LoRA shrink in the GEMV's epilogue (up to 8 rows; 9: the ops), against the
+    emulated ops: the CTAs' shares and the last CTA's sum. Also where CTAs take several tiles and the last tile is
+    cut short (2 x 3204 outputs: 401 tiles of 8 over 396 CTAs, the last with 4), with k = 416. Given x's shrink (as
+    the norm before hands it over), one row runs no sgmv_shrink: the op is one kernel."""
+    def run(f):
+        with emu():
+            return f()
+
+    check_device_silu_shrink(case, dtype, "cpu", run)
+    if case[0] == 1 and dtype == torch.bfloat16:
+        big = {"gate_proj": (416, 3204), "up_proj": (416, 3204), "down_proj": (3204, 416)}
+        check_device_silu_shrink(case, dtype, "cpu", run, modules=big)
+        args = silu_shrink_case(case, dtype)
+        pool = args["pool"]
+        v = torch.ops.lorax_core.sgmv_shrink(args["x"], pool.arena, pool.page_table, pool.ranks, args["seg_starts"],
+                                             args["seg_slots"], args["layer"], [0, 1], pool.page_size)
+        counters = torch.zeros(1, dtype=torch.int32)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run(lambda: nf4_linear_sgmv_silu_shrink(**{**args, "v": v}, next_modules="down_proj", counters=counters))
+        names = {e.name for e in prof.events()}
+        assert "lorax_emu::nf4_linear_sgmv_silu_shrink" in names and "lorax_emu::sgmv_shrink" not in names
+
+
+@emulated
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", NF4_SGMV_CASES, ids=nf4_sgmv_case_id)
 def test_add_rms_norm_sgmv_shrink(emu, dtype, case):
     """The norm with the LoRA shrink of its output in one kernel (one row), and the two ops (more), emulated: rows of
@@ -614,8 +642,8 @@ def test_model_on_emulated_kernels_matches_peft(emu, kind, tmp_path):
 @pytest.mark.parametrize("rows", [["r8_all", None, "r16_rslora"], ["r16_rslora"], [None]], ids=str)
 def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path, rows):
     """The NF4 engine in bf16 as it runs on a GPU, every kernel emulated (the tensor-core GEMM for prompt rows; the
-    GEMV for up to 8 decode rows, at one row with the LoRA expand and SwiGLU in its epilogue; LoRA, attention, the
-    layer ops), against the fp32 engine on the same NF4 codes: as close to it as the bf16 engine on the CPU kernels
+    GEMV for up to 8 decode rows, with the LoRA expand and SwiGLU (and down's LoRA shrink) in its epilogue; LoRA,
+    attention, the layer ops), against the fp32 engine on the same NF4 codes: as close to it as the bf16 engine on the CPU kernels
     is, step by step. The GEMV rounds the NF4 values to bf16 where the CPU kernels round each scaled weight, so the
     two err differently by as much: the mean error may exceed the CPU kernels' by 10%, the largest by 25%."""
     from model_helpers import save_adapters, save_model
@@ -630,6 +658,9 @@ def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path, rows):
                           adapter_loader_threads=0)
         for name, path in adapters.items():
             llms[dtype].load_adapter(name, path)
+    counters = torch.zeros(8 * llms["bfloat16"].model.config.num_kv_heads, dtype=torch.int32)  # as the runner sets
+    for layer in llms["bfloat16"].model.layers:  # them on a GPU: attention merges its splits, and gate | up's GEMV
+        layer.attn.counters = layer.mlp.counters = counters  # does down's LoRA shrink, in their last CTAs
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in (9, 3, 14)[:len(rows)]]  # prompt rows: the GEMM
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -641,6 +672,7 @@ def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path, rows):
         exact = llms["float32"].runner.run(batches["float32"])
         with emu():
             emulated = llms["bfloat16"].runner.run(batches["bfloat16"])
+        assert not counters.any()
         cpu = llms["bfloat16"].runner.run(batches["bfloat16"])  # the same KV cache slots, rewritten
         err_emulated, err_cpu = (emulated - exact).abs(), (cpu - exact).abs()
         assert err_emulated.mean() <= 1.1 * err_cpu.mean() and err_emulated.max() <= 1.25 * err_cpu.max(), (

@@ -106,15 +106,16 @@ def decode_step_ops(llm, adapters) -> dict:
 
 
 def test_batch1_decode_step_runs_the_fused_ops(setup):
-    """What a batch-1 NF4 decode step with an adapter dispatches (on CUDA each op one kernel, nf4_linear_sgmv's LoRA
-    shrink aside): per layer the norm with the q | k | v shrink, q | k | v with rotary and the KV cache write,
-    attention, o, the norm with the gate | up shrink, gate | up with SwiGLU, and down. A change that splits a
+    """What a batch-1 NF4 decode step with an adapter dispatches (on CUDA each op one kernel, o's LoRA shrink
+    aside): per layer the norm with the q | k | v shrink, q | k | v with rotary and the KV cache write, attention, o,
+    the norm with the gate | up shrink, gate | up with SwiGLU and down's shrink, and down. A change that splits a
     fusion apart shows here."""
     llm, *_ = setup
     layers = llm.model.config.num_layers
     assert decode_step_ops(llm, ["r8_all"]) == {
         "rms_norm": 1, "add_rms_norm_sgmv_shrink": 2 * layers - 1, "nf4_linear_sgmv_rotary": layers,
-        "paged_attention_decode": layers, "nf4_linear_sgmv": 3 * layers, "add_rms_norm": 1}
+        "paged_attention_decode": layers, "nf4_linear_sgmv": 2 * layers, "nf4_linear_sgmv_silu_shrink": layers,
+        "add_rms_norm": 1}
 
 
 @pytest.mark.parametrize("rows", [4, 5])
@@ -129,5 +130,6 @@ def test_fused_projections_up_to_four_rows(setup, rows):
     ops = decode_step_ops(llm, ROWS[:rows])
     fused = rows <= 4
     assert ops.get("nf4_linear_sgmv_rotary", 0) == (layers if fused else 0)
-    assert ops.get("nf4_linear_sgmv", 0) == (3 * layers if fused else 0)
+    assert ops.get("nf4_linear_sgmv", 0) == (2 * layers if fused else 0)
+    assert ops.get("nf4_linear_sgmv_silu_shrink", 0) == (layers if fused else 0)
     assert ops.get("nf4_linear", 0) == (0 if fused else 4 * layers)

@@ -1,12 +1,14 @@
 """nf4_linear_sgmv: NF4 linear + LoRA (SGMV) + SwiGLU in one op, against the fp32 reference and against the ops it is
 made of; its CUDA kernel (the GEMV with the LoRA expand and silu_mul in its epilogue) against the CPU op. And
-add_rms_norm_sgmv_shrink, the norm before such a projection with its LoRA shrink, whose v the projection takes."""
+add_rms_norm_sgmv_shrink, the norm before such a projection with its LoRA shrink, whose v the projection takes;
+nf4_linear_sgmv_silu_shrink, gate | up with the shrink of its output for down; nf4_linear_sgmv_rotary."""
 import pytest
 import torch
 
 from conftest import NF4_GEMV_MAX_ROWS, assert_close, assert_rounds_exact
 from lora_helpers import linear_sgmv_case
 from lorax_core.ops import add_rms_norm, add_rms_norm_sgmv_shrink, nf4_linear, nf4_linear_sgmv, nf4_linear_sgmv_rotary
+from lorax_core.ops import nf4_linear_sgmv_silu_shrink
 from lorax_core.ops import rotary_kv_cache_write, sgmv, silu_mul
 from lorax_core.ops import reference as ref
 from test_layer_ops import assert_norm_same
@@ -218,6 +220,135 @@ def check_device_norm_shrink(case, dtype, device, run=lambda f: f(), modules=QKV
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_norm_shrink_cuda_matches_cpu(case, dtype):
     check_device_norm_shrink(case, dtype, "cuda")
+
+
+# ---------------------------------------- nf4_linear_sgmv_silu_shrink (gate | up, SwiGLU, the shrink for down)
+
+MLP = {"gate_proj": (256, 96), "up_proj": (256, 96), "down_proj": (96, 256)}
+MLP_CASES = [  # tokens, segment lengths, segment adapters (adapter 3 has gate only: no down, nothing to shrink)
+    (1, [1], [0]),
+    (1, [1], [2]),
+    (1, [0, 1], [3, 1]),
+    (1, [1], [-1]),
+    (1, [1], [3]),
+    (3, [1, 1, 1], [1, -1, 0]),
+    (8, [2, 3, 3], [2, -1, 0]),
+    (9, [3, 0, 4, 2], [0, 1, -1, 3]),
+]
+
+
+def mlp_case_id(case) -> str:
+    tokens, _, seg = case
+    return f"t{tokens}-{seg}"
+
+
+def silu_shrink_case(case, dtype=torch.float32, device="cpu", modules=MLP):
+    tokens, lengths, seg = case
+    args, _ = linear_sgmv_case(modules, ["gate_proj", "up_proj"], RANKS, tokens, lengths, seg, dtype=dtype,
+                               device=device)
+    return args
+
+
+def down_shrink(h, args):
+    """sgmv_shrink of h for down_proj: what nf4_linear_sgmv(h, down, ...) would do first."""
+    pool = args["pool"]
+    return torch.ops.lorax_core.sgmv_shrink(h, pool.arena, pool.page_table, pool.ranks, args["seg_starts"],
+                                            args["seg_slots"], args["layer"], [pool.module_index("down_proj")],
+                                            pool.page_size)
+
+
+@pytest.mark.parametrize("case", MLP_CASES, ids=mlp_case_id)
+def test_silu_shrink_cpu_is_the_ops_and_the_reference(case):
+    """h is nf4_linear_sgmv's with silu_mul, v the sgmv_shrink of h for down, bit for bit; v is h @ A_down.T of each
+    row's adapter (zero past its rank, and for rows without one or whose adapter leaves down alone)."""
+    tokens, lengths, seg = case
+    for dtype in (torch.float32, torch.bfloat16):
+        args = silu_shrink_case(case, dtype)
+        h, v = nf4_linear_sgmv_silu_shrink(**args, next_modules="down_proj")
+        assert torch.equal(h, nf4_linear_sgmv(**args, silu_mul=True))
+        assert torch.equal(v, down_shrink(h, args))
+    pool, rows = args["pool"], [a for a, n in zip(seg, lengths) for _ in range(n)]
+    expected = torch.zeros(tokens, pool.page_table.shape[4])
+    for t, slot in enumerate(rows):
+        names = [f"a{i}" for i in range(len(RANKS)) if slot >= 0 and pool.slot(f"a{i}") == slot]
+        if names and int(pool.ranks[slot, args["layer"], pool.module_index("down_proj")]) > 0:
+            a_down = pool.dense(names[0], args["layer"], "down_proj")[0].float()
+            expected[t, :a_down.shape[0]] = h[t].float() @ a_down.T
+    assert_close(v, expected)
+    assert torch.equal(v != 0, expected != 0)  # the zeros are exact
+
+
+def test_silu_shrink_v_into_down_and_bad_inputs():
+    """v handed to down's nf4_linear_sgmv gives down's own result; clear errors for what the op cannot do."""
+    args = silu_shrink_case(MLP_CASES[-1], torch.bfloat16)
+    h, v = nf4_linear_sgmv_silu_shrink(**args, next_modules=["down_proj"])
+    from lorax_core.quant import NF4Weight
+
+    down = NF4Weight.quantize(torch.randn(256, 96), 64, True)
+    common = dict(w=down, bias=None, pool=args["pool"], layer=args["layer"], modules="down_proj",
+                  seg_starts=args["seg_starts"], seg_slots=args["seg_slots"])
+    assert torch.equal(nf4_linear_sgmv(h, **common, v=v), nf4_linear_sgmv(h, **common))
+    w, pool = args["w"], args["pool"]
+    state = (w.codes, w.absmax, w.nested_code, w.nested_absmax, w.offset, w.blocksize, w.nested_blocksize)
+    lora = (pool.arena, pool.page_table, pool.ranks, pool.scales, args["seg_starts"], args["seg_slots"])
+    op = torch.ops.lorax_core.nf4_linear_sgmv_silu_shrink
+    down_i = pool.module_index("down_proj")
+    with pytest.raises(RuntimeError, match="the LoRA arguments .* are required"):
+        op(args["x"], *state, 192, None, *(None,) * 7, 1, [], [], 0, [down_i])
+    with pytest.raises(RuntimeError, match="1 to 4 next modules, got 0"):
+        op(args["x"], *state, 192, None, *lora, None, 1, [0, 1], [0, 96, 192], 64, [])
+    with pytest.raises(RuntimeError, match="counters must be int32"):
+        op(args["x"], *state, 192, None, *lora, None, 1, [0, 1], [0, 96, 192], 64, [down_i], torch.zeros(2))
+    with pytest.raises(RuntimeError, match="silu_mul needs an even number of outputs"):
+        op(args["x"], *state, 191, None, *lora, None, 1, [0, 1], [0, 96, 191], 64, [down_i])
+    with pytest.raises(ValueError, match="module 'o_proj' is not in this pool"):
+        nf4_linear_sgmv_silu_shrink(**args, next_modules="o_proj")
+    counters = torch.zeros(1, dtype=torch.int32)
+    torch.library.opcheck(op.default, (args["x"], *state, 192, args["bias"], *lora, None, 1, [0, 1], [0, 96, 192],
+                                       64, [down_i], counters))
+
+
+def check_device_silu_shrink(case, dtype, device, run=lambda f: f(), modules=MLP):
+    """The device op (counters given: the GEMV's epilogue shrinks, up to 8 rows) against the same device's ops: h
+    bit for bit nf4_linear_sgmv's with silu_mul, v the shrink of that h up to the fp32 sums' order; the counters are
+    left zero."""
+    args = silu_shrink_case(case, dtype, device, modules)
+    counters = torch.zeros(3, dtype=torch.int32, device=device)
+    h, v = run(lambda: nf4_linear_sgmv_silu_shrink(**args, next_modules="down_proj", counters=counters))
+    assert torch.equal(h, run(lambda: nf4_linear_sgmv(**args, silu_mul=True)))
+    # fp32 sums of the same products in another order (8 outputs a tile, then the CTAs' shares), and with cancellation
+    torch.testing.assert_close(v, run(lambda: down_shrink(h, args)), rtol=1e-4, atol=1e-4)
+    assert not counters.any()
+    return h, v
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", MLP_CASES, ids=mlp_case_id)
+def test_silu_shrink_cuda(case, dtype):
+    check_device_silu_shrink(case, dtype, "cuda")
+
+
+@pytest.mark.cuda
+def test_silu_shrink_cuda_graph_capture():
+    """The epilogue's shrink replays in a CUDA graph: its counter is back to zero after each call."""
+    args = silu_shrink_case(MLP_CASES[0], torch.bfloat16, "cuda")
+    counters = torch.zeros(1, dtype=torch.int32, device="cuda")
+    x = args["x"].clone()
+
+    def call():
+        return nf4_linear_sgmv_silu_shrink(**{**args, "x": x}, next_modules="down_proj", counters=counters)
+
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h, v = call()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        want_h, want_v = call()
+        assert torch.equal(h, want_h) and torch.equal(v, want_v)
+    assert not counters.any()
 
 
 # ------------------------------------------------------- nf4_linear_sgmv_rotary (q | k | v, rotary, KV cache write)

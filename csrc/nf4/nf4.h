@@ -80,6 +80,17 @@ at::Tensor linear_sgmv_composite(const at::Tensor& x, const at::Tensor& codes, c
                                  double offset, int64_t blocksize, int64_t blocksize2, int64_t out_features,
                                  const std::optional<at::Tensor>& bias, const LoraArgs& l, bool silu_mul);
 
+// nf4_linear_sgmv_silu_shrink's checks beyond check_linear_sgmv's (with silu_mul): the LoRA arguments given, 1 to
+// kMaxModules next modules, counters (if given) int32 on x's device.
+void check_silu_shrink(const at::Tensor& x, const LoraArgs& l, at::IntArrayRef next_modules,
+                       const std::optional<at::Tensor>& counters);
+
+// nf4_linear_sgmv with silu_mul, then sgmv_shrink of its output for next_modules: through the dispatcher.
+std::tuple<at::Tensor, at::Tensor> linear_sgmv_silu_shrink_composite(
+    const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
+    const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize, int64_t blocksize2,
+    int64_t out_features, const std::optional<at::Tensor>& bias, const LoraArgs& l, at::IntArrayRef next_modules);
+
 // nf4_linear_sgmv_rotary's rotary and KV cache arguments (rotary_kv_cache_write's, and the head counts that cut
 // the projection's output into q | k | v).
 struct RotaryArgs {
@@ -110,6 +121,8 @@ at::Tensor linear_sgmv_rotary_composite(const at::Tensor& x, const at::Tensor& c
       const std::optional<at::Tensor> &seg_slots, const std::optional<at::Tensor> &v, int64_t layer,             \
       at::IntArrayRef modules, at::IntArrayRef columns, int64_t page_size
 #define LORAX_NF4_LINEAR_SGMV_PARAMS LORAX_NF4_LINEAR_SGMV_COMMON_PARAMS, bool silu_mul
+#define LORAX_NF4_LINEAR_SGMV_SILU_SHRINK_PARAMS \
+  LORAX_NF4_LINEAR_SGMV_COMMON_PARAMS, at::IntArrayRef next_modules, const std::optional<at::Tensor> &counters
 #define LORAX_NF4_LINEAR_SGMV_ROTARY_PARAMS                                                                        \
   LORAX_NF4_LINEAR_SGMV_COMMON_PARAMS, int64_t q_heads, int64_t kv_heads, const at::Tensor &cos,                   \
       const at::Tensor &sin, const at::Tensor &positions, at::Tensor &k_cache, at::Tensor &v_cache,                \

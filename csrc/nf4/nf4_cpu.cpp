@@ -162,6 +162,14 @@ at::Tensor op_linear_sgmv(LORAX_NF4_LINEAR_SGMV_PARAMS) {
                                LORAX_NF4_LINEAR_SGMV_LORA, silu_mul);
 }
 
+std::tuple<at::Tensor, at::Tensor> op_linear_sgmv_silu_shrink(LORAX_NF4_LINEAR_SGMV_SILU_SHRINK_PARAMS) {
+  const LoraArgs l = LORAX_NF4_LINEAR_SGMV_LORA;
+  check_linear_sgmv(x, out_features, l, true);
+  check_silu_shrink(x, l, next_modules, counters);  // (counters are for the CUDA kernel's CTAs)
+  return linear_sgmv_silu_shrink_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2,
+                                           out_features, bias, l, next_modules);
+}
+
 at::Tensor op_linear_sgmv_rotary(LORAX_NF4_LINEAR_SGMV_ROTARY_PARAMS) {
   return linear_sgmv_rotary_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features,
                                       bias, LORAX_NF4_LINEAR_SGMV_LORA, LORAX_NF4_LINEAR_SGMV_ROTARY);
@@ -177,6 +185,7 @@ TORCH_LIBRARY_IMPL(lorax_core, CPU, m) {
   m.impl("nf4_linear", &op_linear);
   m.impl("nf4_linear_sgmv", &op_linear_sgmv);
   m.impl("nf4_linear_sgmv_rotary", &op_linear_sgmv_rotary);
+  m.impl("nf4_linear_sgmv_silu_shrink", &op_linear_sgmv_silu_shrink);
 }
 
 }  // namespace lorax::nf4

@@ -171,7 +171,8 @@ bool gemv_serves(const at::Tensor& x, int64_t N, const LoraArgs& l) {
 void linear_sgmv_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
                       const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2, double offset,
                       int64_t blocksize, int64_t blocksize2, int64_t N, const std::optional<at::Tensor>& bias,
-                      const LoraArgs& l, bool silu_mul, const cuda::GemvRope* rope, at::Tensor& y) {
+                      const LoraArgs& l, bool silu_mul, const cuda::GemvRope* rope, const cuda::GemvShrink* shrink,
+                      at::Tensor& y) {
   const int64_t K = x.size(-1), M = x.numel() / K;
   CHECK_SAME_DEVICE(x, codes);
   c10::cuda::CUDAGuard guard(x.device());
@@ -210,7 +211,7 @@ void linear_sgmv_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Te
   }
   cuda::gemv(xc.data_ptr(), lorax::kernel_dtype(x.scalar_type(), "nf4"), M, K, c.data_ptr<uint8_t>(), h.args,
              log2_exact(blocksize, "nf4 (CUDA): blocksize"), N, b ? b->data_ptr() : nullptr,
-             l.given() ? &lora : nullptr, silu_mul, rope, y.data_ptr(),
+             l.given() ? &lora : nullptr, silu_mul, rope, shrink, y.data_ptr(),
              at::cuda::getCurrentDeviceProperties()->multiProcessorCount, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -225,8 +226,36 @@ at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
   out_shape.push_back(silu_mul ? out_features / 2 : out_features);
   at::Tensor y = at::empty(out_shape, x.options());
   linear_sgmv_gemv(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias, l, silu_mul,
-                   nullptr, y);
+                   nullptr, nullptr, y);
   return y;
+}
+
+// The GEMV's epilogue shrinks its SwiGLU output for the next projection (GemvShrink) where the GEMV serves the call
+// (gemv_serves), one next module, counters to count its CTAs in, pages of at least 8 elements and a max rank of at
+// most kGemvShrinkMaxRank; otherwise nf4_linear_sgmv, then sgmv_shrink.
+std::tuple<at::Tensor, at::Tensor> linear_sgmv_silu_shrink_cuda(LORAX_NF4_LINEAR_SGMV_SILU_SHRINK_PARAMS) {
+  const LoraArgs l = LORAX_NF4_LINEAR_SGMV_LORA;
+  check_linear_sgmv(x, out_features, l, true);
+  check_silu_shrink(x, l, next_modules, counters);
+  const bool fused = gemv_serves(x, out_features, l) && counters && next_modules.size() == 1 && page_size >= 8 &&
+                     l.page_table->dim() == 6 && l.page_table->size(4) <= cuda::kGemvShrinkMaxRank &&
+                     reinterpret_cast<uintptr_t>(l.arena->data_ptr()) % 16 == 0;
+  if (!fused)
+    return linear_sgmv_silu_shrink_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2,
+                                             out_features, bias, l, next_modules);
+  const int64_t M = x.size(0), half = out_features / 2;
+  const lora::PoolView next{*l.arena, *l.page_table, *l.ranks, l.layer, next_modules.vec(), l.page_size};
+  lora::check_pool(next, {half}, 0, "nf4_linear_sgmv_silu_shrink");  // its A rows read the outputs
+  const int64_t R = l.page_table->size(4);
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  at::Tensor y = at::empty({M, half}, x.options());
+  at::Tensor v_next = at::empty({M, R}, x.options().dtype(at::kFloat));
+  at::Tensor partials = at::empty({int64_t{num_sms} * cuda::kGemvMaxCtasPerSm, M * R}, v_next.options());
+  const cuda::GemvShrink shrink{lora::pool_args(next), v_next.data_ptr<float>(), partials.data_ptr<float>(),
+                                counters->data_ptr<int32_t>()};
+  linear_sgmv_gemv(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias, l, true,
+                   nullptr, &shrink, y);
+  return {y, v_next};
 }
 
 // The GEMV's epilogue rotates and caches when head_dim is a power of two of at least 16 (a tile pairs 8 rows of a
@@ -252,7 +281,7 @@ at::Tensor linear_sgmv_rotary_cuda(LORAX_NF4_LINEAR_SGMV_ROTARY_PARAMS) {
                             slots.const_data_ptr<int64_t>(), k_cache.data_ptr(), v_cache.data_ptr(),
                             static_cast<int>(shape.head_dim), static_cast<int>(q_heads), static_cast<int>(kv_heads)};
   linear_sgmv_gemv(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias, l, false,
-                   &rope, y);
+                   &rope, nullptr, y);
   return y;
 }
 
@@ -266,6 +295,7 @@ TORCH_LIBRARY_IMPL(lorax_core, CUDA, m) {
   m.impl("nf4_linear", &linear_cuda);
   m.impl("nf4_linear_sgmv", &linear_sgmv_cuda);
   m.impl("nf4_linear_sgmv_rotary", &linear_sgmv_rotary_cuda);
+  m.impl("nf4_linear_sgmv_silu_shrink", &linear_sgmv_silu_shrink_cuda);
 }
 
 }  // namespace lorax::nf4

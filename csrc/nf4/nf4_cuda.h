@@ -74,12 +74,28 @@ struct GemvRope {
   int q_heads = 0;
   int kv_heads = 0;
 };
+// The LoRA shrink of the SwiGLU output y' [M, N/2] for the projection that reads it next (the MLP's down), in the
+// GEMV's epilogue: v[m, j] = y'[m] . A[a][j] for j < the adapter's rank at (pool.layer, pool.module), a = row m's
+// adapter (GemvLora's segments), and zero past it and for rows without one. Each CTA sums its tiles' share in
+// shared memory and writes it to partials; the last CTA to finish (counted on *counter, which it puts back to zero)
+// sums them in CTA order: the result does not depend on which CTA finishes first. Needs page_size >= 8 (a tile's 8
+// outputs are one 16-byte load of an A row) and max_rank <= kGemvShrinkMaxRank.
+constexpr int kGemvShrinkMaxRank = 128;
+constexpr int kGemvMaxCtasPerSm = 3;  // the GEMV's grid is at most this many CTAs an SM: partials has that many rows
+struct GemvShrink {
+  lora::cuda::Pool pool;  // module: the next projection's
+  float* v;               // [M, pool.max_rank_table]
+  float* partials;        // [num_sms * kGemvMaxCtasPerSm, M * pool.max_rank_table]
+  int32_t* counter;       // zero, and left zero
+};
+
 // The GEMV (M <= kGemvMaxM rows of x: gemm_supported(M, N, K, dtype)) with its epilogue: + bias, + the LoRA delta
 // when lora is not null, each output rounded once to x's dtype; with silu_mul (N even) the outputs g = y[:, :N/2]
-// and u = y[:, N/2:] become y' [M, N/2] = T(T(silu(g)) * u), as layers' silu_mul rounds; with rope (not null, and
-// not with silu_mul) GemvRope's rotary and cache write. num_sms sizes its grid.
+// and u = y[:, N/2:] become y' [M, N/2] = T(T(silu(g)) * u), as layers' silu_mul rounds, and with shrink (not null;
+// needs lora) GemvShrink's shrink of y'; with rope (not null, and not with silu_mul) GemvRope's rotary and cache
+// write. num_sms sizes its grid.
 void gemv(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a,
           int blocksize_log2, int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, const GemvRope* rope,
-          void* y, int num_sms, cudaStream_t stream);
+          const GemvShrink* shrink, void* y, int num_sms, cudaStream_t stream);
 
 }  // namespace lorax::nf4::cuda

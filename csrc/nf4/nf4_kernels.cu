@@ -348,12 +348,17 @@ constexpr int kGemvRows = 16;   // a tile: the mma's A rows
 // per thread each; with more rows, whose A fragments stay in registers while the token pairs take their turns, 2.
 template <int MT>
 constexpr int kGemvCtasPerSm = MT == 1 ? 3 : 2;
+static_assert(kGemvCtasPerSm<1> <= kGemvMaxCtasPerSm && kGemvCtasPerSm<8> <= kGemvMaxCtasPerSm);
 
-template <int MT>
+template <int MT, bool kLora>
 struct GemvShared {
   LaneTable pairs;  // code byte -> its two NF4 values in T (the high nibble, the lower k, in the low half)
   Tables t;
   float partial[2][kGemvWarps][MT][kGemvRows];  // each warp's sums of the tile's rows, double-buffered over tiles
+  // GemvShrink: this CTA's share of v so far (lane j of the last warp owns entries j, j + 32, ... of each row), and
+  // each row of x's adapter (-1: none) and its rank at the next projection
+  float shrunk[kLora ? MT : 1][kLora ? kGemvShrinkMaxRank : 1];
+  int shrink_adapter[MT], shrink_rank[MT];
 };
 
 // The pool slot of the segment holding row m of x, or -1 (none, or a slot outside the pool): as the LoRA kernels
@@ -436,13 +441,90 @@ __device__ __noinline__ void prefetch_absmax(const void* absmax, uint32_t size, 
   }
 }
 
+// GemvShrink's share of one tile: its SwiGLU outputs i0 .. i0 + 7 (i0 = 8 * tile, those below `half`) times the
+// next projection's A rows, for rows base and base + 1 of x. Lane l of the last warp holds h, row base + l / 16's
+// output i0 + l % 16 (lanes with l % 16 >= 8 hold nothing). Lane j adds into shrunk[m][j], [j + 32], ... Not
+// inlined: inlined, its registers cost the 1-row GEMV's hot loop a spill (sass_loops.py).
+template <typename T, int MT, bool kLora>
+__device__ __noinline__ void shrink_tile(const GemvShrink& s, GemvShared<MT, kLora>& sh, int tile, int base,
+                                            float h, int M, int half, int lane) {
+  const lora::cuda::Pool& p = s.pool;
+  const int i0 = tile * 8;
+  const int64_t chunk = i0 >> p.page_log2, in_page = i0 & ((int64_t{1} << p.page_log2) - 1);
+  const T* arena = static_cast<const T*>(p.arena);
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    float hv[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) hv[e] = __shfl_sync(0xffffffffu, h, 16 * u + e);
+    const int m = base + u;
+    if (m >= M || m >= MT) continue;
+    const int adapter = sh.shrink_adapter[m];
+    for (int j = lane; j < sh.shrink_rank[m]; j += 32) {  // the 8 values are in one page (page_size >= 8), 16-byte aligned
+      const int64_t page = lora::cuda::row_pages(p, adapter, 0, j)[chunk];
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(arena + (page << p.page_log2) + in_page));
+      const T* a = reinterpret_cast<const T*>(&raw);
+      float part = 0.0f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        if (i0 + e < half) part = fmaf(hv[e], to_float(a[e]), part);  // past the row: another row's or no data
+      sh.shrunk[m][j] += part;
+    }
+  }
+}
+
+// GemvShrink's end, for every thread of the CTA after its last tile: its share to partials, then the last CTA to get
+// there sums every CTA's share in CTA order into v (CUDA's threadFenceReduction pattern, as decode attention merges
+// its splits). scratch: blockDim.x floats.
+template <int MT, bool kLora>
+__device__ __forceinline__ void shrink_finish(const GemvShrink& s, const GemvShared<MT, kLora>& sh, int M,
+                                              float* scratch) {
+  __shared__ bool last;
+  const int R = static_cast<int>(s.pool.max_rank_table), cols = M * R, tid = threadIdx.x;
+  __syncthreads();  // the last warp's shares are in
+  for (int c = tid; c < cols; c += blockDim.x) s.partials[int64_t{blockIdx.x} * cols + c] = sh.shrunk[c / R][c % R];
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    last = atomicAdd(s.counter, 1) == static_cast<int>(gridDim.x) - 1;
+    if (last) *s.counter = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int* ranks = sh.shrink_rank;
+  int W = 0;  // the widest rank of the rows: only those columns have anything to sum
+  for (int m = 0; m < M; ++m) W = max(W, ranks[m]);
+  for (int c = tid; c < cols; c += blockDim.x)  // the rest of v is zero
+    if (c % R >= W) s.v[c] = 0.0f;
+  if (W == 0) return;
+  int per = 1;  // threads a column: a power of two
+  while (per * 2 * M * W <= static_cast<int>(blockDim.x)) per *= 2;
+  const int width = static_cast<int>(blockDim.x) / per;  // columns a round
+  for (int c0 = 0; c0 < M * W; c0 += width) {
+    const int c = c0 + tid / per, q = tid % per, m = c / W, j = c % W;
+    float sum = 0.0f;
+    if (c < M * W && j < ranks[m])
+      for (int b = q; b < static_cast<int>(gridDim.x); b += per) sum += __ldcg(s.partials + int64_t{b} * cols + m * R + j);
+    scratch[tid] = sum;
+    __syncthreads();
+    if (q == 0 && c < M * W) {
+      float total = 0.0f;
+      for (int i = 0; i < per; ++i) total += scratch[tid + i];
+      s.v[m * R + j] = total;
+    }
+    __syncthreads();
+  }
+}
+
 template <typename T, int MT, bool kLora, bool kDq>
 __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     gemv_kernel(const T* __restrict__ x, int M, int K, const uint8_t* __restrict__ codes, AbsmaxArgs a, int bs_log2,
-                int N, const T* __restrict__ bias, GemvLora lora, bool silu_mul, GemvRope rope, T* __restrict__ y) {
+                int N, const T* __restrict__ bias, GemvLora lora, bool silu_mul, GemvRope rope, GemvShrink shrink,
+                T* __restrict__ y) {
   static_assert(MT == 1 || MT == 2 || MT == 4 || MT == 8, "rows of x: 1, 2, 4 or 8 (fewer are padding)");
   constexpr int kGroups = (MT + 1) / 2;  // mmas per A fragment: rows 2p, 2p + 1 of x in C columns 2t, 2t + 1
-  __shared__ GemvShared<MT> sh;
+  __shared__ GemvShared<MT, kLora> sh;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
   const int chunks = K / 32, steps = (chunks + 3) / 4;
   const Pairing layout = pairing(N, silu_mul, rope.head_dim);
@@ -468,7 +550,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
       reinterpret_cast<uint4*>(sh.pairs.copies)[u] = make_uint4(p, p, p, p);
     }
   }
-  load_tables(sh.t, a);  // its barrier also publishes the pairs
+  if constexpr (kLora) {
+    for (int i = threadIdx.x; i < MT * kGemvShrinkMaxRank; i += blockDim.x) (&sh.shrunk[0][0])[i] = 0.0f;
+  }
+  load_tables(sh.t, a);  // its barrier also publishes the pairs and the zeros
 
   // What a step needs from memory, loaded a step ahead (across tiles too).
   struct Stage {
@@ -566,6 +651,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   // Everything above reads weights only, which no kernel writes: with PDL it overlaps the kernel before this one.
   // x, the LoRA's v and the outputs wait for it.
   pdl_prologue();
+  if constexpr (kLora) {  // published by the first tile's barrier
+    if (shrink.v != nullptr && threadIdx.x < M) {
+      const int adapter = row_adapter(lora, threadIdx.x);
+      sh.shrink_adapter[threadIdx.x] = adapter;
+      sh.shrink_rank[threadIdx.x] =
+          adapter >= 0 ? min(shrink.pool.ranks[lora::cuda::layer_module(shrink.pool, adapter)],
+                             static_cast<int>(shrink.pool.max_rank_table))
+                       : 0;
+    }
+  }
   for (int r = 0; r < my_tiles; ++r) {
     const int tile = static_cast<int>(blockIdx.x + r * gridDim.x);
     float acc[kGroups][4] = {};   // see compute
@@ -640,8 +735,15 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
       for (int base = 0; base < MT; base += 2) {
         const int m = base + lane / kGemvRows;
         const float out = m < M ? output(m) : 0.0f, up = __shfl_sync(0xffffffffu, out, (lane + 8) % 32);
-        if (row < 8 && m < M && i < layout.half)
-          y[m * layout.half + i] = silu_mul_rounded<T>(rounded<T>(out), rounded<T>(up));
+        float h = 0.0f;
+        if (row < 8 && m < M && i < layout.half) {
+          const T value = silu_mul_rounded<T>(rounded<T>(out), rounded<T>(up));
+          y[m * layout.half + i] = value;
+          h = to_float(value);
+        }
+        if constexpr (kLora) {
+          if (shrink.v != nullptr) shrink_tile<T>(shrink, sh, tile, base, h, M, layout.half, lane);
+        }
       }
     } else if (layout.half > 0) {  // rotary: lane l holds element d (row < 8) or d + D/2 of a head, l ^ 8 the other
       const int D = rope.head_dim, d = n & (D - 1), head = n >> (layout.shift + 1);
@@ -669,6 +771,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     } else if (tile * kGemvRows + row < N) {
       for (int m = lane / kGemvRows; m < M; m += 2) y[int64_t{m} * N + n] = from_float<T>(output(m));
     }
+  }
+  if constexpr (kLora) {
+    if (shrink.v != nullptr) shrink_finish(shrink, sh, M, &sh.partial[0][0][0][0]);
   }
 }
 
@@ -702,15 +807,15 @@ void launch_gemm(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
 // The GEMV for M <= kGemvMaxM rows of x: the kernel instance for 1, 2, 4 or 8 rows that holds them.
 template <typename T, bool kLora>
 void launch_gemv(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArgs& a, int bs_log2, int N,
-                 const T* bias, const GemvLora& lora, bool silu_mul, const GemvRope& rope, T* y, int num_sms,
-                 cudaStream_t stream) {
+                 const T* bias, const GemvLora& lora, bool silu_mul, const GemvRope& rope, const GemvShrink& shrink,
+                 T* y, int num_sms, cudaStream_t stream) {
   auto run = [&](auto mt) {
     constexpr int MT = decltype(mt)::value;
     const int tiles = gemv_tiles(N, pairing(N, silu_mul, rope.head_dim));
     const int64_t grid = std::min<int64_t>(tiles, int64_t{num_sms} * kGemvCtasPerSm<MT>);
     auto kernel = a.code2 != nullptr ? gemv_kernel<T, MT, kLora, true> : gemv_kernel<T, MT, kLora, false>;
     launch(kernel, static_cast<int>(grid), kGemvWarps * 32, 0, stream, x, M, K, codes, a, bs_log2, N, bias, lora,
-           silu_mul, rope, y);
+           silu_mul, rope, shrink, y);
   };
   static_assert(kGemvMaxM == 8, "launch_gemv instantiates the GEMV for 1, 2, 4 and 8 rows");
   if (M == 1) run(std::integral_constant<int, 1>{});
@@ -728,8 +833,8 @@ void dispatch_gemm(const void* x_, int64_t M, int64_t K, const uint8_t* codes, c
     launch_gemm<T, decltype(nt)::value>(x, M, K, codes, a, bs_log2, N, bias, ws, num_sms, y, stream);
   };
   if (M <= kGemvMaxM)
-    launch_gemv<T, false>(x, static_cast<int>(M), K, codes, a, bs_log2, N, bias, GemvLora{}, false, GemvRope{}, y,
-                          num_sms, stream);
+    launch_gemv<T, false>(x, static_cast<int>(M), K, codes, a, bs_log2, N, bias, GemvLora{}, false, GemvRope{},
+                          GemvShrink{}, y, num_sms, stream);
   else if (M <= 16) gemm(std::integral_constant<int, 2>{});
   else gemm(std::integral_constant<int, 4>{});
 }
@@ -783,17 +888,19 @@ void gemm(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes
 
 void gemv(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes, const AbsmaxArgs& a,
           int blocksize_log2, int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, const GemvRope* rope,
-          void* y, int num_sms, cudaStream_t stream) {
+          const GemvShrink* shrink, void* y, int num_sms, cudaStream_t stream) {
   auto run = [&](auto t) {
     using T = decltype(t);
     const T *xt = static_cast<const T*>(x), *b = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
     const int m = static_cast<int>(M);
     const GemvRope r = rope != nullptr ? *rope : GemvRope{};
+    const GemvShrink s = shrink != nullptr && lora != nullptr && silu_mul ? *shrink : GemvShrink{};
     if (lora != nullptr)
-      launch_gemv<T, true>(xt, m, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, r, yt, num_sms, stream);
+      launch_gemv<T, true>(xt, m, K, codes, a, blocksize_log2, N, b, *lora, silu_mul, r, s, yt, num_sms, stream);
     else
-      launch_gemv<T, false>(xt, m, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, r, yt, num_sms, stream);
+      launch_gemv<T, false>(xt, m, K, codes, a, blocksize_log2, N, b, GemvLora{}, silu_mul, r, s, yt, num_sms,
+                            stream);
   };
   if (dtype == DType::kBFloat16)
     run(__nv_bfloat16{});

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include "lora/lora.h"
 #include "nf4/nf4.h"
 
 namespace lorax::nf4 {
@@ -59,6 +60,44 @@ at::Tensor linear_sgmv_composite(const at::Tensor& x, const at::Tensor& codes, c
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
   const int64_t half = out_features / 2;
   return silu.call(y.narrow(-1, 0, half), y.narrow(-1, half, half));
+}
+
+void check_silu_shrink(const at::Tensor& x, const LoraArgs& l, at::IntArrayRef next_modules,
+                       const std::optional<at::Tensor>& counters) {
+  TORCH_CHECK(l.given(), "nf4_linear_sgmv_silu_shrink: the LoRA arguments (arena, page_table, ranks, scales, "
+              "seg_starts, seg_slots) are required: without adapters there is nothing to shrink (use nf4_linear_sgmv)");
+  TORCH_CHECK(!next_modules.empty() && next_modules.size() <= lora::kMaxModules,
+              "nf4_linear_sgmv_silu_shrink: 1 to ", lora::kMaxModules, " next modules, got ", next_modules.size());
+  if (!counters) return;
+  TORCH_CHECK(counters->scalar_type() == at::kInt && counters->is_contiguous() && counters->numel() >= 1,
+              "nf4_linear_sgmv_silu_shrink: counters must be int32 zeros, contiguous, at least one, got ",
+              counters->scalar_type(), " ", counters->sizes());
+  TORCH_CHECK(counters->device() == x.device(), "nf4_linear_sgmv_silu_shrink: counters are on ", counters->device(),
+              ", x on ", x.device());
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_sgmv_silu_shrink_composite(
+    const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
+    const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize, int64_t blocksize2,
+    int64_t out_features, const std::optional<at::Tensor>& bias, const LoraArgs& l, at::IntArrayRef next_modules) {
+  using Opt = const std::optional<at::Tensor>&;
+  static auto linear_sgmv =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lorax_core::nf4_linear_sgmv", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, Opt, Opt, double, int64_t,
+                            int64_t, c10::SymInt, Opt, Opt, Opt, Opt, Opt, Opt, Opt, Opt, int64_t, at::IntArrayRef,
+                            at::IntArrayRef, int64_t, bool)>();
+  at::Tensor h = linear_sgmv.call(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2,
+                                  c10::SymInt(out_features), bias, l.arena, l.page_table, l.ranks, l.scales,
+                                  l.seg_starts, l.seg_slots, l.v, l.layer, l.modules, l.columns, l.page_size, true);
+  static auto shrink = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("lorax_core::sgmv_shrink", "")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                             at::IntArrayRef, int64_t)>();
+  at::Tensor v = shrink.call(h, *l.arena, *l.page_table, *l.ranks, *l.seg_starts, *l.seg_slots, l.layer,
+                             next_modules, l.page_size);
+  return {h, v};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_heads(const at::Tensor& y, int64_t q_heads, int64_t kv_heads) {

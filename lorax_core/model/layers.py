@@ -6,13 +6,14 @@ from torch import nn
 
 from lorax_core.model.context import ForwardContext
 from lorax_core.ops import add_rms_norm, add_rms_norm_sgmv_shrink, nf4_linear_sgmv, nf4_linear_sgmv_rotary, rms_norm
-from lorax_core.ops import rotary_kv_cache_write
+from lorax_core.ops import nf4_linear_sgmv_silu_shrink, rotary_kv_cache_write
 from lorax_core.ops import silu_mul as silu_mul_op
 from lorax_core.quant.nf4 import NF4Linear
 
 # NF4 projections of up to FUSED_NF4_MAX_ROWS rows go through nf4_linear_sgmv: on CUDA its GEMV adds the LoRA
 # delta and SwiGLU (gate | up) or rotary and the KV cache write (q | k | v: nf4_linear_sgmv_rotary) in its
-# epilogue, and at one row the norm before them does their LoRA shrink (add_rms_norm_sgmv_shrink). Otherwise, or
+# epilogue, and at one row the norm before them does their LoRA shrink (add_rms_norm_sgmv_shrink); with adapters in
+# the step, gate | up's op also shrinks its output for down (nf4_linear_sgmv_silu_shrink). Otherwise, or
 # with FUSED_NF4 False: add_rms_norm, nf4_linear, sgmv, silu_mul and rotary_kv_cache_write one after the other
 # (bench_engine.py's baseline row; the same results off those paths). Read when a step runs, so CUDA graphs keep
 # what they captured. On an H100 (2026-11-24, bench/RESULTS.md) the fusions took a batch-1 decode step from 7.18
@@ -108,6 +109,14 @@ class Projection(nn.Module):
     def activated(self, x: torch.Tensor, ctx: ForwardContext, v: torch.Tensor | None = None) -> torch.Tensor:
         """SwiGLU's silu(gate) * up of a projection whose two parts are gate and up."""
         return self._output(x, ctx, silu_mul=True, v=v)
+
+    def activated_shrinking(self, x: torch.Tensor, ctx: ForwardContext, v: torch.Tensor | None, after: Projection,
+                            counters: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(activated(x), its LoRA shrink for the projection `after` that reads it), in one op
+        (nf4_linear_sgmv_silu_shrink: on CUDA the GEMV's epilogue shrinks too, with counters): the v for after(h, ctx,
+        v). Needs fused_nf4 and adapters in the step (ctx.lora)."""
+        return nf4_linear_sgmv_silu_shrink(x, **self._nf4_args(x, ctx), next_modules=after.module_names, v=v,
+                                           counters=counters)
 
     def fused_nf4(self, rows: int) -> bool:
         """Whether the fused NF4 ops serve this projection of `rows` rows (its output, `rotated`): NF4 weights,

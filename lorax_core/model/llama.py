@@ -21,9 +21,16 @@ class MLP(nn.Module):
         size = config.intermediate_size
         self.gate_up = Projection(gate_up, {"gate_proj": size, "up_proj": size}, layer)
         self.down = Projection(down, {"down_proj": config.hidden_size}, layer)
+        # int32 zeros shared by the layers (set by the runner on a GPU, as attention's): the gate | up GEMV's CTAs
+        # count themselves in when its epilogue does down's LoRA shrink (Projection.activated_shrinking)
+        self.counters: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, shrunk: torch.Tensor | None = None) -> torch.Tensor:
         """shrunk: x's LoRA shrink for gate and up when the norm before did it."""
+        rows = x.shape[0]
+        if ctx.lora is not None and self.gate_up.fused_nf4(rows) and self.down.fused_nf4(rows):
+            h, v = self.gate_up.activated_shrinking(x, ctx, shrunk, self.down, self.counters)
+            return self.down(h, ctx, v)[0]
         return self.down(self.gate_up.activated(x, ctx, shrunk), ctx)[0]
 
 

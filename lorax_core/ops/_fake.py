@@ -41,6 +41,14 @@ def _nf4_linear_sgmv(x, codes, absmax, nested_code, nested_absmax, offset, block
     return x.new_empty((*x.shape[:-1], out_features // 2 if silu_mul else out_features))
 
 
+@torch.library.register_fake("lorax_core::nf4_linear_sgmv_silu_shrink")
+def _nf4_linear_sgmv_silu_shrink(x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize,
+                                 out_features, bias, arena, page_table, ranks, scales, seg_starts, seg_slots, v, layer,
+                                 modules, columns, page_size, next_modules, counters=None):
+    h = x.new_empty((x.shape[0], out_features // 2))
+    return h, x.new_empty((x.shape[0], len(next_modules) * page_table.shape[4]), dtype=torch.float32)
+
+
 @torch.library.register_fake("lorax_core::nf4_linear_sgmv_rotary")
 def _nf4_linear_sgmv_rotary(x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize,
                             out_features, bias, arena, page_table, ranks, scales, seg_starts, seg_slots, v, layer,

@@ -65,6 +65,27 @@ def nf4_linear_sgmv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = N
                                                                    seg_starts, seg_slots, v), silu_mul)
 
 
+def nf4_linear_sgmv_silu_shrink(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, pool: AdapterPool, layer: int,
+                                modules: Sequence[str], seg_starts: torch.Tensor, seg_slots: torch.Tensor,
+                                next_modules: str | Sequence[str], v: torch.Tensor | None = None,
+                                counters: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fused gate | up projection with SwiGLU (nf4_linear_sgmv, silu_mul) and the LoRA shrink of its output for the
+    projection that reads it (the MLP's down): (h, v_next), v_next for nf4_linear_sgmv(h, ..., v=v_next).
+
+    Semantics:
+        h = nf4_linear_sgmv(x, w, bias, pool, layer, modules, seg_starts, seg_slots, silu_mul=True, v=v)  [T, out / 2]
+        v_next[t, i * R : i * R + r] = h[t] @ A_i[a].T    (next module i of the same layer, a: row t's segment
+                                                          adapter, R the pool's max rank; other columns zero)
+    counters: int32 zeros (left zero; decode attention's may be shared). On CUDA with up to 8 rows of x in fp16 /
+    bf16, counters, one next module and pages of at least 8 elements, the GEMV's epilogue does the shrink: each CTA
+    sums its outputs' share and the last one to finish adds the shares up in a fixed order. The shrink kernel that
+    would start the next projection is gone. Elsewhere nf4_linear_sgmv, then sgmv_shrink.
+    """
+    names = [next_modules] if isinstance(next_modules, str) else list(next_modules)
+    args = _linear_sgmv_args("nf4_linear_sgmv_silu_shrink", x, w, bias, pool, layer, modules, seg_starts, seg_slots, v)
+    return torch.ops.lorax_core.nf4_linear_sgmv_silu_shrink(*args, [pool.module_index(n) for n in names], counters)
+
+
 def nf4_linear_sgmv_rotary(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, pool: AdapterPool | None,
                            layer: int, modules: Sequence[str], seg_starts: torch.Tensor | None,
                            seg_slots: torch.Tensor | None, v: torch.Tensor | None, q_heads: int, kv_heads: int,
