@@ -4,7 +4,9 @@ shapes, one rank-16 adapter on every projection):
   epilogue) against nf4_linear + sgmv (+ silu_mul);
 - the same GEMV with the shrink already done by the norm (add_rms_norm_sgmv_shrink), as the model runs q/k/v and
   gate / up, against the same separate ops;
-- add_rms_norm_sgmv_shrink against add_rms_norm + sgmv_shrink.
+- add_rms_norm_sgmv_shrink against add_rms_norm + sgmv_shrink;
+- gate | up with down's LoRA shrink in the GEMV's epilogue (nf4_linear_sgmv_silu_shrink) against the same GEMV, then
+  sgmv_shrink of its output (both with v from the norm).
 GB/s counts the NF4 weight's bytes (codes + absmax) per call."""
 import pytest
 import torch
@@ -94,3 +96,29 @@ def test_norm_with_shrink(benchmark, fused_setup, proj, impl):
     us, mode = gpu_time_us(benchmark, fn, calls=32)
     nbytes = len(modules) * RANK * HIDDEN * 2 + 3 * HIDDEN * 2  # the A rows, x, residual and the norm weight
     record(kind="norm_shrink", shape=f"norm + {proj} shrink", impl=impl, us=us, gbps=nbytes / us / 1e3, mode=mode)
+
+
+@pytest.mark.parametrize("impl", ["one kernel", "GEMV, then shrink"])
+def test_gate_up_with_down_shrink(benchmark, fused_setup, impl):
+    from lorax_core.ops import nf4_linear_sgmv, nf4_linear_sgmv_silu_shrink
+
+    pool, (starts, slots), nf4 = fused_setup
+    modules = PROJECTIONS["gate_up"][0]
+    x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    v = torch.ops.lorax_core.sgmv_shrink(x, pool.arena, pool.page_table, pool.ranks, starts, slots, 0,
+                                         [pool.module_index(m) for m in modules], pool.page_size)
+    counters = torch.zeros(1, dtype=torch.int32, device="cuda")
+    nxt, calls = rotating(nf4["gate_up"])
+    if impl == "one kernel":
+        def fn():
+            return nf4_linear_sgmv_silu_shrink(x, nxt(), None, pool, 0, modules, starts, slots, "down_proj", v=v,
+                                               counters=counters)
+    else:
+        def fn():
+            h = nf4_linear_sgmv(x, nxt(), None, pool, 0, modules, starts, slots, silu_mul=True, v=v)
+            return h, torch.ops.lorax_core.sgmv_shrink(h, pool.arena, pool.page_table, pool.ranks, starts, slots, 0,
+                                                       [pool.module_index("down_proj")], pool.page_size)
+
+    us, mode = gpu_time_us(benchmark, fn, calls)
+    record(kind="mlp_shrink", shape="gate|up + down's shrink", impl=impl, us=us,
+           gbps=nf4["gate_up"][0].nbytes / us / 1e3, mode=mode)
