@@ -120,5 +120,5 @@ def test_gate_up_with_down_shrink(benchmark, fused_setup, impl):
                                                        [pool.module_index("down_proj")], pool.page_size)
 
     us, mode = gpu_time_us(benchmark, fn, calls)
-    record(kind="mlp_shrink", shape="gate|up + down's shrink", impl=impl, us=us,
+    record(kind="mlp_shrink", shape="gate_up + down's shrink", impl=impl, us=us,
            gbps=nf4["gate_up"][0].nbytes / us / 1e3, mode=mode)
