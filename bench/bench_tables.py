@@ -73,7 +73,8 @@ def write_tables(rows, out, header):
              lora_table(rows, "nf4_fused", ["fused", "fused, v from the norm", "separate"], "fused GB/s"),
              "\n\n## The norm before a projection, with its LoRA shrink, vs add_rms_norm + sgmv_shrink\n",
              lora_table(rows, "norm_shrink", ["fused", "separate"], "fused GB/s (A rows + x, residual, weight)"),
-             "\n\n## gate | up with down's LoRA shrink in its epilogue vs the GEMV then sgmv_shrink (GB/s = NF4 weight)\n",
+             "\n\n## gate | up with down's LoRA shrink in its epilogue vs the GEMV, then sgmv_shrink "
+             "(GB/s = NF4 weight)\n",
              lora_table(rows, "mlp_shrink", ["one kernel", "GEMV, then shrink"], "one kernel GB/s"),
              "\n"]
     text = "\n".join(p for p in parts if p)

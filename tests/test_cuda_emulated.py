@@ -643,9 +643,10 @@ def test_model_on_emulated_kernels_matches_peft(emu, kind, tmp_path):
 def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path, rows):
     """The NF4 engine in bf16 as it runs on a GPU, every kernel emulated (the tensor-core GEMM for prompt rows; the
     GEMV for up to 8 decode rows, with the LoRA expand and SwiGLU (and down's LoRA shrink) in its epilogue; LoRA,
-    attention, the layer ops), against the fp32 engine on the same NF4 codes: as close to it as the bf16 engine on the CPU kernels
-    is, step by step. The GEMV rounds the NF4 values to bf16 where the CPU kernels round each scaled weight, so the
-    two err differently by as much: the mean error may exceed the CPU kernels' by 10%, the largest by 25%."""
+    attention, the layer ops), against the fp32 engine on the same NF4 codes: as close to it as the bf16 engine on
+    the CPU kernels is, step by step. The GEMV rounds the NF4 values to bf16 where the CPU kernels round each scaled
+    weight, so the two err differently by as much: the mean error may exceed the CPU kernels' by 10%, the largest by
+    25%."""
     from model_helpers import save_adapters, save_model
 
     from lorax_core import LLM, SamplingParams

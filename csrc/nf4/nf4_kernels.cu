@@ -446,8 +446,8 @@ __device__ __noinline__ void prefetch_absmax(const void* absmax, uint32_t size, 
 // output i0 + l % 16 (lanes with l % 16 >= 8 hold nothing). Lane j adds into shrunk[m][j], [j + 32], ... Not
 // inlined: inlined, its registers cost the 1-row GEMV's hot loop a spill (sass_loops.py).
 template <typename T, int MT, bool kLora>
-__device__ __noinline__ void shrink_tile(const GemvShrink& s, GemvShared<MT, kLora>& sh, int tile, int base,
-                                            float h, int M, int half, int lane) {
+__device__ __noinline__ void shrink_tile(const GemvShrink& s, GemvShared<MT, kLora>& sh, int tile, int base, float h,
+                                         int M, int half, int lane) {
   const lora::cuda::Pool& p = s.pool;
   const int i0 = tile * 8;
   const int64_t chunk = i0 >> p.page_log2, in_page = i0 & ((int64_t{1} << p.page_log2) - 1);
@@ -460,7 +460,7 @@ __device__ __noinline__ void shrink_tile(const GemvShrink& s, GemvShared<MT, kLo
     const int m = base + u;
     if (m >= M || m >= MT) continue;
     const int adapter = sh.shrink_adapter[m];
-    for (int j = lane; j < sh.shrink_rank[m]; j += 32) {  // the 8 values are in one page (page_size >= 8), 16-byte aligned
+    for (int j = lane; j < sh.shrink_rank[m]; j += 32) {  // 8 values in one page (page_size >= 8): a 16-byte load
       const int64_t page = lora::cuda::row_pages(p, adapter, 0, j)[chunk];
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(arena + (page << p.page_log2) + in_page));
       const T* a = reinterpret_cast<const T*>(&raw);
@@ -504,8 +504,10 @@ __device__ __forceinline__ void shrink_finish(const GemvShrink& s, const GemvSha
   for (int c0 = 0; c0 < M * W; c0 += width) {
     const int c = c0 + tid / per, q = tid % per, m = c / W, j = c % W;
     float sum = 0.0f;
-    if (c < M * W && j < ranks[m])
-      for (int b = q; b < static_cast<int>(gridDim.x); b += per) sum += __ldcg(s.partials + int64_t{b} * cols + m * R + j);
+    if (c < M * W && j < ranks[m]) {
+      for (int b = q; b < static_cast<int>(gridDim.x); b += per)
+        sum += __ldcg(s.partials + int64_t{b} * cols + m * R + j);  // other CTAs' writes: from L2, not L1
+    }
     scratch[tid] = sum;
     __syncthreads();
     if (q == 0 && c < M * W) {
