@@ -76,10 +76,11 @@ void check_silu_shrink(const at::Tensor& x, const LoraArgs& l, at::IntArrayRef n
               ", x on ", x.device());
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_sgmv_silu_shrink_composite(
-    const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
-    const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize, int64_t blocksize2,
-    int64_t out_features, const std::optional<at::Tensor>& bias, const LoraArgs& l, at::IntArrayRef next_modules) {
+// nf4_linear_sgmv through the dispatcher (the backend's kernel of it): what the composites below start with.
+static at::Tensor call_linear_sgmv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+                                   const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2,
+                                   double offset, int64_t blocksize, int64_t blocksize2, int64_t out_features,
+                                   const std::optional<at::Tensor>& bias, const LoraArgs& l, bool silu_mul) {
   using Opt = const std::optional<at::Tensor>&;
   static auto linear_sgmv =
       c10::Dispatcher::singleton()
@@ -87,9 +88,17 @@ std::tuple<at::Tensor, at::Tensor> linear_sgmv_silu_shrink_composite(
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, Opt, Opt, double, int64_t,
                             int64_t, c10::SymInt, Opt, Opt, Opt, Opt, Opt, Opt, Opt, Opt, int64_t, at::IntArrayRef,
                             at::IntArrayRef, int64_t, bool)>();
-  at::Tensor h = linear_sgmv.call(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2,
-                                  c10::SymInt(out_features), bias, l.arena, l.page_table, l.ranks, l.scales,
-                                  l.seg_starts, l.seg_slots, l.v, l.layer, l.modules, l.columns, l.page_size, true);
+  return linear_sgmv.call(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, c10::SymInt(out_features),
+                          bias, l.arena, l.page_table, l.ranks, l.scales, l.seg_starts, l.seg_slots, l.v, l.layer,
+                          l.modules, l.columns, l.page_size, silu_mul);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_sgmv_silu_shrink_composite(
+    const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
+    const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize, int64_t blocksize2,
+    int64_t out_features, const std::optional<at::Tensor>& bias, const LoraArgs& l, at::IntArrayRef next_modules) {
+  at::Tensor h = call_linear_sgmv(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,
+                                  l, true);
   static auto shrink = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("lorax_core::sgmv_shrink", "")
                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -116,16 +125,8 @@ at::Tensor linear_sgmv_rotary_composite(const at::Tensor& x, const at::Tensor& c
                                         int64_t blocksize2, int64_t out_features,
                                         const std::optional<at::Tensor>& bias, const LoraArgs& l, const RotaryArgs& r) {
   TORCH_CHECK(x.dim() == 2, "nf4_linear_sgmv_rotary: x must be [tokens, in], got ", x.sizes());
-  using Opt = const std::optional<at::Tensor>&;
-  static auto linear_sgmv =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("lorax_core::nf4_linear_sgmv", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, Opt, Opt, double, int64_t,
-                            int64_t, c10::SymInt, Opt, Opt, Opt, Opt, Opt, Opt, Opt, Opt, int64_t, at::IntArrayRef,
-                            at::IntArrayRef, int64_t, bool)>();
-  at::Tensor y = linear_sgmv.call(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2,
-                                  c10::SymInt(out_features), bias, l.arena, l.page_table, l.ranks, l.scales,
-                                  l.seg_starts, l.seg_slots, l.v, l.layer, l.modules, l.columns, l.page_size, false);
+  at::Tensor y = call_linear_sgmv(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,
+                                  l, false);
   auto [q, k, v] = qkv_heads(y, r.q_heads, r.kv_heads);
   static auto rotary = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("lorax_core::rotary_kv_cache_write", "")
