@@ -6,8 +6,9 @@ projection, chosen at random per request), decode tokens/s, and prefill tokens/s
 more with programmatic dependent launch off (csrc/common/launch.cuh), at 1, 2, 4 and 8 once more with the NF4
 fusions off (add_rms_norm, nf4_linear, sgmv and silu_mul as separate kernels instead of add_rms_norm_sgmv_shrink
 at batch 1 and the GEMV's epilogue: lorax_core.model.layers.FUSED_NF4) and at 8 with them on up to 8 rows
-(FUSED_NF4_MAX_ROWS, 4 by default), and once more with async scheduling off (each step waits for its tokens
-before the host schedules the next), to measure what each gives. Writes engine.md and engine.json under $OUT.
+(FUSED_NF4_MAX_ROWS, 4 by default), at 1, 2, 4 and 8 once more with the NF4 GEMV's loads staged in shared memory
+(set_nf4_gemv_staging), and once more with async scheduling off (each step waits for its tokens before the host
+schedules the next), to measure what each gives. Writes engine.md and engine.json under $OUT.
 Run on a GPU machine: `python3 bench/bench_engine.py` (bench/gpu.sh does). Wall-clock timings over many steps,
 after a warm-up, with torch.cuda.synchronize around each timed region.
 """
@@ -65,19 +66,23 @@ def timed(fn) -> float:
 
 
 def engine_rows(base: Path, adapters: dict, quantize: str | None, batches=BATCHES, prefill: bool = True,
-                pdl: bool = True, fused: bool = True, fused_rows: int | None = None) -> list[dict]:
-    """fused_rows: the model's FUSED_NF4_MAX_ROWS for this engine (None: its default)."""
+                pdl: bool = True, fused: bool = True, fused_rows: int | None = None,
+                staged: bool = False) -> list[dict]:
+    """fused_rows: the model's FUSED_NF4_MAX_ROWS for this engine (None: its default); staged: the NF4 GEMV's
+    shared-memory main loop (set_nf4_gemv_staging)."""
     from lorax_core import LLM, SamplingParams
-    from lorax_core._library import set_programmatic_launch
+    from lorax_core._library import set_nf4_gemv_staging, set_programmatic_launch
     from lorax_core.model import layers
 
     was = set_programmatic_launch(pdl)  # read by every launch, and baked into the CUDA graphs LLM captures
+    was_staged = set_nf4_gemv_staging(staged)  # the same
     default_rows = layers.FUSED_NF4_MAX_ROWS
     layers.FUSED_NF4 = fused  # both read as the graphs are captured
     layers.FUSED_NF4_MAX_ROWS = default_rows if fused_rows is None else fused_rows
     impl = "lorax" if pdl else "lorax, PDL off"
     impl += "" if fused else ", NF4 fusions off"
     impl += "" if fused_rows is None else f", NF4 fusions up to {fused_rows} rows"
+    impl += ", GEMV staged" if staged else ""
     llm = LLM(base, dtype="bfloat16", quantize=quantize, device="cuda", max_num_seqs=max(BATCHES))
     for name, path in adapters.items():
         llm.load_adapter(name, path)
@@ -110,6 +115,7 @@ def engine_rows(base: Path, adapters: dict, quantize: str | None, batches=BATCHE
     del llm
     torch.cuda.empty_cache()
     set_programmatic_launch(was)
+    set_nf4_gemv_staging(was_staged)
     layers.FUSED_NF4, layers.FUSED_NF4_MAX_ROWS = True, default_rows
     return rows
 
@@ -166,6 +172,8 @@ def main() -> int:
     # where the fused NF4 ops stop paying (lorax_core.model.layers.FUSED_NF4_MAX_ROWS): off, and up to 8 rows
     rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 2, 4, 8), prefill=False, fused=False)
     rows += engine_rows(work / "base", adapters, "nf4", batches=(8,), prefill=False, fused_rows=8)
+    # the GEMV's other main loop: its loads staged in shared memory instead of registers
+    rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 2, 4, 8), prefill=False, staged=True)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(work / "base", quantization_config=bnb, device_map="cuda")

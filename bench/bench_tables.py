@@ -9,16 +9,20 @@ def _index(rows, kind):
 def nf4_linear_table(rows, copy_gbps):
     idx = _index(rows, "nf4_linear")
     lines = [
-        "| out x in | M | lorax us | GB/s | % copy BW | bf16 us | bnb us | vs bf16 | vs bnb | M / M=1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| out x in | M | lorax us | GB/s | % copy BW | staged GEMV us | staged GB/s | staged vs lorax | bf16 us | "
+        "bnb us | vs bf16 | vs bnb | M / M=1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape, m in sorted({(s, m) for s, m, _ in idx}, key=lambda k: (k[0], k[1])):
         ours, bf16, bnb = idx.get((shape, m, "lorax")), idx.get((shape, m, "bf16")), idx.get((shape, m, "bnb"))
+        staged = idx.get((shape, m, "lorax_staged"))  # the GEMV's shared-memory main loop (M <= 8)
         one = idx.get((shape, 1, "lorax"))
         if ours is None:
             continue
         cells = [shape, m, f"{ours['us']:.1f}", f"{ours['gbps']:.0f}",
                  f"{100 * ours['gbps'] / copy_gbps:.0f}%" if copy_gbps else "-",
+                 f"{staged['us']:.1f}" if staged else "-", f"{staged['gbps']:.0f}" if staged else "-",
+                 f"{ours['us'] / staged['us']:.2f}x" if staged else "-",
                  f"{bf16['us']:.1f}" if bf16 else "-",
                  f"{bnb['us']:.1f}{'' if bnb.get('mode') == 'graph' else ' (eager)'}" if bnb else "-",
                  f"{bf16['us'] / ours['us']:.2f}x" if bf16 else "-",

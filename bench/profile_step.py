@@ -117,15 +117,17 @@ def tables(prof, steps: int, cuda: bool) -> str:
     return "\n".join(lines)
 
 
-def parse_setup(name: str, tiny: bool) -> tuple[str | None, bool, bool, bool, bool]:
-    """'nf4' | 'bf16' (tiny: 'fp32'), then optional '-eager', '-base', '-nopdl' and '-sync' -> (quantize, eager,
-    base only, programmatic dependent launch, async scheduling (the engine's default))."""
+def parse_setup(name: str, tiny: bool) -> tuple[str | None, bool, bool, bool, bool, bool]:
+    """'nf4' | 'bf16' (tiny: 'fp32'), then optional '-eager', '-base', '-nopdl', '-sync' and '-staged' ->
+    (quantize, eager, base only, programmatic dependent launch, async scheduling (the engine's default), the NF4
+    GEMV's loads staged in shared memory (set_nf4_gemv_staging))."""
     base_dtype, *flags = name.split("-")
-    if base_dtype not in ("nf4", "fp32" if tiny else "bf16") or not set(flags) <= {"eager", "base", "nopdl", "sync"}:
+    known = {"eager", "base", "nopdl", "sync", "staged"}
+    if base_dtype not in ("nf4", "fp32" if tiny else "bf16") or not set(flags) <= known:
         raise SystemExit(f"unknown setup {name!r}: use nf4 or {'fp32' if tiny else 'bf16'}, then -eager, -base, "
-                         "-nopdl and/or -sync")
+                         "-nopdl, -sync and/or -staged")
     return (("nf4" if base_dtype == "nf4" else None), "eager" in flags, "base" in flags, "nopdl" not in flags,
-            "sync" not in flags)
+            "sync" not in flags, "staged" in flags)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--setups", help="comma-separated: nf4|bf16 (tiny: fp32) [-eager] [-base] [-nopdl] [-sync] "
-                                         "(default: nf4; fp32 with --tiny)")
+                                         "[-staged] (default: nf4; fp32 with --tiny)")
     parser.add_argument("--out", help="output directory (default: $OUT, else a new temporary directory)")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace of the first setup (GPU)")
     args = parser.parse_args(argv)
-    from lorax_core._library import set_programmatic_launch
+    from lorax_core._library import set_nf4_gemv_staging, set_programmatic_launch
 
     setup = ba.TINY if args.tiny else ba.GPU
     setups = [parse_setup(name, args.tiny) + (name,) for name in (args.setups or ("fp32" if args.tiny else "nf4"))
@@ -151,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     sections = [ba.device_header()]
     with tempfile.TemporaryDirectory(prefix="lorax-profile-") as work:
         config, _, names = ba.write_base_and_adapters(Path(work), setup, args.adapters, args.rank)
-        for i, (quantize, eager, base_only, pdl, overlap, name) in enumerate(setups):
+        for i, (quantize, eager, base_only, pdl, overlap, staged, name) in enumerate(setups):
             was = set_programmatic_launch(pdl)  # read at each launch; CUDA graphs keep what they captured
+            was_staged = set_nf4_gemv_staging(staged)  # the same
             llm = build(Path(work), setup, quantize, eager, names, args.batch, overlap)
             cuda, llm_async = llm.device.type == "cuda", llm.async_scheduling
             trace = out / "profile_trace.json" if cuda and args.trace and i == 0 else None
@@ -164,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
             set_programmatic_launch(was)
+            set_nf4_gemv_staging(was_staged)
             adapters = "no adapter" if base_only else f"{args.adapters} rank-{args.rank} adapters"
             sections.append(f"## {name}\n\n{model}, base {quantize or setup.dtype}, "
                             f"{'eager' if eager or not cuda else 'CUDA graphs'}{'' if pdl else ', PDL off'}"
+                            f"{', NF4 GEMV staged' if staged else ''}"
                             f"{', async scheduling' if llm_async else ''}, "
                             f"batch {args.batch}, {adapters}; "
                             f"{args.steps} profiled decode steps, {wall_ms:.2f} ms per step under the profiler\n\n"

@@ -41,16 +41,20 @@ def test_copy_bandwidth(benchmark):
 
 @pytest.mark.parametrize("m", M_VALUES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: shape_name(*s))
-@pytest.mark.parametrize("impl", ["lorax", "bf16", "bnb"])
+@pytest.mark.parametrize("impl", ["lorax", "lorax_staged", "bf16", "bnb"])
 def test_nf4_linear(benchmark, weights, impl, shape, m):
+    """lorax_staged: the GEMV's other main loop (set_nf4_gemv_staging: loads staged in shared memory), up to 8 rows."""
     import bitsandbytes as bnb
 
+    from lorax_core._library import set_nf4_gemv_staging
     from lorax_core.ops import nf4_linear
 
     n, k = shape
     w = weights[shape]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    if impl == "lorax":
+    if impl == "lorax_staged" and m > 8:
+        pytest.skip("the GEMV takes up to 8 rows")
+    if impl in ("lorax", "lorax_staged"):
         nxt, calls = rotating(w["nf4"])
         fn = lambda: nf4_linear(x, nxt())  # noqa: E731
         nbytes = w["nf4"][0].nbytes + x.numel() * 2
@@ -66,7 +70,11 @@ def test_nf4_linear(benchmark, weights, impl, shape, m):
             return bnb.matmul_4bit(x, packed.t(), quant_state=state)
 
         nbytes = w["nf4"][0].nbytes + x.numel() * 2
-    us, mode = gpu_time_us(benchmark, fn, calls)
+    was = set_nf4_gemv_staging(impl == "lorax_staged")  # read at each launch; the timed CUDA graph keeps it
+    try:
+        us, mode = gpu_time_us(benchmark, fn, calls)
+    finally:
+        set_nf4_gemv_staging(was)
     record(kind="nf4_linear", shape=shape_name(n, k), m=m, impl=impl, us=us, gbps=nbytes / us / 1e3, mode=mode)
 
 

@@ -110,6 +110,11 @@ namespace lorax {
 bool set_programmatic_launch(bool enabled);  // common/launch.cu
 }  // namespace lorax
 #endif
+#if defined(LORAX_WITH_CUDA) || defined(LORAX_EMULATOR)
+namespace lorax::nf4::cuda {
+bool set_gemv_staging(bool staged);  // nf4/nf4_kernels.cu
+}  // namespace lorax::nf4::cuda
+#endif
 
 namespace {
 bool built_with_cuda() {
@@ -128,6 +133,15 @@ bool set_programmatic_launch(bool enabled) {
   return false;
 #endif
 }
+
+bool set_nf4_gemv_staging(bool staged) {
+#if defined(LORAX_WITH_CUDA) || defined(LORAX_EMULATOR)
+  return lorax::nf4::cuda::set_gemv_staging(staged);
+#else
+  (void)staged;
+  return false;
+#endif
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -136,4 +150,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_programmatic_launch", &set_programmatic_launch, pybind11::arg("enabled"),
         "Programmatic dependent launch of later CUDA kernels on or off (csrc/common/launch.cuh); returns the "
         "previous setting");
+  m.def("set_nf4_gemv_staging", &set_nf4_gemv_staging, pybind11::arg("staged"),
+        "The NF4 GEMV's main loop for later launches: loads staged in shared memory (true) or in registers (false, "
+        "the default; csrc/nf4/nf4_cuda.h); returns the previous setting");
 }

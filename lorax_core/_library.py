@@ -32,3 +32,11 @@ def set_programmatic_launch(enabled: bool) -> bool:
     measurements (bench/bench_engine.py and bench/test_bench_lora.py time both) and as a way out should a driver
     mishandle it."""
     return bool(_C.set_programmatic_launch(enabled))
+
+
+def set_nf4_gemv_staging(staged: bool) -> bool:
+    """The NF4 GEMV's main loop (batch 1 to 8 decode) for later launches; returns the previous setting. False, the
+    default: each warp loads its next steps' weights into registers. True: the CTA copies them (cp.async) into
+    shared memory two or three 1024-element stages ahead (csrc/nf4/nf4_kernels.cu). Both give the same results
+    bit for bit; bench/test_bench_nf4.py and bench/bench_engine.py time both. CUDA graphs keep what they captured."""
+    return bool(_C.set_nf4_gemv_staging(staged))

@@ -32,6 +32,18 @@ def _seed():
     torch.manual_seed(SEED)
 
 
+@pytest.fixture(params=[False, True], ids=["registers", "staged"])
+def gemv_staging(request):
+    """Each of the NF4 GEMV's main loops on a GPU (lorax_core._library.set_nf4_gemv_staging): weights loaded into
+    registers, or staged in shared memory. Their results are equal bit for bit, so the GEMV's tests run with both.
+    (test_cuda_emulated.py overrides this fixture for the emulator's library.)"""
+    from lorax_core._library import set_nf4_gemv_staging
+
+    was = set_nf4_gemv_staging(request.param)
+    yield request.param
+    set_nf4_gemv_staging(was)
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None, scale: float = 1.0):
     """Compare in fp32 with the tolerance of `dtype` (default: actual's dtype), relative to `scale`."""
     tol = TOLERANCES[dtype or actual.dtype]

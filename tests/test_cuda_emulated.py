@@ -77,7 +77,7 @@ def emu():
     has one (so the lorax_core.ops wrappers and the model run them); outside, the CPU kernels."""
     if not MODE:
         pytest.skip("run by test_emulated_kernels (or set LORAX_EMU=1)")
-    build.load(asan=MODE == "asan")
+    module = build.load(asan=MODE == "asan")
     names = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("lorax_emu::")]
     ops = {n: getattr(torch.ops.lorax_emu, n) for n in names
            if torch._C._dispatch_has_kernel_for_dispatch_key(f"lorax_emu::{n}", "CPU")}
@@ -94,7 +94,17 @@ def emu():
                 setattr(torch.ops.lorax_core, n, op)
 
     on_emulator.ops = set(ops)
+    on_emulator.module = module
     return on_emulator
+
+
+@pytest.fixture(params=[False, True], ids=["registers", "staged"])
+def gemv_staging(request, emu):
+    """Each of the NF4 GEMV's main loops (set_nf4_gemv_staging): loads into registers, or staged in shared memory
+    by cp.async. Their results are equal bit for bit, so every test of the GEMV runs with both."""
+    was = emu.module.set_nf4_gemv_staging(request.param)
+    yield request.param
+    emu.module.set_nf4_gemv_staging(was)
 
 
 # ---------------------------------------------------------------------------------------------------- LoRA
@@ -458,7 +468,7 @@ def _check_nf4_linear(emu, n, k, m, dtype, blocksize, double_quant=True, bias=Fa
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n,k,blocksize", [(256, 512, 64), (48, 384, 32), (16, 128, 256), (1024, 4096, 64)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 17, 33])
-def test_nf4_linear(emu, dtype, n, k, blocksize, m):
+def test_nf4_linear(emu, gemv_staging, dtype, n, k, blocksize, m):
     """Every path of nf4_linear: the GEMV (up to 8 rows, 1, 2, 4 or 8 in a kernel), the tensor-core GEMM with its
     split-K sum (up to 32 rows) and dequantize + matmul (more rows)."""
     _check_nf4_linear(emu, n, k, m, dtype, blocksize, bias=m % 2 == 1)
@@ -466,7 +476,7 @@ def test_nf4_linear(emu, dtype, n, k, blocksize, m):
 
 @emulated
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_nf4_gemv_rounds_the_exact_product(emu, dtype):
+def test_nf4_gemv_rounds_the_exact_product(emu, gemv_staging, dtype):
     """The GEMV (up to NF4_GEMV_MAX_ROWS rows) multiplies by the NF4 values in x's dtype and scales in fp32: each
     result is x @ W'.T in fp32 rounded once, W' = nf4_gemv_weight. (The GEMM, for more rows, rounds each scaled
     weight to x's dtype instead.)"""
@@ -479,9 +489,29 @@ def test_nf4_gemv_rounds_the_exact_product(emu, dtype):
 
 
 @emulated
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_gemv_staged_equals_registers(emu, double_quant):
+    """The GEMV's two main loops give the same outputs bit for bit (as tests/test_nf4_cuda.py checks on a GPU):
+    k = 2336 is two whole stages and one of 288 elements, whose last step is partly past k."""
+    w = NF4Weight.quantize(torch.randn(40, 2336), 64, double_quant)
+    was = emu.module.set_nf4_gemv_staging(False)
+    try:
+        for m in (1, 2, 3, 8):
+            x = torch.randn(m, 2336).to(torch.bfloat16)
+            with emu():
+                registers = nf4_linear(x, w)
+                emu.module.set_nf4_gemv_staging(True)
+                staged = nf4_linear(x, w)
+                emu.module.set_nf4_gemv_staging(False)
+            assert torch.equal(staged, registers), f"m = {m}"
+    finally:
+        emu.module.set_nf4_gemv_staging(was)
+
+
+@emulated
 @pytest.mark.parametrize("m", [1, 3, 8], ids=str)
 @pytest.mark.parametrize("k", [416, 2240], ids=str)
-def test_nf4_gemv_several_tiles_per_cta(emu, k, m):
+def test_nf4_gemv_several_tiles_per_cta(emu, gemv_staging, k, m):
     """More 16-row tiles than the GEMV's grid (3 CTAs on each of the 132 SMs at one row of x, 2 with more): some CTAs
     take a second tile, their warps' loads run on from one tile into the next, and k ends inside a step (lanes past
     it load a chunk again)."""
@@ -490,7 +520,7 @@ def test_nf4_gemv_several_tiles_per_cta(emu, k, m):
 
 @emulated
 @pytest.mark.parametrize("case", NF4_SGMV_CASES, ids=nf4_sgmv_case_id)
-def test_nf4_linear_sgmv_several_tiles_per_cta(emu, case):
+def test_nf4_linear_sgmv_several_tiles_per_cta(emu, gemv_staging, case):
     """The GEMV's LoRA and SwiGLU epilogue where CTAs take more than one tile (q | k | v of 6656 rows; gate | up of
     2 x 3204, 401 tiles of 8 outputs), k = 416."""
     def run(f):
@@ -506,7 +536,7 @@ def test_nf4_linear_sgmv_several_tiles_per_cta(emu, case):
 @pytest.mark.parametrize("head_dim", [16, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", QKV_CASES, ids=nf4_sgmv_case_id)
-def test_nf4_linear_sgmv_rotary(emu, dtype, case, head_dim):
+def test_nf4_linear_sgmv_rotary(emu, gemv_staging, dtype, case, head_dim):
     """q | k | v with rotary and the KV cache write in the GEMV's epilogue (1 to 8 rows; 9: the ops), bit for bit
     the emulated nf4_linear_sgmv then rotary_kv_cache_write: rows without a slot, rows without an adapter."""
     def run(f):
@@ -517,7 +547,7 @@ def test_nf4_linear_sgmv_rotary(emu, dtype, case, head_dim):
 
 
 @emulated
-def test_nf4_linear_sgmv_rotary_odd_shapes(emu):
+def test_nf4_linear_sgmv_rotary_odd_shapes(emu, gemv_staging):
     """head_dim 48 (not a power of two: the ops one after the other), and 32 q + 2 x 10 kv heads of 128 (416 tiles
     of 8 pairs: some CTAs take two)."""
     def run(f):
@@ -532,17 +562,23 @@ def test_nf4_linear_sgmv_rotary_odd_shapes(emu):
 
 @emulated
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 70), chunks=st.integers(1, 80), m=st.integers(1, 40), blocksize=st.sampled_from([32, 64, 128]),
-       double_quant=st.booleans(), bias=st.booleans(), dtype=st.sampled_from([torch.bfloat16, torch.float16]))
-def test_nf4_linear_random_shapes(emu, n, chunks, m, blocksize, double_quant, bias, dtype):
-    """Odd numbers of output features and k of any multiple of 32 (the kernels' tails), 1..40 rows."""
-    _check_nf4_linear(emu, n, 32 * chunks, m, dtype, blocksize, double_quant, bias)
+@given(n=st.integers(1, 70), chunks=st.integers(1, 80), m=st.integers(1, 40),
+       blocksize=st.sampled_from([32, 64, 128, 1024]), double_quant=st.booleans(), bias=st.booleans(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), staged=st.booleans())
+def test_nf4_linear_random_shapes(emu, n, chunks, m, blocksize, double_quant, bias, dtype, staged):
+    """Odd numbers of output features and k of any multiple of 32 (the kernels' tails; the staged GEMV's last
+    stage cut short, absmax blocks across stages, the absmax's last word past its end), 1..40 rows."""
+    was = emu.module.set_nf4_gemv_staging(staged)
+    try:
+        _check_nf4_linear(emu, n, 32 * chunks, m, dtype, blocksize, double_quant, bias)
+    finally:
+        emu.module.set_nf4_gemv_staging(was)
 
 
 @emulated
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", NF4_SGMV_CASES, ids=nf4_sgmv_case_id)
-def test_nf4_linear_sgmv(emu, dtype, case):
+def test_nf4_linear_sgmv(emu, gemv_staging, dtype, case):
     """The GEMV with the LoRA expand and silu_mul in its epilogue (one row), and the ops one after the other (more),
     emulated: k of 256 (most lanes have no chunk: their LoRA share is taken before the loop), 2048 and 4096 (2 and 4
     warps split k: these few outputs are far from filling a GPU)."""
@@ -558,7 +594,7 @@ def test_nf4_linear_sgmv(emu, dtype, case):
 @emulated
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", MLP_CASES, ids=mlp_case_id)
-def test_nf4_linear_sgmv_silu_shrink(emu, dtype, case):
+def test_nf4_linear_sgmv_silu_shrink(emu, gemv_staging, dtype, case):
     """gate | up with SwiGLU and down's LoRA shrink in the GEMV's epilogue (up to 8 rows; 9: the ops), against the
     emulated ops: the CTAs' shares and the last CTA's sum. Also where CTAs take several tiles and the last tile is
     cut short (2 x 3204 outputs: 401 tiles of 8 over 396 CTAs, the last with 4), with k = 416. Given x's shrink (as

@@ -52,7 +52,7 @@ M_VALUES = [1, 2, 3, 7, 8, 9, 16, 17, 31, 32, 33, 63, 64, 65, 200]
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(256, 512), (48, 384), (1024, 4096), (16, 128)])
 @pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
-def test_linear_cuda_matches_reference(dtype, shape, blocksize):
+def test_linear_cuda_matches_reference(dtype, shape, blocksize, gemv_staging):
     n, k = shape
     w = NF4Weight.quantize(torch.randn(n, k), blocksize, True).to("cuda")
     for m in M_VALUES:
@@ -64,7 +64,7 @@ def test_linear_cuda_matches_reference(dtype, shape, blocksize):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4096, 4096), (1000, 14336), (7, 96)])
-def test_linear_cuda_few_rows_round_the_exact_product(dtype, shape):
+def test_linear_cuda_few_rows_round_the_exact_product(dtype, shape, gemv_staging):
     """Up to NF4_GEMV_MAX_ROWS rows take the GEMV, which multiplies x by the NF4 values in x's dtype and scales in
     fp32: x @ W'.T in fp32 (W' = nf4_gemv_weight), rounded once."""
     n, k = shape
@@ -95,7 +95,7 @@ def test_linear_cuda_bias_batch_shape_and_module():
     assert cpu.weight.device.type == "cuda"
 
 
-def test_linear_cuda_graph_capture():
+def test_linear_cuda_graph_capture(gemv_staging):
     w = NF4Weight.quantize(torch.randn(256, 512), 64, True).to("cuda")
     x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
     y_eager = nf4_linear(x, w)
@@ -112,3 +112,25 @@ def test_linear_cuda_graph_capture():
     torch.cuda.synchronize()
     assert_close(y, nf4_linear(x, w))
     assert not torch.equal(y, y_eager)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(4096, 4096), (1000, 14336), (6144, 4096), (4100, 11008), (33, 96)])
+def test_gemv_staged_equals_registers_bit_for_bit(shape, double_quant):
+    """The GEMV's two main loops (set_nf4_gemv_staging) give the same outputs bit for bit: each warp meets the same
+    steps in the same order, only where their loads wait differs."""
+    from lorax_core._library import set_nf4_gemv_staging
+
+    n, k = shape
+    w = NF4Weight.quantize(torch.randn(n, k), 64, double_quant).to("cuda")
+    was = set_nf4_gemv_staging(False)
+    try:
+        for m in range(1, NF4_GEMV_MAX_ROWS + 1):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            registers = nf4_linear(x, w)
+            set_nf4_gemv_staging(True)
+            staged = nf4_linear(x, w)
+            set_nf4_gemv_staging(False)
+            assert torch.equal(staged, registers), f"m = {m}"
+    finally:
+        set_nf4_gemv_staging(was)

@@ -108,7 +108,7 @@ def test_opcheck():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_cuda_matches_exact(case, dtype):
+def test_cuda_matches_exact(case, dtype, gemv_staging):
     check_device_op(case, dtype, "cuda")
 
 
@@ -132,7 +132,7 @@ def check_device_op(case, dtype, device, run=lambda f: f(), modules=QKV):
 
 
 @pytest.mark.cuda
-def test_cuda_graph_capture():
+def test_cuda_graph_capture(gemv_staging):
     """The fused path (shrink + GEMV) replays in a CUDA graph with new inputs copied in."""
     args, _ = linear_sgmv_case(QKV, ["gate_proj", "up_proj"], RANKS, 1, [1], [2], dtype=torch.bfloat16, device="cuda")
     x = args["x"].clone()
@@ -325,12 +325,12 @@ def check_device_silu_shrink(case, dtype, device, run=lambda f: f(), modules=MLP
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", MLP_CASES, ids=mlp_case_id)
-def test_silu_shrink_cuda(case, dtype):
+def test_silu_shrink_cuda(case, dtype, gemv_staging):
     check_device_silu_shrink(case, dtype, "cuda")
 
 
 @pytest.mark.cuda
-def test_silu_shrink_cuda_graph_capture():
+def test_silu_shrink_cuda_graph_capture(gemv_staging):
     """The epilogue's shrink replays in a CUDA graph: its counter is back to zero after each call."""
     args = silu_shrink_case(MLP_CASES[0], torch.bfloat16, "cuda")
     counters = torch.zeros(1, dtype=torch.int32, device="cuda")
@@ -482,7 +482,7 @@ def check_device_rotary(case, head_dim, dtype, device, run=lambda f: f(), module
 @pytest.mark.parametrize("head_dim", [16, 64])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", QKV_CASES, ids=case_id)
-def test_rotary_cuda_matches_the_ops(case, dtype, head_dim):
+def test_rotary_cuda_matches_the_ops(case, dtype, head_dim, gemv_staging):
     check_device_rotary(case, head_dim, dtype, "cuda")
 
 

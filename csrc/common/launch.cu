@@ -1,5 +1,8 @@
 // When launch() (launch.cuh) uses programmatic dependent launch, and whether launch_cluster() may use clusters.
 #include <atomic>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "common/launch.cuh"
 
@@ -41,5 +44,18 @@ bool programmatic_launch_enabled() {
 bool cluster_launch_supported() { return current_major() >= 9; }
 
 bool set_programmatic_launch(bool enabled) { return g_enabled.exchange(enabled); }
+
+void allow_dynamic_shared(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;  // (kernel, device) -> the most bytes allowed
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& most = allowed[{kernel, device}];
+  if (bytes <= most) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) ==
+      cudaSuccess)
+    most = bytes;
+}
 
 }  // namespace lorax

@@ -59,6 +59,12 @@ bool set_programmatic_launch(bool enabled);
 // Defined in launch.cu.
 bool cluster_launch_supported();
 
+// Lets `kernel` take `bytes` of dynamic shared memory on the current device: with its static shared memory, over
+// 48 KB needs this opt-in (cudaFuncAttributeMaxDynamicSharedMemorySize), asked once per kernel and device for
+// the most bytes so far.
+// An error is left for the launch's check (the launch then fails). Defined in launch.cu.
+void allow_dynamic_shared(const void* kernel, size_t bytes);
+
 // kernel<<<grid, block, smem, stream>>>(args...) in clusters of `cluster` CTAs along x (cluster.cuh; 1: none, 2 to
 // 8 where cluster_launch_supported(), and dividing grid.x), with PDL where programmatic_launch_enabled(). A launch
 // error is left for the caller's C10_CUDA_KERNEL_LAUNCH_CHECK(), as with <<<>>>.

@@ -98,4 +98,10 @@ void gemv(const void* x, DType dtype, int64_t M, int64_t K, const uint8_t* codes
           int blocksize_log2, int64_t N, const void* bias, const GemvLora* lora, bool silu_mul, const GemvRope* rope,
           const GemvShrink* shrink, void* y, int num_sms, cudaStream_t stream);
 
+// The GEMV's main loop for later launches (CUDA graphs keep what they captured); returns the previous setting.
+// false (the default): each warp loads its next steps' codes and absmax into registers. true: the CTA's threads copy
+// them (cp.async) into slots of shared memory two or three 1024-element stages ahead (nf4_kernels.cu). The same
+// results bit for bit; which is faster is for an H100 to say (bench/RESULTS.md).
+bool set_gemv_staging(bool staged);
+
 }  // namespace lorax::nf4::cuda

@@ -5,9 +5,11 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 
 #include "common/convert.cuh"
+#include "common/cp_async.cuh"
 #include "common/lane_table.cuh"
 #include "common/launch.cuh"
 #include "common/mma.cuh"
@@ -335,6 +337,10 @@ __global__ void splitk_epilogue_kernel(const float* __restrict__ ws, int splits,
 // the current one, across tiles too, and the CTA asks L2 for the next tile's codes (a bulk request a row) as it
 // starts one. Before its PDL prologue (launch.cuh) the CTA asks L2 for its first tile's codes and every tile's
 // absmax, and fills the table: all overlap the end of the kernel before it.
+// Staged (kStaged, set_gemv_staging): instead of each warp's registers, slots of shared memory take the loads.
+// The CTA's threads copy (cp.async) the codes and absmax of a stage, 1024 elements of k of the tile's 16 rows (a
+// step for each warp), two or three stages ahead of the one its warps read, across tiles too: 18-28 KB in flight a
+// CTA that hold no registers, where the registers' step is 8 KB (16 KB with two steps ahead).
 // The epilogue can do what would otherwise be two or three more kernels of a decode step (gemv() in nf4_cuda.h):
 // - the LoRA expand of each row of x's adapter (kLora): the 8 warps split its rank rows and add their share to their
 //   partial sums, so the delta joins each output before its one rounding; its loads overlap the first step's;
@@ -349,6 +355,33 @@ constexpr int kGemvRows = 16;   // a tile: the mma's A rows
 template <int MT>
 constexpr int kGemvCtasPerSm = MT == 1 ? 3 : 2;
 static_assert(kGemvCtasPerSm<1> <= kGemvMaxCtasPerSm && kGemvCtasPerSm<8> <= kGemvMaxCtasPerSm);
+
+// The staged main loop's slots (kStaged). A stage is kStageK elements of k of a tile's 16 weight rows, a step (128
+// elements) for each warp. In its slot of dynamic shared memory:
+// - the codes, [16 rows][32 chunks] of 16 bytes, chunk c of row r at c ^ 4 (r & 1): the two rows a quarter-warp
+//   reads (quads g = 2h, 2h + 1: rows 2h and 2h + 1, 4 chunks each) fall in the two halves of the banks;
+// - then the absmax, [words][16 rows] of 32 bits: the row's blocks from its first (fp32); or, double-quantized, its
+//   8-bit codes from the 32-bit word holding its first block's, then the nested absmax of its groups from its first.
+static_assert(kGemvWarps == 8 && kGemvRows == 16, "a stage's copies: thread (w, l) takes chunk l of rows w, w + 8");
+constexpr int kStageK = 128 * kGemvWarps;
+constexpr int kStageChunks = kStageK / 32;  // of 16 bytes (32 codes) a row
+template <int MT>
+constexpr int kGemvStages = MT == 1 ? 3 : 4;  // slots: 2 or 3 stages in flight while the warps read one
+
+struct StageLayout {
+  int code_words;  // the absmax's words a row: its blocks (fp32), or its 8-bit codes' words (double-quantized)
+  int words;       // and the nested absmax's after them
+};
+
+__host__ __device__ __forceinline__ StageLayout stage_layout(int bs_log2, int bs2_log2, bool dq) {
+  // the most blocks (groups) a row's stage touches: it starts at a multiple of 32 elements (of blocks)
+  const int blocks = (((1 << bs_log2) - 32 + kStageK - 1) >> bs_log2) + 1;
+  if (!dq) return {blocks, blocks};
+  const int code_words = (3 + blocks + 3) / 4, groups = (((1 << bs2_log2) - 1 + blocks - 1) >> bs2_log2) + 1;
+  return {code_words, code_words + groups};
+}
+
+__host__ __device__ __forceinline__ int stage_bytes(StageLayout l) { return kGemvRows * (kStageK / 2 + 4 * l.words); }
 
 template <int MT, bool kLora>
 struct GemvShared {
@@ -519,7 +552,7 @@ __device__ __forceinline__ void shrink_finish(const GemvShrink& s, const GemvSha
   }
 }
 
-template <typename T, int MT, bool kLora, bool kDq>
+template <typename T, int MT, bool kLora, bool kDq, bool kStaged>
 __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     gemv_kernel(const T* __restrict__ x, int M, int K, const uint8_t* __restrict__ codes, AbsmaxArgs a, int bs_log2,
                 int N, const T* __restrict__ bias, GemvLora lora, bool silu_mul, GemvRope rope, GemvShrink shrink,
@@ -534,6 +567,55 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   // This warp's steps of a tile: warp, warp + 8, ... (none when the tile has fewer steps than warps).
   const int mine = warp < steps ? (steps - warp + kGemvWarps - 1) / kGemvWarps : 0;
   const int my_tiles = (tiles - static_cast<int>(blockIdx.x) + gridDim.x - 1) / gridDim.x;
+
+  // Staged: the CTA's stages are its tiles' k-stages in order, stage q in slot q % kGemvStages.
+  extern __shared__ uint4 gemv_stages[];
+  const StageLayout sl = stage_layout(bs_log2, a.blocksize2_log2, kDq);
+  const int slot_bytes = stage_bytes(sl), tile_stages = (K + kStageK - 1) / kStageK;
+  auto slot = [&](int q) { return reinterpret_cast<unsigned char*>(gemv_stages) + (q % kGemvStages<MT>)*slot_bytes; };
+  // Every thread's copies of stage q (none past the last), one cp.async group (empty past the last).
+  auto issue = [&](int q) {
+    if (q < my_tiles * tile_stages) {
+      const int tile = static_cast<int>(blockIdx.x + (q / tile_stages) * gridDim.x), k0 = (q % tile_stages) * kStageK;
+      const int len = min(kStageK, K - k0);  // a multiple of 32
+      unsigned char* to = slot(q);
+      if (32 * lane < len) {  // chunk `lane` of rows warp and warp + 8
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = warp + 8 * h;
+          const uint32_t e = static_cast<uint32_t>(gemv_row(tile, warp, h == 1, N, layout)) * K + k0 + 32 * lane;
+          cp_async_16(to + 16 * (r * kStageChunks + (lane ^ ((r & 1) << 2))), codes + e / 2);
+        }
+      }
+      uint32_t* words = reinterpret_cast<uint32_t*>(to + kGemvRows * kStageK / 2);
+      for (int i = threadIdx.x; i < kGemvRows * sl.words; i += blockDim.x) {
+        const int r = i % kGemvRows, w = i / kGemvRows;
+        const uint32_t e = static_cast<uint32_t>(gemv_row(tile, r % 8, r >= 8, N, layout)) * K + k0;
+        const uint32_t b0 = e >> bs_log2, b1 = (e + len - 1) >> bs_log2;  // the row's blocks
+        if constexpr (!kDq) {
+          if (b0 + w <= b1) cp_async_4(words + i, static_cast<const float*>(a.absmax) + b0 + w);
+        } else if (w < sl.code_words) {
+          const uint32_t at = (b0 & ~3u) + 4 * w;  // a block: the first of the word
+          const uint8_t* from = static_cast<const uint8_t*>(a.absmax) + at;
+          const uint32_t blocks = ((static_cast<uint32_t>(N) * K - 1) >> bs_log2) + 1;  // N * K < 2^31
+          if (at + 4 <= blocks) {
+            if (at <= b1) cp_async_4(words + i, from);
+          } else if (at <= b1) {  // the absmax's last word, past its end: its bytes one by one
+            uint32_t v = 0;
+            for (uint32_t j = 0; at + j < blocks; ++j) v |= static_cast<uint32_t>(__ldg(from + j)) << (8 * j);
+            words[i] = v;
+          }
+        } else {
+          const uint32_t group = (b0 >> a.blocksize2_log2) + (w - sl.code_words);
+          if (group <= b1 >> a.blocksize2_log2) cp_async_4(words + i, a.absmax2 + group);
+        }
+      }
+    }
+    cp_async_commit();
+  };
+  if constexpr (kStaged) {
+    for (int q = 0; q + 1 < kGemvStages<MT>; ++q) issue(q);  // weights only: before the PDL wait
+  }
 
   // Lane l < 16 of the first warp asks L2 for A row l of a tile's codes, a bulk request: of the first tile here, of
   // the next one as each tile starts, so DRAM streams on while the registers' loads run a step ahead. Here it also
@@ -642,10 +724,40 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     }
   };
 
+  // The absmax of the block holding chunk cs of a stage of row r (its first element e) in its slot; zero for lanes
+  // past k, whose slot bytes may be anything (x is zero there: the scale must be finite).
+  auto staged_absmax = [&](const uint32_t* words, int r, uint32_t e, int cs, bool live) -> RawAbsmax {
+    if (!live) return {0u, 0.0f};
+    const uint32_t b0 = e >> bs_log2, b = (e + 32 * cs) >> bs_log2;
+    if constexpr (!kDq) {
+      return {words[(b - b0) * kGemvRows + r], 0.0f};
+    } else {
+      const uint32_t at = b - (b0 & ~3u), group = (b >> a.blocksize2_log2) - (b0 >> a.blocksize2_log2);
+      return {(words[(at / 4) * kGemvRows + r] >> (8 * (at % 4))) & 0xFFu,
+              __uint_as_float(words[(sl.code_words + group) * kGemvRows + r])};
+    }
+  };
+  // Staged: this warp's step of stage q (k from k0), rows g and g + 8 of its tile starting at elements e0 and e1.
+  auto compute_staged = [&](int q, int k0, uint32_t e0, uint32_t e1, float(&acc)[kGroups][4]) {
+    const int len = min(kStageK, K - k0);
+    if (128 * warp >= len) return;  // the warp's step is past k (whole warps: the mma needs them)
+    const unsigned char* from = slot(q);
+    const uint4* q16 = reinterpret_cast<const uint4*>(from);
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(from + kGemvRows * kStageK / 2);
+    const int cs = 4 * warp + tq, at = cs ^ ((g & 1) << 2);  // rows g and g + 8 have one parity
+    const bool live = 32 * cs < len;
+    Stage st;
+    st.q0 = q16[g * kStageChunks + at];
+    st.q1 = q16[(g + 8) * kStageChunks + at];
+    st.s0 = staged_absmax(words, g, e0 + k0, cs, live);
+    st.s1 = staged_absmax(words, g + 8, e1 + k0, cs, live);
+    compute(st, k0 / 32 + cs, acc);
+  };
+
   // The steps loaded ahead: one at one row of x (at its 80 registers a second one spills in the loop), else two.
   constexpr bool kTwoAhead = MT > 1;
   Stage cur, ahead;
-  if (mine > 0) {
+  if (!kStaged && mine > 0) {
     loader_rows();
     cur = load_next();
     if constexpr (kTwoAhead) ahead = load_next();
@@ -679,18 +791,31 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
         }
       }
     };
-    if (mine == 0) lora_share();
     if (r + 1 < my_tiles) prefetch_tile(tile + gridDim.x);
+    if constexpr (kStaged) {
+      const uint32_t e0 = static_cast<uint32_t>(gemv_row(tile, g, false, N, layout)) * K;
+      const uint32_t e1 = static_cast<uint32_t>(gemv_row(tile, g, true, N, layout)) * K;
+      for (int ks = 0; ks < tile_stages; ++ks) {
+        const int q = r * tile_stages + ks;
+        cp_async_wait<kGemvStages<MT> - 2>();  // this thread's copies of stage q have landed
+        __syncthreads();  // and every thread's; every warp is done with stage q - 1, whose slot the next takes
+        issue(q + kGemvStages<MT> - 1);
+        if (ks == 0) lora_share();  // its loads overlap the stage's
+        compute_staged(q, ks * kStageK, e0, e1, acc);
+      }
+    } else {
+      if (mine == 0) lora_share();
 #pragma unroll 2
-    for (int j = 0; j < mine; ++j) {
-      const Stage next = load_next();
-      if (j == 0) lora_share();  // its loads overlap the codes'
-      compute(cur, 4 * (warp + kGemvWarps * j) + tq, acc);
-      if constexpr (kTwoAhead) {
-        cur = ahead;
-        ahead = next;
-      } else {
-        cur = next;
+      for (int j = 0; j < mine; ++j) {
+        const Stage next = load_next();
+        if (j == 0) lora_share();  // its loads overlap the codes'
+        compute(cur, 4 * (warp + kGemvWarps * j) + tq, acc);
+        if constexpr (kTwoAhead) {
+          cur = ahead;
+          ahead = next;
+        } else {
+          cur = next;
+        }
       }
     }
 
@@ -779,6 +904,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   }
 }
 
+std::atomic<bool> g_gemv_staging{false};  // set_gemv_staging
+
 int grid_for(int64_t items, int threads) {
   return static_cast<int>(std::min<int64_t>((items + threads - 1) / threads, int64_t{1} << 20));
 }
@@ -815,8 +942,12 @@ void launch_gemv(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
     constexpr int MT = decltype(mt)::value;
     const int tiles = gemv_tiles(N, pairing(N, silu_mul, rope.head_dim));
     const int64_t grid = std::min<int64_t>(tiles, int64_t{num_sms} * kGemvCtasPerSm<MT>);
-    auto kernel = a.code2 != nullptr ? gemv_kernel<T, MT, kLora, true> : gemv_kernel<T, MT, kLora, false>;
-    launch(kernel, static_cast<int>(grid), kGemvWarps * 32, 0, stream, x, M, K, codes, a, bs_log2, N, bias, lora,
+    const bool dq = a.code2 != nullptr, staged = g_gemv_staging.load(std::memory_order_relaxed);
+    auto kernel = dq ? (staged ? gemv_kernel<T, MT, kLora, true, true> : gemv_kernel<T, MT, kLora, true, false>)
+                     : (staged ? gemv_kernel<T, MT, kLora, false, true> : gemv_kernel<T, MT, kLora, false, false>);
+    const size_t smem = staged ? kGemvStages<MT> * stage_bytes(stage_layout(bs_log2, a.blocksize2_log2, dq)) : 0;
+    if (smem > 0) allow_dynamic_shared(reinterpret_cast<const void*>(kernel), smem);
+    launch(kernel, static_cast<int>(grid), kGemvWarps * 32, smem, stream, x, M, K, codes, a, bs_log2, N, bias, lora,
            silu_mul, rope, shrink, y);
   };
   static_assert(kGemvMaxM == 8, "launch_gemv instantiates the GEMV for 1, 2, 4 and 8 rows");
@@ -868,6 +999,8 @@ void dequantize(const uint8_t* codes, const AbsmaxArgs& a, int blocksize_log2, i
     launch(dequantize_kernel<T>, grid, 256, 0, stream, codes, a, blocksize_log2, n, static_cast<T*>(out));
   });
 }
+
+bool set_gemv_staging(bool staged) { return g_gemv_staging.exchange(staged); }
 
 bool gemm_supported(int64_t M, int64_t N, int64_t K, DType dtype) {
   if (dtype == DType::kFloat || M < 1 || N < 1 || N > (int64_t{1} << 30) || K > (int64_t{1} << 30)) return false;

@@ -10,7 +10,7 @@ The sources of csrc/{lora,attention,layers,nf4} are copied and rewritten, never 
 - the headers with inline PTX are replaced by the emulator's: csrc/common/mma.cuh (the tensor-core mma) by
   mma.cuh, csrc/common/launch.cuh (programmatic dependent launch) by launch.cuh, csrc/common/lane_table.cuh
   (shared-memory loads by address) by lane_table.cuh, csrc/common/cluster.cuh (thread block clusters) by
-  cluster.cuh.
+  cluster.cuh, csrc/common/cp_async.cuh (asynchronous copies to shared memory) by cp_async.cuh.
 So `torch.ops.lorax_emu.<op>(cpu tensors)` runs the same host code and kernels as `torch.ops.lorax_core.<op>`
 on a GPU.
 
@@ -32,7 +32,8 @@ HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
 FAMILIES = ("lora", "attention", "layers", "nf4")
 STAND_INS = {Path("common/mma.cuh"): HERE / "mma.cuh", Path("common/launch.cuh"): HERE / "launch.cuh",
-             Path("common/lane_table.cuh"): HERE / "lane_table.cuh", Path("common/cluster.cuh"): HERE / "cluster.cuh"}
+             Path("common/lane_table.cuh"): HERE / "lane_table.cuh", Path("common/cluster.cuh"): HERE / "cluster.cuh",
+             Path("common/cp_async.cuh"): HERE / "cp_async.cuh"}
 
 
 def cuda_include_dirs() -> list[str]:
@@ -115,7 +116,7 @@ def load(asan: bool = False, verbose: bool = False):
     build_dir = Path(os.environ.get("LORAX_EMU_BUILD_DIR", Path.home() / ".cache" / "lorax_core")) / checkout / name
     build_dir.mkdir(parents=True, exist_ok=True)
     files = sources(build_dir / "src")
-    flags = ["-O1", "-g", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+    flags = ["-O1", "-g", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-DLORAX_EMULATOR"]
     ldflags = []
     if asan:
         # and UndefinedBehaviorSanitizer: misaligned vector loads (a GPU faults on them), integer overflow, ...

@@ -26,6 +26,10 @@
 // of another block's shared memory before a cluster barrier (the block may not have started) or after that block
 // returned, a thread that returns between its cluster arrive and wait.
 //
+// cp.async (csrc/common/cp_async.cuh, copies from global to shared memory) lands a group of copies only when the
+// thread's cp_async_wait() must have it landed: a read of a stage before its wait and barrier sees the old bytes.
+// A misaligned copy, or one to outside the dynamic shared memory, fails.
+//
 // Tensor-core mma (csrc/common/mma.cuh) is a warp exchange like a shuffle: tests/cuda_emu/mma.cuh stands in for
 // that header, and each lane computes its results from the warp's fragments.
 //
@@ -61,6 +65,13 @@ namespace emu {
 
 class Barrier;
 
+// A cp.async copy (cp_async.cuh) that has not landed yet.
+struct AsyncCopy {
+  void* to;
+  const void* from;
+  size_t bytes;
+};
+
 using JumpBuffer = void*[5];
 
 // The switches are not instrumented: AddressSanitizer would unpoison the whole stack before each jump (a system
@@ -85,6 +96,8 @@ struct Fiber {
   struct Block* block = nullptr;  // the block it runs in this time
   bool cluster_arrived = false;   // between cluster_arrive() and cluster_wait()
   uint64_t cluster_phase = 0;     // the cluster barrier's phase at its arrival
+  std::vector<AsyncCopy> copies_open;                // cp.async copies since the last commit
+  std::vector<std::vector<AsyncCopy>> copy_groups;   // committed groups, oldest first
 };
 
 constexpr size_t kStackSize = size_t{1} << 16;  // a kernel's frames, with AddressSanitizer's redzones
@@ -181,10 +194,40 @@ T* dynamic_shared() {
   return reinterpret_cast<T*>(block->shared.data());
 }
 
+// cp.async (cp_async.cuh): copies wait in the thread's open group until cp_async_commit(), groups until
+// cp_async_wait(n) leaves at most n of them in flight, or the thread returns; then they land in order.
+inline void cp_async(void* to, const void* from, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(to) % bytes != 0 || reinterpret_cast<uintptr_t>(from) % bytes != 0)
+    fail("a cp.async whose addresses are not aligned to its size: the GPU faults");
+  const unsigned char *begin = block->shared.data(), *end = begin + block->shared.size();
+  if (static_cast<unsigned char*>(to) < begin || static_cast<unsigned char*>(to) + bytes > end)
+    fail("a cp.async to outside the block's dynamic shared memory");
+  current->copies_open.push_back({to, from, bytes});
+}
+
+inline void cp_async_commit() {
+  current->copy_groups.push_back(std::move(current->copies_open));
+  current->copies_open.clear();
+}
+
+inline void land(const std::vector<AsyncCopy>& group) {
+  for (const AsyncCopy& c : group) std::memcpy(c.to, c.from, c.bytes);
+}
+
+inline void cp_async_wait(size_t in_flight) {
+  auto& groups = current->copy_groups;
+  while (groups.size() > in_flight) {
+    land(groups.front());
+    groups.erase(groups.begin());
+  }
+}
+
 // A fiber runs the kernel once per block: after each run it waits for the scheduler to start the next block.
 inline void fiber_main() {
   for (;;) {
     (*current_body)();
+    cp_async_commit();  // what is still in flight lands now (its sources are read: AddressSanitizer checks them)
+    cp_async_wait(0);
     if (!current->passed_prologue)
       fail("a thread returned without calling pdl_prologue(): every kernel launched with lorax::launch must call it "
            "first (csrc/common/launch.cuh)");

@@ -17,6 +17,9 @@ inline void prefetch_l2_bulk(const void* p, uint32_t bytes) {
   (void)static_cast<const volatile unsigned char*>(p)[bytes - 1];
 }
 
+// The emulator's launches take dynamic shared memory up to 48 KiB (cuda_emu.h): the opt-in beyond is the GPU's.
+inline void allow_dynamic_shared(const void*, size_t) {}
+
 // The emulator runs clusters (cuda_emu.h), as an H100 does.
 inline bool cluster_launch_supported() { return true; }
 
