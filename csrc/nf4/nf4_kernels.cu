@@ -573,28 +573,35 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   const StageLayout sl = stage_layout(bs_log2, a.blocksize2_log2, kDq);
   const int slot_bytes = stage_bytes(sl), tile_stages = (K + kStageK - 1) / kStageK;
   auto slot = [&](int q) { return reinterpret_cast<unsigned char*>(gemv_stages) + (q % kGemvStages<MT>)*slot_bytes; };
-  // Every thread's copies of stage q (none past the last), one cp.async group (empty past the last).
-  auto issue = [&](int q) {
-    if (q < my_tiles * tile_stages) {
-      const int tile = static_cast<int>(blockIdx.x + (q / tile_stages) * gridDim.x), k0 = (q % tile_stages) * kStageK;
-      const int len = min(kStageK, K - k0);  // a multiple of 32
-      unsigned char* to = slot(q);
-      if (32 * lane < len) {  // chunk `lane` of rows warp and warp + 8
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = warp + 8 * h;
-          const uint32_t e = static_cast<uint32_t>(gemv_row(tile, warp, h == 1, N, layout)) * K + k0 + 32 * lane;
-          cp_async_16(to + 16 * (r * kStageChunks + (lane ^ ((r & 1) << 2))), codes + e / 2);
-        }
+  // The next stage to copy: tile `is_r` of this CTA, its k-stage is_ks, in slot is_slot; and the first elements of
+  // the rows whose codes this thread copies (warp, warp + 8), and whose absmax (threadIdx.x % 16: 256 threads a
+  // round, so the same row every round), in that tile.
+  int is_r = 0, is_ks = 0, is_slot = 0;
+  uint32_t is_e0 = 0, is_e1 = 0, is_ea = 0;
+  // Every thread's copies of the next stage (none past the last), one cp.async group (empty past the last).
+  auto issue_next = [&] {
+    if (is_r < my_tiles) {
+      if (is_ks == 0) {
+        const int tile = static_cast<int>(blockIdx.x + is_r * gridDim.x), r = threadIdx.x % kGemvRows;
+        is_e0 = static_cast<uint32_t>(gemv_row(tile, warp, false, N, layout)) * K;
+        is_e1 = static_cast<uint32_t>(gemv_row(tile, warp, true, N, layout)) * K;
+        is_ea = static_cast<uint32_t>(gemv_row(tile, r % 8, r >= 8, N, layout)) * K;
+      }
+      const int k0 = is_ks * kStageK, len = min(kStageK, K - k0);  // len: a multiple of 32
+      unsigned char* to = reinterpret_cast<unsigned char*>(gemv_stages) + is_slot * slot_bytes;
+      if (32 * lane < len) {  // chunk `lane` of rows warp and warp + 8 (of one parity)
+        const int at = lane ^ ((warp & 1) << 2);
+        cp_async_16(to + 16 * (warp * kStageChunks + at), codes + (is_e0 + k0 + 32 * lane) / 2);
+        cp_async_16(to + 16 * ((warp + 8) * kStageChunks + at), codes + (is_e1 + k0 + 32 * lane) / 2);
       }
       uint32_t* words = reinterpret_cast<uint32_t*>(to + kGemvRows * kStageK / 2);
-      for (int i = threadIdx.x; i < kGemvRows * sl.words; i += blockDim.x) {
-        const int r = i % kGemvRows, w = i / kGemvRows;
-        const uint32_t e = static_cast<uint32_t>(gemv_row(tile, r % 8, r >= 8, N, layout)) * K + k0;
-        const uint32_t b0 = e >> bs_log2, b1 = (e + len - 1) >> bs_log2;  // the row's blocks
+      const uint32_t b0 = (is_ea + k0) >> bs_log2, b1 = (is_ea + k0 + len - 1) >> bs_log2;  // the row's blocks
+#pragma unroll 1
+      for (uint32_t i = threadIdx.x; i < static_cast<uint32_t>(kGemvRows * sl.words); i += kGemvWarps * 32) {  // 1-2
+        const uint32_t w = i / kGemvRows;
         if constexpr (!kDq) {
           if (b0 + w <= b1) cp_async_4(words + i, static_cast<const float*>(a.absmax) + b0 + w);
-        } else if (w < sl.code_words) {
+        } else if (w < static_cast<uint32_t>(sl.code_words)) {
           const uint32_t at = (b0 & ~3u) + 4 * w;  // a block: the first of the word
           const uint8_t* from = static_cast<const uint8_t*>(a.absmax) + at;
           const uint32_t blocks = ((static_cast<uint32_t>(N) * K - 1) >> bs_log2) + 1;  // N * K < 2^31
@@ -610,11 +617,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
           if (group <= b1 >> a.blocksize2_log2) cp_async_4(words + i, a.absmax2 + group);
         }
       }
+      if (++is_ks == tile_stages) {
+        is_ks = 0;
+        ++is_r;
+      }
+      is_slot = is_slot + 1 == kGemvStages<MT> ? 0 : is_slot + 1;
     }
     cp_async_commit();
   };
   if constexpr (kStaged) {
-    for (int q = 0; q + 1 < kGemvStages<MT>; ++q) issue(q);  // weights only: before the PDL wait
+    for (int q = 0; q + 1 < kGemvStages<MT>; ++q) issue_next();  // weights only: before the PDL wait
   }
 
   // Lane l < 16 of the first warp asks L2 for A row l of a tile's codes, a bulk request: of the first tile here, of
@@ -799,7 +811,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
         const int q = r * tile_stages + ks;
         cp_async_wait<kGemvStages<MT> - 2>();  // this thread's copies of stage q have landed
         __syncthreads();  // and every thread's; every warp is done with stage q - 1, whose slot the next takes
-        issue(q + kGemvStages<MT> - 1);
+        issue_next();  // stage q + kGemvStages - 1
         if (ks == 0) lora_share();  // its loads overlap the stage's
         compute_staged(q, ks * kStageK, e0, e1, acc);
       }
