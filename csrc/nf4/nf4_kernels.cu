@@ -573,10 +573,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   const StageLayout sl = stage_layout(bs_log2, a.blocksize2_log2, kDq);
   const int slot_bytes = stage_bytes(sl), tile_stages = (K + kStageK - 1) / kStageK;
   auto slot = [&](int q) { return reinterpret_cast<unsigned char*>(gemv_stages) + (q % kGemvStages<MT>)*slot_bytes; };
-  // The next stage to copy: tile `is_r` of this CTA, its k-stage is_ks, in slot is_slot; and the first elements of
-  // the rows whose codes this thread copies (warp, warp + 8), and whose absmax (threadIdx.x % 16: 256 threads a
-  // round, so the same row every round), in that tile.
-  int is_r = 0, is_ks = 0, is_slot = 0;
+  // The next stage to copy: stage is_q, tile `is_r` of this CTA and its k-stage is_ks (counted, not divided out);
+  // and the first elements of the rows whose codes this thread copies (warp, warp + 8), and whose absmax
+  // (threadIdx.x % 16: 256 threads a round, so the same row every round), in that tile.
+  int is_q = 0, is_r = 0, is_ks = 0;
   uint32_t is_e0 = 0, is_e1 = 0, is_ea = 0;
   // Every thread's copies of the next stage (none past the last), one cp.async group (empty past the last).
   auto issue_next = [&] {
@@ -588,7 +588,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
         is_ea = static_cast<uint32_t>(gemv_row(tile, r % 8, r >= 8, N, layout)) * K;
       }
       const int k0 = is_ks * kStageK, len = min(kStageK, K - k0);  // len: a multiple of 32
-      unsigned char* to = reinterpret_cast<unsigned char*>(gemv_stages) + is_slot * slot_bytes;
+      unsigned char* to = slot(is_q);
       if (32 * lane < len) {  // chunk `lane` of rows warp and warp + 8 (of one parity)
         const int at = lane ^ ((warp & 1) << 2);
         cp_async_16(to + 16 * (warp * kStageChunks + at), codes + (is_e0 + k0 + 32 * lane) / 2);
@@ -617,11 +617,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
           if (group <= b1 >> a.blocksize2_log2) cp_async_4(words + i, a.absmax2 + group);
         }
       }
+      ++is_q;
       if (++is_ks == tile_stages) {
         is_ks = 0;
         ++is_r;
       }
-      is_slot = is_slot + 1 == kGemvStages<MT> ? 0 : is_slot + 1;
     }
     cp_async_commit();
   };
