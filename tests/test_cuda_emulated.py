@@ -78,9 +78,11 @@ def emu():
     if not MODE:
         pytest.skip("run by test_emulated_kernels (or set LORAX_EMU=1)")
     module = build.load(asan=MODE == "asan")
-    names = [n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("lorax_emu::")]
-    ops = {n: getattr(torch.ops.lorax_emu, n) for n in names
-           if torch._C._dispatch_has_kernel_for_dispatch_key(f"lorax_emu::{n}", "CPU")}
+    all_names = torch._C._dispatch_get_all_op_names()
+    core = {n.split("::")[1] for n in all_names if n.startswith("lorax_core::")}
+    names = [n.split("::")[1] for n in all_names if n.startswith("lorax_emu::")]
+    ops = {n: getattr(torch.ops.lorax_emu, n) for n in names  # not the emulator's own (hooks.cpp: late_write)
+           if n in core and torch._C._dispatch_has_kernel_for_dispatch_key(f"lorax_emu::{n}", "CPU")}
 
     @contextlib.contextmanager
     def on_emulator():
@@ -178,6 +180,54 @@ def test_sgmv_decode(emu, pool, module, lengths):
         torch.ops.lorax_core.sgmv_expand(got, v, *common, pool.scales, starts, seg, 0, m, [0, y.shape[1]],
                                          pool.page_size)
     assert_close(got, expected, scale=4)
+
+
+@emulated
+@pytest.mark.parametrize("op", ["bgmv", "bgmv_shrink", "sgmv", "sgmv_shrink", "norm_shrink"])
+def test_lora_kernels_read_the_indices_again_after_the_pdl_wait(emu, pool, op):
+    """The decode kernels guess their tile and adapter before their PDL wait, and read the pool for the guess
+    (TileAdapter in lora_kernels.cu); the kernel before them may still be writing the adapter indices or segments
+    then. Here it is (cuda_emu.h's late write): every block reads the old ones before its wait and the new ones
+    after, so every guess is wrong. The results must be the new indices', which differ from the old ones'."""
+    dtype = pool.config.dtype
+    if op == "norm_shrink" and dtype == torch.float32:
+        pytest.skip("one kernel for fp16 / bf16 only (fp32 takes add_rms_norm, then sgmv_shrink)")
+    m = [pool.module_index("k_proj")]
+    common = (pool.arena, pool.page_table, pool.ranks)
+    tokens = 1 if op == "norm_shrink" else 5
+    x, y, _ = _lora_inputs(pool, tokens, 4096, 1024, "uniform", seed=7)
+    residual, weight = torch.randn(tokens, 4096).to(dtype), torch.rand(4096).to(dtype) + 0.5
+    if op.startswith("bgmv"):
+        old = [torch.tensor([0, 1, 2, 3, -1], dtype=torch.int32)]
+        new = [torch.tensor([3, -1, 1, 0, 2], dtype=torch.int32)]
+    elif op.startswith("sgmv"):
+        old = [torch.tensor([0, 1, 3, 5], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)]
+        new = [torch.tensor([0, 2, 3, 5], dtype=torch.int32), torch.tensor([3, -1, 1], dtype=torch.int32)]
+    else:
+        old = [torch.tensor([0, 1], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)]
+        new = [torch.tensor([0, 1], dtype=torch.int32), torch.tensor([3], dtype=torch.int32)]
+
+    def run(*groups):
+        if op == "bgmv":
+            return bgmv(y.clone(), x, pool, 0, "k_proj", *groups)
+        if op == "sgmv":
+            return sgmv(y.clone(), x, pool, 0, "k_proj", *groups)
+        if op == "bgmv_shrink":
+            return torch.ops.lorax_core.bgmv_shrink(x, *common, *groups, 0, m, pool.page_size)
+        if op == "sgmv_shrink":
+            return torch.ops.lorax_core.sgmv_shrink(x, *common, *groups, 0, m, pool.page_size)
+        return torch.ops.lorax_core.add_rms_norm_sgmv_shrink(x, residual, weight, 1e-5, *common, *groups, 0, m,
+                                                             pool.page_size)[2]
+
+    expected, stale = run(*new), run(*old)
+    assert not torch.equal(expected, stale)
+    inputs = [t.clone() for t in old]
+    for t, fresh in zip(inputs, new):
+        torch.ops.lorax_emu.late_write(t, fresh)
+    with emu():
+        got = run(*inputs)
+    assert all(torch.equal(t, fresh) for t, fresh in zip(inputs, new)), "no emulated launch took the late write"
+    assert_close(got, expected, dtype=dtype, scale=4)
 
 
 @emulated

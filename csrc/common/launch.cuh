@@ -1,13 +1,16 @@
 // Kernel launches with programmatic dependent launch (PDL, compute capability 9.0+): every kernel of ours is
-// launched with launch() (or launch_cluster(), in thread block clusters) and calls pdl_prologue() first.
+// launched with launch() (or launch_cluster(), in thread block clusters) and calls pdl_prologue() before it uses
+// anything that the kernels before it may write.
 //
 // A decode step is hundreds of short kernels in a row, and between two of them the GPU idles while the next one
 // launches. With PDL the next kernel launches as soon as every CTA of the one before it has started: its CTAs
 // wait in pdl_prologue() until that kernel has finished and its writes are visible, then run. So the launch
-// overlaps the previous kernel's work, also inside a CUDA graph. Correctness needs only that a kernel touches no
-// memory before its prologue but weights, which no kernel writes: L2 prefetches of them, and the NF4 GEMV's loads of
-// its absmax tables and first codes; where PDL is off (older GPUs or CUDA, or set_programmatic_launch(false)) the
-// prologue does nothing and launches are ordinary stream-ordered ones.
+// overlaps the previous kernel's work, also inside a CUDA graph. Correctness needs only that a kernel uses nothing
+// it read before its prologue but weights, which no kernel writes: L2 prefetches of them, the NF4 GEMV's loads of
+// its absmax tables and first codes, and the adapter pool's arena, page table and ranks (written on the pool's copy
+// stream, behind an event). The LoRA kernels also read their adapter indices there, as a guess that they check
+// after the prologue (TileAdapter in lora_kernels.cu). Where PDL is off (older GPUs or CUDA, or
+// set_programmatic_launch(false)) the prologue does nothing and launches are ordinary stream-ordered ones.
 // tests/cuda_emu/launch.cuh stands in for this header in the CPU emulator, which checks that every thread of
 // every kernel passes the prologue.
 #pragma once

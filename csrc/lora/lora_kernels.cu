@@ -56,7 +56,9 @@ struct alignas(VEC * sizeof(T)) Packed {
   T e[VEC];
 };
 
-__device__ __forceinline__ int token_at(const TokenGroups& g, int pos) { return g.order ? g.order[pos] : pos; }
+// The token groups and adapter indices are read past L1 (__ldcg): a kernel may have read them before its PDL wait
+// (TileAdapter), and L1 could still hold those lines.
+__device__ __forceinline__ int token_at(const TokenGroups& g, int pos) { return g.order ? __ldcg(g.order + pos) : pos; }
 
 // Grids stack the call's modules along y: blockIdx.y = module * (gridDim.y / count) + block. Points p at this CTA's
 // module and returns (module's position in the call, block within the module).
@@ -93,7 +95,7 @@ __device__ __forceinline__ void copy_vec(T* dst, const T* src) {
 
 // Group k's adapter slot, or -1 for none (as for any index outside the pool).
 __device__ __forceinline__ int group_adapter(const TokenGroups& g, const Pool& p, int k) {
-  const int a = g.adapters[k];
+  const int a = __ldcg(g.adapters + k);
   return a >= 0 && a < p.slots ? a : -1;
 }
 
@@ -118,8 +120,9 @@ __device__ TileRef find_tile(const TokenGroups& g, int want, TileRef& found) {
     // before: the tiles of groups [0, k0); covered: where they end. Groups past the last token are empty, so a CTA
     // without a tile stops there instead of walking every group (BGMV has one per pool slot).
     for (int k0 = 0, before = 0, covered = 0; k0 < count && before <= want && covered < tokens; k0 += 32) {
-      const int k = k0 + lane, start = k < count ? min(max(g.starts[k], 0), tokens) : tokens;
-      const int len = k < count ? min(max(g.starts[k + 1], start), tokens) - start : 0, tiles = (len + Tile - 1) / Tile;
+      const int k = k0 + lane, start = k < count ? min(max(__ldcg(g.starts + k), 0), tokens) : tokens;
+      const int len = k < count ? min(max(__ldcg(g.starts + k + 1), start), tokens) - start : 0;
+      const int tiles = (len + Tile - 1) / Tile;
       const int end = before + warp_prefix_sum(tiles, lane), i = want - (end - tiles);  // i: tile within group k
       if (i >= 0 && want < end) found = TileRef{k, start + i * Tile, min(len - i * Tile, Tile)};
       before = __shfl_sync(0xffffffffu, end, 31);
@@ -134,6 +137,51 @@ template <int Tile>
 __device__ TileRef find_tile(const TokenGroups& g) {
   __shared__ TileRef found;
   return find_tile<Tile>(g, static_cast<int>(blockIdx.x), found);
+}
+
+// A CTA's tile and the adapter of its group (-1: none, or no tile).
+//
+// The decode kernels start their chain of dependent loads (tile, adapter, rank, page table, weights) before their
+// PDL wait, while the kernel before them finishes. The pool (arena, page table, ranks) is safe to read there, as
+// weights are (launch.cuh): no kernel writes it. The token groups and adapter indices are not: the kernel just
+// before may still be writing them. So a kernel reads its TileAdapter before the wait as a guess, reads the pool
+// for it, reads it again after the wait (find_tile's and group_adapter's loads skip L1, which may hold the guess's
+// lines), and keeps what it read for the guess only if the two are equal. A wrong guess costs the reads again,
+// never a wrong result. Each thread checks its own guess, so no barrier depends on it.
+// tests/test_cuda_emulated.py makes every guess wrong with a late write of the indices (cuda_emu.h).
+struct TileAdapter {
+  TileRef tile;
+  int adapter;
+
+  __device__ bool operator==(const TileAdapter& o) const {
+    return tile.group == o.tile.group && tile.begin == o.tile.begin && tile.n == o.tile.n && adapter == o.adapter;
+  }
+};
+
+// `found`: a shared-memory slot, one for each call in a kernel (a call's barrier does not cover the next one's).
+template <int Tile>
+__device__ TileAdapter tile_adapter(const TokenGroups& g, const Pool& p, int want, TileRef& found) {
+  const TileRef tile = find_tile<Tile>(g, want, found);
+  return {tile, tile.n > 0 ? group_adapter(g, p, tile.group) : -1};
+}
+
+// The adapter's rank at (p.layer, p.module); 0 for none.
+__device__ __forceinline__ int adapter_rank(const Pool& p, int adapter) {
+  return adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
+}
+
+// Asks L2 for elements [first, last) of rows [rows.x, rows.y) of the adapter's A (ab = 0) or B^T (ab = 1), a line
+// (or a page, if smaller) at a time, spread over the CTA's `threads` threads.
+template <typename T>
+__device__ void prefetch_rows(const Pool& p, int adapter, int ab, int2 rows, int first, int last, int threads) {
+  if (last <= first || rows.y <= rows.x) return;
+  const T* arena = static_cast<const T*>(p.arena);
+  const int mask = (1 << p.page_log2) - 1, step = min(128 / static_cast<int>(sizeof(T)), 1 << p.page_log2);
+  const int begin = first / step * step, lines = (last - begin + step - 1) / step;
+  for (int e = threadIdx.x; e < (rows.y - rows.x) * lines; e += threads) {
+    const int i = rows.x + e / lines, o = begin + (e % lines) * step;
+    prefetch_l2(arena + (int64_t{row_pages(p, adapter, ab, i)[o >> p.page_log2]} << p.page_log2) + (o & mask));
+  }
 }
 
 template <typename T, int VEC, int RPW>
@@ -231,54 +279,70 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
 
 // Shrink for few tokens (decode): the latency of walking `in` step by step dominates, so one CTA owns
 // kNarrowRows rank rows for up to kNarrowTile tokens and its warps split `in` between them (a 4096-wide row is one
-// step of loads); the warps' partial sums meet in shared memory. Deterministic: no atomics.
+// step of loads); the warps' partial sums meet in shared memory. Deterministic: no atomics. The first step's weights
+// are loaded before the PDL wait, for the tile and adapter guessed there (TileAdapter).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kShrinkWarps * 32)
     shrink_narrow_kernel(const T* __restrict__ x, int in, Pool p, Modules mods, TokenGroups g,
                          float* __restrict__ v, int max_rank) {
-  pdl_prologue();
   constexpr int kStep = kShrinkWarps * 32 * VEC * kNarrowUnroll;  // elements of `in` per step
   __shared__ float part[kShrinkWarps][kNarrowRows][kNarrowTile];
   __shared__ int tok[kNarrowTile];
-  const TileRef tile = find_tile<kNarrowTile>(g);
-  const int n = tile.n;
-  if (n <= 0) return;
-  const int adapter = group_adapter(g, p, tile.group);
+  __shared__ TileRef found[2];  // before the wait, and after
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int2 mb = cta_module(mods, p);
+  const int row0 = mb.y * kNarrowRows;
+  const T* arena = static_cast<const T*>(p.arena);
+  const int mask = (1 << p.page_log2) - 1;
+  // The adapter's rank, the pages of rows row0.., and their weights at `in` positions [k0, k0 + kStep) (zeros past
+  // the rank and `in`).
+  int rank = 0;
+  const int32_t* pages[kNarrowRows];
+  Packed<T, VEC> w[kNarrowRows][kNarrowUnroll];
+  auto read_rows = [&](int adapter) {
+    rank = adapter_rank(p, adapter);
+#pragma unroll
+    for (int r = 0; r < kNarrowRows; ++r) pages[r] = row_pages(p, max(adapter, 0), 0, row0 + r < rank ? row0 + r : 0);
+  };
+  auto load_step = [&](int k0) {
+#pragma unroll
+    for (int r = 0; r < kNarrowRows; ++r)
+#pragma unroll
+      for (int u = 0; u < kNarrowUnroll; ++u) {
+        const int k = k0 + ((u * kShrinkWarps + warp) * 32 + lane) * VEC;
+        if (row0 + r < rank && k < in) {
+          w[r][u] = *reinterpret_cast<const Packed<T, VEC>*>(arena + (int64_t{pages[r][k >> p.page_log2]}
+                                                                      << p.page_log2) + (k & mask));
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) w[r][u].e[e] = from_float<T>(0.0f);
+        }
+      }
+  };
+  const TileAdapter guess = tile_adapter<kNarrowTile>(g, p, static_cast<int>(blockIdx.x), found[0]);
+  read_rows(guess.adapter);
+  load_step(0);
+  pdl_prologue();
+  const TileAdapter now = tile_adapter<kNarrowTile>(g, p, static_cast<int>(blockIdx.x), found[1]);
+  const int n = now.tile.n;
+  if (n <= 0) return;
+  if (!(now == guess)) {
+    read_rows(now.adapter);
+    load_step(0);
+  }
   const int width = mods.count * max_rank;
   v += mb.x * max_rank;
-  const int rank = adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
-  const int row0 = mb.y * kNarrowRows;
-  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, tile.begin + threadIdx.x);
+  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, now.tile.begin + threadIdx.x);
   __syncthreads();
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float acc[kNarrowRows][kNarrowTile];
 #pragma unroll
   for (int r = 0; r < kNarrowRows; ++r)
 #pragma unroll
     for (int j = 0; j < kNarrowTile; ++j) acc[r][j] = 0.0f;
   if (row0 < rank) {  // CTA-uniform
-    const T* arena = static_cast<const T*>(p.arena);
-    const int mask = (1 << p.page_log2) - 1;
-    const int32_t* pages[kNarrowRows];
-#pragma unroll
-    for (int r = 0; r < kNarrowRows; ++r) pages[r] = row_pages(p, adapter, 0, row0 + r < rank ? row0 + r : row0);
     for (int k0 = 0; k0 < in; k0 += kStep) {
-      Packed<T, VEC> w[kNarrowRows][kNarrowUnroll];
-#pragma unroll
-      for (int r = 0; r < kNarrowRows; ++r)
-#pragma unroll
-        for (int u = 0; u < kNarrowUnroll; ++u) {
-          const int k = k0 + ((u * kShrinkWarps + warp) * 32 + lane) * VEC;
-          if (row0 + r < rank && k < in) {
-            w[r][u] = *reinterpret_cast<const Packed<T, VEC>*>(arena + (int64_t{pages[r][k >> p.page_log2]}
-                                                                        << p.page_log2) + (k & mask));
-          } else {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) w[r][u].e[e] = from_float<T>(0.0f);
-          }
-        }
+      if (k0 > 0) load_step(k0);
 #pragma unroll
       for (int j = 0; j < kNarrowTile; ++j) {
         if (j >= n) break;
@@ -310,7 +374,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
     if (j < n && row < max_rank) {
       float s = 0.0f;
 #pragma unroll
-      for (int w = 0; w < kShrinkWarps; ++w) s += part[w][r][j];
+      for (int q = 0; q < kShrinkWarps; ++q) s += part[q][r][j];
       v[int64_t{tok[j]} * width + row] = s;
     }
   }
@@ -320,38 +384,42 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
 // the q/k/v and the gate/up projections). Grid and rank rows as shrink_narrow_kernel's for one token; every CTA
 // with rank rows to do computes the norm itself (the row is a few KB, read from L2), as layers' add_rms_norm
 // rounds it: s = T(x + residual), out = T(w * T(s * rsqrt(mean(s^2) + eps))), with one block sum in a fixed
-// order, so every CTA gets the same out; CTA 0 writes out and s. The CTA's A rows stream into L2 meanwhile.
+// order, so every CTA gets the same out; CTA 0 writes out and s. The CTA's A rows stream into L2 from before the
+// PDL wait, for the tile and adapter guessed there (TileAdapter).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kShrinkWarps * 32)
     norm_shrink_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
                        int cols, float eps, T* __restrict__ out, T* __restrict__ sum, Pool p, Modules mods,
                        TokenGroups g, float* __restrict__ v, int max_rank) {
-  pdl_prologue();
   extern __shared__ float normed[];  // [cols]: the norm's output, as out holds it
   __shared__ float part[kShrinkWarps][kNarrowRows];
-  const TileRef tile = find_tile<kNarrowTile>(g);
-  const int adapter = tile.n > 0 ? group_adapter(g, p, tile.group) : -1;
+  __shared__ TileRef found[2];  // before the wait, and after
   const int2 mb = cta_module(mods, p);
-  v += mb.x * max_rank;
-  const int rank = adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
   const int row0 = mb.y * kNarrowRows;
+  const T* arena = static_cast<const T*>(p.arena);
+  const int mask = (1 << p.page_log2) - 1;
+  int rank = 0;
+  const int32_t* pages[kNarrowRows];
+  auto read_rows = [&](int adapter) {
+    rank = adapter_rank(p, adapter);
+#pragma unroll
+    for (int r = 0; r < kNarrowRows; ++r) pages[r] = row_pages(p, max(adapter, 0), 0, row0 + r < rank ? row0 + r : 0);
+  };
+  // Before the wait, for the guessed adapter (TileAdapter): its rows stream into L2 while the kernel before ends.
+  const TileAdapter guess = tile_adapter<kNarrowTile>(g, p, static_cast<int>(blockIdx.x), found[0]);
+  read_rows(guess.adapter);
+  prefetch_rows<T>(p, max(guess.adapter, 0), 0, make_int2(row0, min(rank, row0 + kNarrowRows)), 0, cols,
+                   kShrinkWarps * 32);
+  pdl_prologue();
+  const TileAdapter now = tile_adapter<kNarrowTile>(g, p, static_cast<int>(blockIdx.x), found[1]);
+  if (!(now == guess)) read_rows(now.adapter);
+  v += mb.x * max_rank;
   const bool writer = blockIdx.y == 0, live = row0 < rank;
   if (!writer && !live) {  // v's rows past the rank are zeros
     if (threadIdx.x < kNarrowRows && row0 + static_cast<int>(threadIdx.x) < max_rank) v[row0 + threadIdx.x] = 0.0f;
     return;
   }
-  const T* arena = static_cast<const T*>(p.arena);
-  const int mask = (1 << p.page_log2) - 1;
-  const int32_t* pages[kNarrowRows];
-#pragma unroll
-  for (int r = 0; r < kNarrowRows; ++r)
-    pages[r] = row_pages(p, live ? adapter : 0, 0, live && row0 + r < rank ? row0 + r : 0);
   constexpr int kStep = kShrinkWarps * 32 * VEC;
-  if (live)  // the weights stream into L2 while the norm is summed
-    for (int k = threadIdx.x * VEC; k < cols; k += kStep)
-#pragma unroll
-      for (int r = 0; r < kNarrowRows; ++r)
-        if (row0 + r < rank) prefetch_l2(arena + (int64_t{pages[r][k >> p.page_log2]} << p.page_log2) + (k & mask));
 
   float sq = 0.0f;
   for (int k = threadIdx.x * VEC; k < cols; k += kStep) {
@@ -483,9 +551,10 @@ __global__ void __launch_bounds__(kExpandThreads)
 // up to kApplyTile tokens and module. CTA c of the cluster shrinks piece c of `in` into its partial v (shared
 // memory), reads the other CTAs' partials after a cluster barrier and sums them in rank order (so every CTA gets the
 // same v), then expands into piece c of the module's outputs. v never leaves the chip, and the step costs one
-// kernel's latency chain instead of two: adapter, rank, page table, weights, once. The CTA's B rows stream into L2
-// while it shrinks. Tokens without an adapter, and modules the adapter does not touch, are skipped (the whole
-// cluster returns: it shares the tile and module).
+// kernel's latency chain instead of two: adapter, rank, page table, weights, once. The CTA's pieces of A and B
+// stream into L2 from before the PDL wait, for the tile and adapter guessed there (TileAdapter). Tokens without an
+// adapter, and modules the adapter does not touch, are skipped (the whole cluster returns: it shares the tile and
+// module).
 constexpr int kApplyThreads = 128;
 constexpr int kApplyWarps = kApplyThreads / 32;
 constexpr int kApplyTile = kNarrowTile;  // tokens per tile: a segment's tokens share each weight load
@@ -503,41 +572,38 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kApplyThreads)
     apply_kernel(T* __restrict__ y, int64_t ld, const T* __restrict__ x, int in, Pool p, Modules mods,
                  const float* __restrict__ scales, TokenGroups g, int max_rank) {
-  pdl_prologue();
   // Dynamic only (cluster.cuh): part [kApplyTile][max_rank], this CTA's partial v, which the cluster reads; total,
-  // the same shape, scale * v; then the tile and its tokens.
+  // the same shape, scale * v; then the tile before the PDL wait and after, and its tokens.
   extern __shared__ float apply_shared[];
   float* part = apply_shared;
   float* total = part + kApplyTile * max_rank;
   TileRef* found = reinterpret_cast<TileRef*>(total + kApplyTile * max_rank);
-  int* tok = reinterpret_cast<int*>(found + 1);
-  const int c = cluster_rank(), C = cluster_size();
-  const TileRef tile = find_tile<kApplyTile>(g, static_cast<int>(blockIdx.x) / C, *found);
-  const int n = tile.n;
-  const int adapter = n > 0 ? group_adapter(g, p, tile.group) : -1;
-  if (adapter < 0) return;
+  int* tok = reinterpret_cast<int*>(found + 2);
+  const int c = cluster_rank(), C = cluster_size(), want = static_cast<int>(blockIdx.x) / C;
   const int2 mb = cta_module(mods, p);
-  const int rank = p.ranks[layer_module(p, adapter)];
+  const int2 ks = piece(in / VEC, C, c);  // this CTA's vectors of `in`
+  const int2 outs = piece(static_cast<int>(mods.column[mb.x + 1] - mods.column[mb.x]) / VEC, C, c);  // of outputs
+  // Before the wait, for the guessed adapter (TileAdapter): this CTA's A and B pieces stream into L2 while the kernel
+  // before ends.
+  const TileAdapter guess = tile_adapter<kApplyTile>(g, p, want, found[0]);
+  int rank = adapter_rank(p, guess.adapter);
+  prefetch_rows<T>(p, max(guess.adapter, 0), 0, make_int2(0, rank), ks.x * VEC, ks.y * VEC, kApplyThreads);
+  prefetch_rows<T>(p, max(guess.adapter, 0), 1, make_int2(0, rank), outs.x * VEC, outs.y * VEC, kApplyThreads);
+  pdl_prologue();
+  const TileAdapter now = tile_adapter<kApplyTile>(g, p, want, found[1]);
+  const int n = now.tile.n, adapter = now.adapter;
+  if (adapter < 0) return;
+  if (!(now == guess)) rank = adapter_rank(p, adapter);
   if (rank == 0) return;
-  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, tile.begin + threadIdx.x);
+  if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, now.tile.begin + threadIdx.x);
   const T* arena = static_cast<const T*>(p.arena);
   const int mask = (1 << p.page_log2) - 1;
-  const int2 outs = piece(static_cast<int>(mods.column[mb.x + 1] - mods.column[mb.x]) / VEC, C, c);  // vectors
   y += mods.column[mb.x];
-  {  // this CTA's B rows into L2: a line (or a page, if smaller) at a time
-    const int step = min(128 / static_cast<int>(sizeof(T)), 1 << p.page_log2);
-    const int first = outs.x * VEC, lines = ((outs.y - outs.x) * VEC + step - 1) / step;
-    for (int e = threadIdx.x; e < rank * lines; e += kApplyThreads) {
-      const int i = e / lines, o = first + (e - i * lines) * step;
-      prefetch_l2(arena + (int64_t{row_pages(p, adapter, 1, i)[o >> p.page_log2]} << p.page_log2) + (o & mask));
-    }
-  }
   __syncthreads();  // tok
 
   // Shrink piece c of `in`: warp w takes rank rows [4w, 4w + 4), then [16 + 4w, ...), ...; its lanes split the
   // piece's vectors, kApplyUnroll loads per row in flight, and each token of the tile uses every load.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int2 ks = piece(in / VEC, C, c);
   for (int r0 = warp * kApplyRows; r0 < rank; r0 += kApplyWarps * kApplyRows) {  // warp-uniform
     const int32_t* pages[kApplyRows];
 #pragma unroll
@@ -723,7 +789,7 @@ template <typename T>
 bool dispatch_apply(void* y, int64_t tokens, int64_t ld, const void* x, int64_t in, const Pool& p, const Modules& m,
                     const float* scales, const TokenGroups& g, int64_t max_rank, int num_sms, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
-  const size_t smem = sizeof(float) * 2 * kApplyTile * max_rank + sizeof(TileRef) + sizeof(int) * kApplyTile;
+  const size_t smem = sizeof(float) * 2 * kApplyTile * max_rank + 2 * sizeof(TileRef) + sizeof(int) * kApplyTile;
   if (smem > 48 * 1024 || in > std::numeric_limits<int>::max()) return false;
   const bool vec = shrink_vectorizes<T>(x, in, p) && expand_vectorizes<T>(y, ld, p, m);
   const int64_t vectors = vec ? in / kVec : in;

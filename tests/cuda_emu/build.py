@@ -12,7 +12,7 @@ The sources of csrc/{lora,attention,layers,nf4} are copied and rewritten, never 
   (shared-memory loads by address) by lane_table.cuh, csrc/common/cluster.cuh (thread block clusters) by
   cluster.cuh, csrc/common/cp_async.cuh (asynchronous copies to shared memory) by cp_async.cuh.
 So `torch.ops.lorax_emu.<op>(cpu tensors)` runs the same host code and kernels as `torch.ops.lorax_core.<op>`
-on a GPU.
+on a GPU. hooks.cpp adds the emulator's own ops for the tests (`lorax_emu::late_write`).
 
 With `asan=True` the library is built with AddressSanitizer and UndefinedBehaviorSanitizer; the process must then
 have libasan preloaded (`asan_env()` gives the environment for a subprocess). Builds go to
@@ -115,7 +115,7 @@ def load(asan: bool = False, verbose: bool = False):
     checkout = hashlib.sha1(str(CSRC).encode()).hexdigest()[:10]
     build_dir = Path(os.environ.get("LORAX_EMU_BUILD_DIR", Path.home() / ".cache" / "lorax_core")) / checkout / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    files = sources(build_dir / "src")
+    files = [*sources(build_dir / "src"), str(HERE / "hooks.cpp")]
     flags = ["-O1", "-g", "-ffp-contract=off", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-DLORAX_EMULATOR"]
     ldflags = []
     if asan:

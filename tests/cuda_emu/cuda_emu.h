@@ -30,6 +30,10 @@
 // thread's cp_async_wait() must have it landed: a read of a stage before its wait and barrier sees the old bytes.
 // A misaligned copy, or one to outside the dynamic shared memory, fails.
 //
+// Programmatic dependent launch: late_write() (below; the op torch.ops.lorax_emu.late_write) stands for a write of
+// the kernel before that lands only when the next kernel's pdl_prologue() waits for it, so a test can check that
+// what a kernel reads before its wait it reads again after.
+//
 // Tensor-core mma (csrc/common/mma.cuh) is a warp exchange like a shuffle: tests/cuda_emu/mma.cuh stands in for
 // that header, and each lane computes its results from the warp's fragments.
 //
@@ -181,6 +185,32 @@ struct Cluster {
   bool started = false;       // a cluster barrier has completed: every block has started, as on a GPU
 };
 
+// A write of the kernel before that is still landing when this launch starts: programmatic dependent launch lets
+// a kernel run up to its pdl_prologue() while the one before finishes. late_write(to, from, bytes) makes each
+// cluster of the next launch see the bytes at `to` as they are until a thread of it passes pdl_prologue(), and
+// those of `from` after (and for good once the launch is over). So every block's reads before its wait are stale:
+// a kernel that uses one without reading it again after the wait gives wrong results.
+struct LateWrite {
+  void* to;
+  std::vector<unsigned char> before, after;
+};
+inline std::vector<LateWrite> late_writes;         // for the next launch
+inline std::vector<LateWrite>* landing = nullptr;  // this launch's
+inline bool landed = false;                        // in the running cluster
+
+inline void late_write(void* to, const void* from, size_t bytes) {
+  const auto* old = static_cast<const unsigned char*>(to);
+  const auto* fresh = static_cast<const unsigned char*>(from);
+  late_writes.push_back({to, std::vector<unsigned char>(old, old + bytes),
+                         std::vector<unsigned char>(fresh, fresh + bytes)});
+}
+
+inline void land_late_writes(bool after) {
+  if (landing == nullptr) return;
+  for (const LateWrite& w : *landing) std::memcpy(w.to, (after ? w.after : w.before).data(), w.after.size());
+  landed = after;
+}
+
 inline dim3 grid_dim, block_dim;
 inline uint3 thread_idx, block_idx;
 inline Block* block = nullptr;  // the running thread's block
@@ -287,6 +317,9 @@ inline void launch(dim3 grid, dim3 threads, size_t shared_bytes, cudaStream_t /*
   }
   cluster = &state;
   current_body = &body;
+  std::vector<LateWrite> late = std::move(late_writes);
+  late_writes.clear();
+  landing = &late;
 
   std::vector<Fiber> fibers(total);
   for (long t = 0; t < total; ++t) {
@@ -316,6 +349,7 @@ inline void launch(dim3 grid, dim3 threads, size_t shared_bytes, cudaStream_t /*
         }
         state.barrier.reset(static_cast<int>(total));
         state.started = false;
+        land_late_writes(false);
         for (Fiber& f : fibers) {
           f.done = false;
           f.passed_prologue = false;
@@ -336,12 +370,17 @@ inline void launch(dim3 grid, dim3 threads, size_t shared_bytes, cudaStream_t /*
           if (!progressed) fail("every thread of the block waits at a barrier that cannot complete: a deadlock");
         }
       }
+  land_late_writes(true);
+  landing = nullptr;
   block = nullptr;
   cluster = nullptr;
   current = nullptr;
 }
 
-inline void pdl_prologue() { current->passed_prologue = true; }
+inline void pdl_prologue() {
+  current->passed_prologue = true;
+  if (!landed) land_late_writes(true);
+}
 inline void syncthreads() { block->barrier.wait(); }
 inline void syncwarp() { my_warp().barrier.wait(); }
 
