@@ -46,12 +46,14 @@ def dequant_table(rows, copy_gbps):
     return "\n".join(lines)
 
 
-def lora_table(rows, kind, impls, gbps_label="paged GB/s"):
+def lora_table(rows, kind, impls, gbps_label="paged GB/s", order=None):
+    """Rows by case (sorted by `order`, default the case's name): each impl's time, the first's GB/s, and each
+    other impl's time over the first's."""
     idx = {(r["shape"], r["impl"]): r for r in rows if r["kind"] == kind}
     head = " | ".join(f"{i} us" for i in impls)
     ratios = " | ".join(f"vs {i}" for i in impls[1:])
     lines = [f"| case | {head} | {gbps_label} | {ratios} |", "|---" * (2 + 2 * len(impls) - 1) + "|"]
-    for shape in sorted({s for s, _ in idx}):
+    for shape in sorted({s for s, _ in idx}, key=order):
         ours = idx.get((shape, impls[0]))
         if ours is None:
             continue
@@ -80,6 +82,9 @@ def write_tables(rows, out, header):
              "\n\n## gate | up with down's LoRA shrink in its epilogue vs the GEMV, then sgmv_shrink "
              "(GB/s = NF4 weight)\n",
              lora_table(rows, "mlp_shrink", ["one kernel", "GEMV, then shrink"], "one kernel GB/s"),
+             "\n\n## Decode attention, Mistral-7B heads, bf16, a block table 8192 tokens wide (GB/s = K + V read)\n",
+             lora_table(rows, "attention", ["lorax", "two_kernels", "pdl_off", "sdpa"], "lorax GB/s",
+                        order=lambda s: tuple(int(p.lstrip("bctx")) for p in s.split("-"))),
              "\n"]
     text = "\n".join(p for p in parts if p)
     with open(os.path.join(out, "bench_kernels.md"), "w") as f:
