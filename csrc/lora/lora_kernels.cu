@@ -184,6 +184,19 @@ __device__ void prefetch_rows(const Pool& p, int adapter, int ab, int2 rows, int
   }
 }
 
+// The adapter's rank at (p.layer, p.module) and the pages of its A rows row0 .. row0 + kNarrowRows - 1 (for rows
+// past the rank, row 0's: never read), as the narrow shrinks read them.
+struct NarrowRows {
+  int rank;
+  const int32_t* pages[kNarrowRows];
+
+  __device__ __forceinline__ void read(const Pool& p, int adapter, int row0) {
+    rank = adapter_rank(p, adapter);
+#pragma unroll
+    for (int r = 0; r < kNarrowRows; ++r) pages[r] = row_pages(p, max(adapter, 0), 0, row0 + r < rank ? row0 + r : 0);
+  }
+};
+
 template <typename T, int VEC, int RPW>
 __global__ void __launch_bounds__(kShrinkWarps * 32)
     shrink_kernel(const T* __restrict__ x, int in, Pool p, Modules mods, TokenGroups g, float* __restrict__ v,
@@ -294,24 +307,16 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   const int row0 = mb.y * kNarrowRows;
   const T* arena = static_cast<const T*>(p.arena);
   const int mask = (1 << p.page_log2) - 1;
-  // The adapter's rank, the pages of rows row0.., and their weights at `in` positions [k0, k0 + kStep) (zeros past
-  // the rank and `in`).
-  int rank = 0;
-  const int32_t* pages[kNarrowRows];
-  Packed<T, VEC> w[kNarrowRows][kNarrowUnroll];
-  auto read_rows = [&](int adapter) {
-    rank = adapter_rank(p, adapter);
-#pragma unroll
-    for (int r = 0; r < kNarrowRows; ++r) pages[r] = row_pages(p, max(adapter, 0), 0, row0 + r < rank ? row0 + r : 0);
-  };
+  NarrowRows rows;
+  Packed<T, VEC> w[kNarrowRows][kNarrowUnroll];  // the rows' weights at `in` positions [k0, k0 + kStep)
   auto load_step = [&](int k0) {
 #pragma unroll
     for (int r = 0; r < kNarrowRows; ++r)
 #pragma unroll
       for (int u = 0; u < kNarrowUnroll; ++u) {
         const int k = k0 + ((u * kShrinkWarps + warp) * 32 + lane) * VEC;
-        if (row0 + r < rank && k < in) {
-          w[r][u] = *reinterpret_cast<const Packed<T, VEC>*>(arena + (int64_t{pages[r][k >> p.page_log2]}
+        if (row0 + r < rows.rank && k < in) {
+          w[r][u] = *reinterpret_cast<const Packed<T, VEC>*>(arena + (int64_t{rows.pages[r][k >> p.page_log2]}
                                                                       << p.page_log2) + (k & mask));
         } else {
 #pragma unroll
@@ -320,14 +325,14 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
       }
   };
   const TileAdapter guess = tile_adapter<kNarrowTile>(g, p, static_cast<int>(blockIdx.x), found[0]);
-  read_rows(guess.adapter);
+  rows.read(p, guess.adapter, row0);
   load_step(0);
   pdl_prologue();
   const TileAdapter now = tile_adapter<kNarrowTile>(g, p, static_cast<int>(blockIdx.x), found[1]);
   const int n = now.tile.n;
   if (n <= 0) return;
   if (!(now == guess)) {
-    read_rows(now.adapter);
+    rows.read(p, now.adapter, row0);
     load_step(0);
   }
   const int width = mods.count * max_rank;
@@ -340,7 +345,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   for (int r = 0; r < kNarrowRows; ++r)
 #pragma unroll
     for (int j = 0; j < kNarrowTile; ++j) acc[r][j] = 0.0f;
-  if (row0 < rank) {  // CTA-uniform
+  if (row0 < rows.rank) {  // CTA-uniform
     for (int k0 = 0; k0 < in; k0 += kStep) {
       if (k0 > 0) load_step(k0);
 #pragma unroll
@@ -398,21 +403,23 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   const int row0 = mb.y * kNarrowRows;
   const T* arena = static_cast<const T*>(p.arena);
   const int mask = (1 << p.page_log2) - 1;
-  int rank = 0;
-  const int32_t* pages[kNarrowRows];
-  auto read_rows = [&](int adapter) {
-    rank = adapter_rank(p, adapter);
-#pragma unroll
-    for (int r = 0; r < kNarrowRows; ++r) pages[r] = row_pages(p, max(adapter, 0), 0, row0 + r < rank ? row0 + r : 0);
-  };
-  // Before the wait, for the guessed adapter (TileAdapter): its rows stream into L2 while the kernel before ends.
+  NarrowRows rows;
+  // Before the wait, for the guessed adapter (TileAdapter): its rows stream into L2 while the kernel before ends,
   const TileAdapter guess = tile_adapter<kNarrowTile>(g, p, static_cast<int>(blockIdx.x), found[0]);
-  read_rows(guess.adapter);
-  prefetch_rows<T>(p, max(guess.adapter, 0), 0, make_int2(row0, min(rank, row0 + kNarrowRows)), 0, cols,
+  rows.read(p, guess.adapter, row0);
+  prefetch_rows<T>(p, max(guess.adapter, 0), 0, make_int2(row0, min(rows.rank, row0 + kNarrowRows)), 0, cols,
                    kShrinkWarps * 32);
+  // and the norm's weight, and the residual (written kernels before; a prefetch of a line being written is only
+  // early: L2, where every write lands, stays coherent)
+  constexpr int kLine = 128 / sizeof(T);  // elements of a 128-byte line
+  for (int k = threadIdx.x * kLine; k < cols; k += kShrinkWarps * 32 * kLine) {
+    prefetch_l2(weight + k);
+    prefetch_l2(residual + k);
+  }
   pdl_prologue();
   const TileAdapter now = tile_adapter<kNarrowTile>(g, p, static_cast<int>(blockIdx.x), found[1]);
-  if (!(now == guess)) read_rows(now.adapter);
+  if (!(now == guess)) rows.read(p, now.adapter, row0);
+  const int rank = rows.rank;
   v += mb.x * max_rank;
   const bool writer = blockIdx.y == 0, live = row0 < rank;
   if (!writer && !live) {  // v's rows past the rank are zeros
@@ -454,7 +461,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
     for (int r = 0; r < kNarrowRows; ++r) {
       if (row0 + r >= rank) continue;
       float a[VEC];
-      load_floats<T, VEC>(arena + (int64_t{pages[r][k >> p.page_log2]} << p.page_log2) + (k & mask), a);
+      load_floats<T, VEC>(arena + (int64_t{rows.pages[r][k >> p.page_log2]} << p.page_log2) + (k & mask), a);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) acc[r] = fmaf(normed[k + e], a[e], acc[r]);
     }
