@@ -20,7 +20,8 @@
 #   PHASES=engine,host bash bench/gpu.sh                         (engine + host + profile took 7 min before the
 #   PHASES=profile bash bench/gpu.sh                              engine's fusions-off and async-off rows and the
 #                                                                 profile's nf4-nopdl and nf4-sync setups: two calls)
-#   PHASES=kernels bash bench/gpu.sh                             (2 min; the LoRA rows now replay 32 calls, not 8)
+#   PHASES=kernels bash bench/gpu.sh                             (2 min on 2026-11-24; more since: the NF4 staged
+#                                                                 columns, the decode attention table)
 #   PHASES=tests,engine,profile TESTS_ARGS="-m cuda" PROFILE_SETUPS=nf4-nopdl,nf4 bash bench/gpu.sh
 #                                                                (6 min on 2026-11-24: a change's whole check)
 #   PHASES=serving SERVING_ARGS="--clients 1,32 --adapters 1,32 --cell-seconds 6" bash bench/gpu.sh   (4 min)
