@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kShrinkWarps * 32)
   const int2 mb = cta_module(mods, p);
   const int width = mods.count * max_rank;  // v's row: the modules' max_rank blocks side by side
   v += mb.x * max_rank;
-  const int rank = adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
+  const int rank = adapter_rank(p, adapter);
   if (threadIdx.x < n) tok[threadIdx.x] = token_at(g, tile.begin + threadIdx.x);
   __syncthreads();
 
@@ -537,7 +537,7 @@ __global__ void __launch_bounds__(kExpandThreads)
   const int width = mods.count * max_rank, out = static_cast<int>(mods.column[mb.x + 1] - mods.column[mb.x]);
   v += mb.x * max_rank;
   y += mods.column[mb.x];
-  const int rank = p.ranks[layer_module(p, adapter)];
+  const int rank = adapter_rank(p, adapter);
   if (rank == 0) return;
   extern __shared__ float scaled_v[];  // [kExpandTile][rank]: scale * v of the tile's tokens
   __shared__ int tok[kExpandTile];
