@@ -76,7 +76,8 @@ def write_tables(rows, out, header):
                         ["paged", "contiguous", "loop", "gather_bmm", "paged_pdl_off", "two_kernels"]),
              "\n\n## LoRA prefill (SGMV), 4 segments\n", lora_table(rows, "lora_prefill", ["paged", "contiguous", "loop"]),
              "\n\n## Batch-1 NF4 projections, rank-16 LoRA: fused kernels vs the separate ops (GB/s = NF4 weight)\n",
-             lora_table(rows, "nf4_fused", ["fused", "fused, v from the norm", "separate"], "fused GB/s"),
+             lora_table(rows, "nf4_fused", ["fused", "fused, v from the norm", "fused, v from the norm, fp32 absmax",
+                                            "separate"], "fused GB/s"),
              "\n\n## The norm before a projection, with its LoRA shrink, vs add_rms_norm + sgmv_shrink\n",
              lora_table(rows, "norm_shrink", ["fused", "separate"], "fused GB/s (A rows + x, residual, weight)"),
              "\n\n## gate | up with down's LoRA shrink in its epilogue vs the GEMV, then sgmv_shrink "

@@ -7,17 +7,21 @@
 TORCH_LIBRARY(lorax_core, m) {
   // NF4 (bitsandbytes layout). Absmax is fp32 [blocks], or uint8 [blocks] when nested_code/nested_absmax
   // are given (double quantization: absmax_i = nested_code[q_i] * nested_absmax[i // nested_blocksize] + offset).
+  // A fused projection's parts keep their own offsets: absmax blocks from part_starts[j] on (increasing multiples of
+  // nested_blocksize, at most kMaxAbsmaxParts - 1 of them, nf4/nf4.h) add part_offsets[j] in place of offset.
   m.def("nf4_quantize(Tensor x, int blocksize) -> (Tensor codes, Tensor absmax)");
   m.def("nf4_quantize_absmax(Tensor absmax, Tensor code, int blocksize) -> (Tensor qabsmax, Tensor nested_absmax)");
   m.def(
       "nf4_dequantize_absmax(Tensor qabsmax, Tensor nested_code, Tensor nested_absmax, float offset, "
-      "int nested_blocksize) -> Tensor");
+      "int nested_blocksize, int[] part_starts=[], float[] part_offsets=[]) -> Tensor");
   m.def(
       "nf4_dequantize(Tensor codes, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, float offset, "
-      "int blocksize, int nested_blocksize, SymInt[] shape, ScalarType dtype) -> Tensor");
+      "int blocksize, int nested_blocksize, SymInt[] shape, ScalarType dtype, int[] part_starts=[], "
+      "float[] part_offsets=[]) -> Tensor");
   m.def(
       "nf4_linear(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, float offset, "
-      "int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias) -> Tensor");
+      "int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias, int[] part_starts=[], "
+      "float[] part_offsets=[]) -> Tensor");
 
   // nf4_linear, plus the LoRA delta of each row's adapter (sgmv's arguments: all given, or none; columns from 0 to
   // out_features; v: the rows' sgmv_shrink when it is already done, e.g. by add_rms_norm_sgmv_shrink), then with
@@ -28,7 +32,8 @@ TORCH_LIBRARY(lorax_core, m) {
       "nf4_linear_sgmv(Tensor x, Tensor codes, Tensor absmax, Tensor? nested_code, Tensor? nested_absmax, "
       "float offset, int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias, Tensor? arena, "
       "Tensor? page_table, Tensor? ranks, Tensor? scales, Tensor? seg_starts, Tensor? seg_slots, Tensor? v, "
-      "int layer, int[] modules, int[] columns, int page_size, bool silu_mul) -> Tensor");
+      "int layer, int[] modules, int[] columns, int page_size, bool silu_mul, int[] part_starts=[], "
+      "float[] part_offsets=[]) -> Tensor");
   // nf4_linear_sgmv with silu_mul of a fused gate | up projection (LoRA arguments required), and the sgmv_shrink of
   // its output for next_modules of the same layer (the MLP's down): (h [T, out_features / 2], v [T, len(next_modules)
   // * max_rank]), v for the next projection's nf4_linear_sgmv. On CUDA, for up to 8 rows of x and with counters
@@ -38,7 +43,7 @@ TORCH_LIBRARY(lorax_core, m) {
       "Tensor? nested_absmax, float offset, int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias, "
       "Tensor? arena, Tensor? page_table, Tensor? ranks, Tensor? scales, Tensor? seg_starts, Tensor? seg_slots, "
       "Tensor? v, int layer, int[] modules, int[] columns, int page_size, int[] next_modules, "
-      "Tensor(a!)? counters=None) -> (Tensor, Tensor)");
+      "Tensor(a!)? counters=None, int[] part_starts=[], float[] part_offsets=[]) -> (Tensor, Tensor)");
   // nf4_linear_sgmv of a fused q | k | v projection (q_heads heads, then kv_heads of k and of v), then
   // rotary_kv_cache_write of its q, k and v: returns the output with q and k rotated, and writes k and v to the
   // cache. On CUDA, for up to 8 rows of x, the GEMV's epilogue does the rotary and the cache write.
@@ -47,7 +52,8 @@ TORCH_LIBRARY(lorax_core, m) {
       "float offset, int blocksize, int nested_blocksize, SymInt out_features, Tensor? bias, Tensor? arena, "
       "Tensor? page_table, Tensor? ranks, Tensor? scales, Tensor? seg_starts, Tensor? seg_slots, Tensor? v, "
       "int layer, int[] modules, int[] columns, int page_size, int q_heads, int kv_heads, Tensor cos, Tensor sin, "
-      "Tensor positions, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> Tensor");
+      "Tensor positions, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, int[] part_starts=[], "
+      "float[] part_offsets=[]) -> Tensor");
 
   // Multi-adapter LoRA through the paged adapter pool (csrc/lora/lora.h has the layout). One call serves the
   // modules of a fused projection, which share x. Shrink: v [T, modules * max_rank] fp32, module i's block =

@@ -34,7 +34,7 @@ from test_nf4_sgmv import QKV as NF4_SGMV_MODULES
 from test_nf4_sgmv import case_id as nf4_sgmv_case_id
 from test_nf4_sgmv import check_device_norm_shrink as check_norm_shrink
 from test_nf4_sgmv import MLP_CASES, QKV_CASES, QKV_ODD, check_device_rotary, check_device_silu_shrink
-from test_nf4_sgmv import mlp_case_id, silu_shrink_case
+from test_nf4_sgmv import check_device_fused_parts, mlp_case_id, silu_shrink_case
 from test_nf4_sgmv import check_device_op as check_nf4_sgmv
 
 MODE = os.environ.get("LORAX_EMU")  # "asan" inside test_emulated_kernels' subprocess
@@ -560,6 +560,20 @@ def test_nf4_gemv_staged_equals_registers(emu, double_quant):
             assert torch.equal(staged, registers), f"m = {m}"
     finally:
         emu.module.set_nf4_gemv_staging(was)
+
+
+@emulated
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m", [1, 3, 8, 17])
+def test_nf4_fused_parts_keep_their_offsets(emu, gemv_staging, dtype, m):
+    """A fused weight whose parts keep their double quantization, each with its own offset: the GEMV's two loops, the
+    GEMM and the dequantize kernel decode each block's absmax to what the fp32-absmax fusion holds (bit for bit),
+    also where a tile pairs rows of two parts (SwiGLU's gate and up)."""
+    def run(f):
+        with emu():
+            return f()
+
+    check_device_fused_parts(m, dtype, "cpu", run)
 
 
 @emulated

@@ -36,6 +36,17 @@ def test_projections_are_nf4(setup):
     assert isinstance(attn.qkv.base, NF4Linear) and isinstance(llm.model.layers[1].mlp.down.base, NF4Linear)
 
 
+def test_fused_projections_keep_double_quantization_where_their_parts_fill_nested_blocks(setup):
+    """gate | up (parts of 256 rows of 128: 512 absmax blocks each) keeps each part's 8-bit absmax and its offset;
+    q | k | v cannot (k's 64 rows are 128 blocks, half a nested block of 256): its absmax is fp32. The logits tests
+    below run both against bitsandbytes."""
+    llm, *_ = setup
+    layer = llm.model.layers[0]
+    gate_up, qkv = layer.mlp.gate_up.base.weight, layer.attn.qkv.base.weight
+    assert gate_up.double_quant and gate_up.part_starts == (512,) and gate_up.part_offsets[0] != gate_up.offset
+    assert not qkv.double_quant and qkv.absmax.dtype == torch.float32
+
+
 def test_nf4_logits_match_bitsandbytes_peft(setup):
     llm, hf, *_ = setup
     prompts = [[random.Random(i).randrange(3, 300) for _ in range(5 + 3 * i)] for i in range(len(ROWS))]

@@ -1,5 +1,7 @@
 """NF4: byte equality with bitsandbytes (the oracle), the references, nf4_linear, NF4Linear, opcheck."""
 import copy
+import dataclasses
+import itertools
 import math
 
 import bitsandbytes.functional as bnbf
@@ -192,6 +194,73 @@ def test_bad_inputs_get_clear_errors():
     nf4_linear(torch.randn(2, 64), w)  # the ops still work after refusing bad input
 
 
+def fused_parts(rows=(64, 64, 32), k=256, device="cpu", double_quant=True) -> list[NF4Weight]:
+    """The parts of a fused projection (q | k | v by default), each quantized alone, as bitsandbytes quantizes each
+    Linear: each has its own offset (their weights' scales differ, so do their offsets)."""
+    gen = torch.Generator().manual_seed(sum(rows))
+    return [NF4Weight.quantize((torch.randn(r, k, generator=gen) * (1 + i)).to(device), 64, double_quant)
+            for i, r in enumerate(rows)]
+
+
+@pytest.mark.parametrize("rows", [(64, 64, 32), (64, 80), (128, 64, 64)], ids=str)
+def test_cat_keeps_each_parts_double_quantization(rows):
+    """NF4Weight.cat of double-quantized parts whose blocks fill nested blocks keeps their 8-bit absmax, each part
+    with its own offset: every absmax value, dequantized weight and nf4_linear output equals the parts' (and the
+    fp32-absmax fusion's), with a byte an absmax value instead of four."""
+    parts = fused_parts(rows)
+    fused = NF4Weight.cat(parts)
+    fp32 = NF4Weight.cat(parts, keep_double_quant=False)
+    assert fused.double_quant and fused.absmax.dtype == torch.uint8 and not fp32.double_quant
+    starts = list(itertools.accumulate(p.absmax.numel() for p in parts))[:-1]
+    assert fused.part_starts == tuple(starts) and fused.part_offsets == tuple(p.offset for p in parts[1:])
+    assert len({fused.offset, *fused.part_offsets}) == len(parts)  # one offset for all would be wrong
+    expected = torch.cat([p.absmax_fp32() for p in parts])
+    assert torch.equal(fused.absmax_fp32(), expected) and torch.equal(fp32.absmax, expected)
+    assert torch.equal(ref.nf4_dequantize_absmax(fused.absmax, fused.nested_code, fused.nested_absmax, fused.offset,
+                                                 256, fused.part_starts, fused.part_offsets), expected)
+    for dtype in FLOAT_DTYPES:
+        assert torch.equal(fused.dequantize(dtype), torch.cat([p.dequantize(dtype) for p in parts]))
+    x = torch.randn(3, 256)
+    assert torch.equal(nf4_linear(x, fused), nf4_linear(x, fp32))
+
+
+def test_cat_falls_back_to_fp32_absmax():
+    """Where the parts' double quantization cannot be kept, cat stores the absmax in fp32 (and still computes what
+    the parts do): a part ending inside a nested block (16 rows: 64 blocks), a part without double quantization,
+    more parts than kMaxAbsmaxParts, or when asked to."""
+    cases = [(fused_parts((16, 64)), {}), (fused_parts((64,)) + fused_parts((64,), double_quant=False), {}),
+             (fused_parts((64, 64, 64, 64)), {}), (fused_parts((64, 64)), {"keep_double_quant": False})]
+    for parts, kwargs in cases:
+        fused = NF4Weight.cat(parts, **kwargs)
+        assert not fused.double_quant and fused.absmax.dtype == torch.float32 and not fused.part_starts
+        assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+
+
+def test_bad_parts_get_clear_errors():
+    fused = NF4Weight.cat(fused_parts())  # 256, 256 and 128 blocks
+    nested = (fused.absmax, fused.nested_code, fused.nested_absmax, fused.offset, 256)
+    dequantize_absmax = torch.ops.lorax_core.nf4_dequantize_absmax
+    with pytest.raises(RuntimeError, match=r"part_starts must increase, lie inside the 640 absmax blocks and each "
+                                           r"start a nested block of 256; got \[100\]"):
+        dequantize_absmax(*nested, [100], [0.5])
+    with pytest.raises(RuntimeError, match="part_starts must increase"):
+        dequantize_absmax(*nested, [512, 256], [0.5, 0.25])
+    with pytest.raises(RuntimeError, match="part_starts and part_offsets differ in length"):
+        dequantize_absmax(*nested, [256], [])
+    with pytest.raises(RuntimeError, match="at most 3 parts"):
+        dequantize_absmax(*nested, [256, 512, 768], [0.5, 0.25, 0.125])
+    plain = NF4Weight.quantize(torch.randn(64, 256), 64, False)
+    with pytest.raises(RuntimeError, match="this absmax has no nested_code"):
+        torch.ops.lorax_core.nf4_dequantize(plain.codes, plain.absmax, None, None, 0.0, 64, 256, [64, 256],
+                                            torch.float32, [256], [0.5])
+    with pytest.raises(ValueError, match=r"part_starts \(100, 512\)"):
+        dataclasses.replace(fused, part_starts=(100, 512))
+    with pytest.raises(ValueError, match="one bitsandbytes QuantState cannot hold"):
+        fused.to_bnb()
+    assert torch.equal(dequantize_absmax(*nested, list(fused.part_starts), list(fused.part_offsets)),
+                       fused.absmax_fp32())  # the op still works after refusing bad input
+
+
 def _opcheck_samples(device):
     w = NF4Weight.quantize(torch.randn(32, 128, device=device), 64, True)
     plain = NF4Weight.quantize(torch.randn(32, 128, device=device), 128, False)
@@ -206,6 +275,12 @@ def _opcheck_samples(device):
         samples.append(("nf4_dequantize", (*state, [32, 128], torch.float32)))
         samples.append(("nf4_linear", (x, *state, 32, None)))
         samples.append(("nf4_linear", (x.requires_grad_(), *state, 32, torch.randn(32, device=device))))
+    f = NF4Weight.cat(fused_parts((128, 128, 64), k=128, device=device))  # parts with their own offsets
+    state = (f.codes, f.absmax, f.nested_code, f.nested_absmax, f.offset, 64, 256)
+    parts = (f.part_starts, f.part_offsets)
+    samples += [("nf4_dequantize_absmax", (f.absmax, f.nested_code, f.nested_absmax, f.offset, 256, *parts)),
+                ("nf4_dequantize", (*state, [320, 128], torch.float32, *parts)),
+                ("nf4_linear", (x.requires_grad_(), *state, 320, torch.randn(320, device=device), *parts))]
     return samples
 
 

@@ -11,6 +11,7 @@ from lorax_core.ops import add_rms_norm, add_rms_norm_sgmv_shrink, nf4_linear, n
 from lorax_core.ops import nf4_linear_sgmv_silu_shrink
 from lorax_core.ops import rotary_kv_cache_write, sgmv, silu_mul
 from lorax_core.ops import reference as ref
+from lorax_core.quant import NF4Weight
 from test_layer_ops import assert_norm_same
 
 QKV = {"q_proj": (256, 256), "k_proj": (256, 64), "v_proj": (256, 64), "gate_proj": (256, 96), "up_proj": (256, 96)}
@@ -489,3 +490,41 @@ def test_rotary_cuda_matches_the_ops(case, dtype, head_dim, gemv_staging):
 @pytest.mark.cuda
 def test_rotary_cuda_head_dim_not_a_power_of_two():
     check_device_rotary(QKV_CASES[0], 48, torch.bfloat16, "cuda", modules=QKV_ODD)
+
+
+def check_device_fused_parts(m, dtype, device, run=lambda f: f()):
+    """A fused weight whose parts keep their double quantization, each with its offset (NF4Weight.cat), computes on
+    the device what the same weight with its absmax in fp32 computes, bit for bit (each block's absmax is the same
+    fp32 value): nf4_linear of q | k | v (the GEMV up to 8 rows, then the GEMM, then dequantize + matmul), gate | up
+    with SwiGLU (the GEMV pairs a gate row with an up row: two parts in one tile), and q | k | v with rotary and the
+    cache write (pairs of head halves), LoRA on."""
+    gen = torch.Generator().manual_seed(m)
+
+    def fused(rows, k=256):
+        parts = [NF4Weight.quantize(torch.randn(r, k, generator=gen) * (1 + i), 64, True) for i, r in enumerate(rows)]
+        dq, fp32 = NF4Weight.cat(parts), NF4Weight.cat(parts, keep_double_quant=False)
+        assert len(dq.part_starts) == len(rows) - 1 and not fp32.double_quant
+        return dq.to(device), fp32.to(device)
+
+    x = torch.randn(m, 256, generator=gen).to(dtype).to(device)
+    qkv = fused((QKV["q_proj"][1], QKV["k_proj"][1], QKV["v_proj"][1]))
+    assert torch.equal(*(run(lambda w=w: nf4_linear(x, w)) for w in qkv))
+    gate_up = fused((128, 128))
+    assert torch.equal(*(run(lambda w=w: nf4_linear_sgmv(x, w, silu_mul=True)) for w in gate_up))
+    case = min((c for c in QKV_CASES if c[1] >= m), key=lambda c: c[1], default=QKV_CASES[3])  # 9 tokens: the ops
+    a, _ = rotary_case(case, 64, dtype, device)
+    (y0, a0), (y1, a1) = ((run(lambda b=b: rotary_op(b)), b) for b in (fresh({**a, "w": w}) for w in qkv))
+    assert torch.equal(y0, y1)
+    assert torch.equal(a0["k_cache"], a1["k_cache"]) and torch.equal(a0["v_cache"], a1["v_cache"])
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 17])
+def test_fused_parts_cpu(m):
+    check_device_fused_parts(m, torch.float32, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8, 17, 40])
+def test_fused_parts_cuda(m, dtype, gemv_staging):
+    check_device_fused_parts(m, dtype, "cuda")

@@ -6,23 +6,37 @@
 #include <tuple>
 #include <vector>
 
+#include "nf4/nf4_table.h"
+
 namespace lorax::nf4 {
 
 // The per-block absmax of an NF4 weight: fp32 [blocks], or double-quantized (uint8 [blocks] with an 8-bit
 // code book, fp32 absmax per blocksize2 entries and an offset): absmax_i = code2[q_i] * absmax2[i / bs2] + offset.
+// A fused projection's double-quantized parts keep their own offsets: blocks from part_starts[j] on add
+// part_offsets[j] instead (blocks, increasing multiples of blocksize2; bitsandbytes' offset is one per weight).
 struct AbsmaxState {
   at::Tensor absmax;
   std::optional<at::Tensor> code2;
   std::optional<at::Tensor> absmax2;
   double offset = 0.0;
   int64_t blocksize2 = 256;
+  std::vector<int64_t> part_starts;
+  std::vector<double> part_offsets;
   bool nested() const { return code2.has_value(); }
+  // The offset of absmax block b.
+  float offset_of(int64_t b) const {
+    double o = offset;
+    for (size_t j = 0; j < part_starts.size() && b >= part_starts[j]; ++j) o = part_offsets[j];
+    return static_cast<float>(o);
+  }
 };
 
 // The absmax state of an op call, checked: nested_code and nested_absmax come together, on the absmax's device,
-// and the 8-bit code book has its 256 entries.
+// the 8-bit code book has its 256 entries, and the parts (only with them) start inside the absmax, in order, each on
+// a nested block.
 inline AbsmaxState make_absmax_state(const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
-                                     const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize2) {
+                                     const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize2,
+                                     at::IntArrayRef part_starts = {}, at::ArrayRef<double> part_offsets = {}) {
   TORCH_CHECK(code2.has_value() == absmax2.has_value(),
               "nf4: a double-quantized absmax needs both nested_code and nested_absmax");
   if (code2) {
@@ -30,7 +44,22 @@ inline AbsmaxState make_absmax_state(const at::Tensor& absmax, const std::option
     TORCH_CHECK(code2->device() == absmax.device() && absmax2->device() == absmax.device(),
                 "nf4: absmax, nested_code and nested_absmax must be on one device");
   }
-  return AbsmaxState{absmax, code2, absmax2, offset, blocksize2};
+  TORCH_CHECK(part_starts.size() == part_offsets.size(), "nf4: part_starts and part_offsets differ in length (",
+              part_starts.size(), " and ", part_offsets.size(), ")");
+  if (!part_starts.empty()) {
+    TORCH_CHECK(code2.has_value(), "nf4: part_starts / part_offsets are for a double-quantized absmax (the offset of "
+                "each part's nested quantization); this absmax has no nested_code");
+    TORCH_CHECK(part_starts.size() < kMaxAbsmaxParts, "nf4: at most ", kMaxAbsmaxParts, " parts (", kMaxAbsmaxParts - 1,
+                " part_starts), got ", part_starts.size(), " part_starts; store the absmax in fp32 instead");
+    int64_t last = 0;
+    for (const int64_t start : part_starts) {
+      TORCH_CHECK(start > last && start < absmax.numel() && start % blocksize2 == 0,
+                  "nf4: part_starts must increase, lie inside the ", absmax.numel(), " absmax blocks and each start a "
+                  "nested block of ", blocksize2, "; got ", part_starts);
+      last = start;
+    }
+  }
+  return AbsmaxState{absmax, code2, absmax2, offset, blocksize2, part_starts.vec(), part_offsets.vec()};
 }
 
 inline void check_blocksize(int64_t blocksize) {
@@ -75,10 +104,9 @@ void check_linear_sgmv(const at::Tensor& x, int64_t out_features, const LoraArgs
 
 // nf4_linear, then sgmv into its output (LoRA given; sgmv_expand of v when given), then silu_mul of its halves
 // (silu_mul): the ops called one after the other through the dispatcher (nf4_sgmv_common.cpp).
-at::Tensor linear_sgmv_composite(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
-                                 const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2,
-                                 double offset, int64_t blocksize, int64_t blocksize2, int64_t out_features,
-                                 const std::optional<at::Tensor>& bias, const LoraArgs& l, bool silu_mul);
+at::Tensor linear_sgmv_composite(const at::Tensor& x, const at::Tensor& codes, const AbsmaxState& s,
+                                 int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
+                                 const LoraArgs& l, bool silu_mul);
 
 // nf4_linear_sgmv_silu_shrink's checks beyond check_linear_sgmv's (with silu_mul): the LoRA arguments given, 1 to
 // kMaxModules next modules, counters (if given) int32 on x's device.
@@ -86,10 +114,11 @@ void check_silu_shrink(const at::Tensor& x, const LoraArgs& l, at::IntArrayRef n
                        const std::optional<at::Tensor>& counters);
 
 // nf4_linear_sgmv with silu_mul, then sgmv_shrink of its output for next_modules: through the dispatcher.
-std::tuple<at::Tensor, at::Tensor> linear_sgmv_silu_shrink_composite(
-    const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
-    const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize, int64_t blocksize2,
-    int64_t out_features, const std::optional<at::Tensor>& bias, const LoraArgs& l, at::IntArrayRef next_modules);
+std::tuple<at::Tensor, at::Tensor> linear_sgmv_silu_shrink_composite(const at::Tensor& x, const at::Tensor& codes,
+                                                                     const AbsmaxState& s, int64_t blocksize,
+                                                                     int64_t out_features,
+                                                                     const std::optional<at::Tensor>& bias,
+                                                                     const LoraArgs& l, at::IntArrayRef next_modules);
 
 // nf4_linear_sgmv_rotary's rotary and KV cache arguments (rotary_kv_cache_write's, and the head counts that cut
 // the projection's output into q | k | v).
@@ -105,10 +134,8 @@ struct RotaryArgs {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_heads(const at::Tensor& y, int64_t q_heads, int64_t kv_heads);
 
 // nf4_linear_sgmv (no silu_mul), then rotary_kv_cache_write of its q, k and v, both called through the dispatcher.
-at::Tensor linear_sgmv_rotary_composite(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
-                                        const std::optional<at::Tensor>& code2,
-                                        const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize,
-                                        int64_t blocksize2, int64_t out_features,
+at::Tensor linear_sgmv_rotary_composite(const at::Tensor& x, const at::Tensor& codes, const AbsmaxState& s,
+                                        int64_t blocksize, int64_t out_features,
                                         const std::optional<at::Tensor>& bias, const LoraArgs& l, const RotaryArgs& r);
 
 // The op's arguments in schema order, as a kernel receives them (the rotary op's: no silu_mul, then its own).
@@ -120,13 +147,17 @@ at::Tensor linear_sgmv_rotary_composite(const at::Tensor& x, const at::Tensor& c
       const std::optional<at::Tensor> &scales, const std::optional<at::Tensor> &seg_starts,                        \
       const std::optional<at::Tensor> &seg_slots, const std::optional<at::Tensor> &v, int64_t layer,             \
       at::IntArrayRef modules, at::IntArrayRef columns, int64_t page_size
-#define LORAX_NF4_LINEAR_SGMV_PARAMS LORAX_NF4_LINEAR_SGMV_COMMON_PARAMS, bool silu_mul
-#define LORAX_NF4_LINEAR_SGMV_SILU_SHRINK_PARAMS \
-  LORAX_NF4_LINEAR_SGMV_COMMON_PARAMS, at::IntArrayRef next_modules, const std::optional<at::Tensor> &counters
+// Every NF4 op's last two (part_starts, part_offsets), and the absmax state they and the op's others make.
+#define LORAX_NF4_PARTS_PARAMS at::IntArrayRef part_starts, at::ArrayRef<double> part_offsets
+#define LORAX_NF4_ABSMAX_STATE make_absmax_state(absmax, code2, absmax2, offset, blocksize2, part_starts, part_offsets)
+#define LORAX_NF4_LINEAR_SGMV_PARAMS LORAX_NF4_LINEAR_SGMV_COMMON_PARAMS, bool silu_mul, LORAX_NF4_PARTS_PARAMS
+#define LORAX_NF4_LINEAR_SGMV_SILU_SHRINK_PARAMS                                                                  \
+  LORAX_NF4_LINEAR_SGMV_COMMON_PARAMS, at::IntArrayRef next_modules, const std::optional<at::Tensor> &counters,   \
+      LORAX_NF4_PARTS_PARAMS
 #define LORAX_NF4_LINEAR_SGMV_ROTARY_PARAMS                                                                        \
   LORAX_NF4_LINEAR_SGMV_COMMON_PARAMS, int64_t q_heads, int64_t kv_heads, const at::Tensor &cos,                   \
       const at::Tensor &sin, const at::Tensor &positions, at::Tensor &k_cache, at::Tensor &v_cache,                \
-      const at::Tensor &slot_mapping
+      const at::Tensor &slot_mapping, LORAX_NF4_PARTS_PARAMS
 #define LORAX_NF4_LINEAR_SGMV_ROTARY                                                                              \
   RotaryArgs {                                                                                                    \
     q_heads, kv_heads, cos, sin, positions, k_cache, v_cache, slot_mapping                                        \

@@ -103,10 +103,9 @@ at::Tensor absmax_fp32_cpu(const AbsmaxState& s) {
   const float* cp = code.data_ptr<float>();
   const float* mp = absmax2.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float offset = static_cast<float>(s.offset);
   for (int64_t i = 0; i < q.numel(); ++i) {
     float scaled = cp[qp[i]] * mp[i / s.blocksize2];
-    op[i] = scaled + offset;  // two roundings, as bitsandbytes: dequantize_blockwise(...) + offset
+    op[i] = scaled + s.offset_of(i);  // two roundings, as bitsandbytes: dequantize_blockwise(...) + offset
   }
   return out;
 }
@@ -134,31 +133,28 @@ namespace {
 
 at::Tensor op_dequantize(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
                          const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize,
-                         int64_t blocksize2, at::IntArrayRef shape, at::ScalarType dtype) {
-  return dequantize_cpu(codes, make_absmax_state(absmax, code2, absmax2, offset, blocksize2), blocksize,
-                        c10::multiply_integers(shape), dtype)
-      .reshape(shape);
+                         int64_t blocksize2, at::IntArrayRef shape, at::ScalarType dtype, LORAX_NF4_PARTS_PARAMS) {
+  return dequantize_cpu(codes, LORAX_NF4_ABSMAX_STATE, blocksize, c10::multiply_integers(shape), dtype).reshape(shape);
 }
 
 at::Tensor op_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
                      const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2, double offset,
                      int64_t blocksize, int64_t blocksize2, int64_t out_features,
-                     const std::optional<at::Tensor>& bias) {
+                     const std::optional<at::Tensor>& bias, LORAX_NF4_PARTS_PARAMS) {
   CHECK_FLOAT_INPUT(x);  // [..., in]
   const int64_t in_features = x.size(-1);
-  at::Tensor w = dequantize_cpu(codes, make_absmax_state(absmax, code2, absmax2, offset, blocksize2), blocksize,
-                                out_features * in_features, x.scalar_type())
+  at::Tensor w = dequantize_cpu(codes, LORAX_NF4_ABSMAX_STATE, blocksize, out_features * in_features, x.scalar_type())
                      .reshape({out_features, in_features});
   return at::linear(x, w, bias);
 }
 
 at::Tensor op_dequantize_absmax(const at::Tensor& qabsmax, const at::Tensor& code2, const at::Tensor& absmax2,
-                                double offset, int64_t blocksize2) {
-  return absmax_fp32_cpu(make_absmax_state(qabsmax, code2, absmax2, offset, blocksize2));
+                                double offset, int64_t blocksize2, LORAX_NF4_PARTS_PARAMS) {
+  return absmax_fp32_cpu(make_absmax_state(qabsmax, code2, absmax2, offset, blocksize2, part_starts, part_offsets));
 }
 
 at::Tensor op_linear_sgmv(LORAX_NF4_LINEAR_SGMV_PARAMS) {
-  return linear_sgmv_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,
+  return linear_sgmv_composite(x, codes, LORAX_NF4_ABSMAX_STATE, blocksize, out_features, bias,
                                LORAX_NF4_LINEAR_SGMV_LORA, silu_mul);
 }
 
@@ -166,13 +162,13 @@ std::tuple<at::Tensor, at::Tensor> op_linear_sgmv_silu_shrink(LORAX_NF4_LINEAR_S
   const LoraArgs l = LORAX_NF4_LINEAR_SGMV_LORA;
   check_linear_sgmv(x, out_features, l, true);
   check_silu_shrink(x, l, next_modules, counters);  // (counters are for the CUDA kernel's CTAs)
-  return linear_sgmv_silu_shrink_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2,
-                                           out_features, bias, l, next_modules);
+  return linear_sgmv_silu_shrink_composite(x, codes, LORAX_NF4_ABSMAX_STATE, blocksize, out_features, bias, l,
+                                           next_modules);
 }
 
 at::Tensor op_linear_sgmv_rotary(LORAX_NF4_LINEAR_SGMV_ROTARY_PARAMS) {
-  return linear_sgmv_rotary_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features,
-                                      bias, LORAX_NF4_LINEAR_SGMV_LORA, LORAX_NF4_LINEAR_SGMV_ROTARY);
+  return linear_sgmv_rotary_composite(x, codes, LORAX_NF4_ABSMAX_STATE, blocksize, out_features, bias,
+                                      LORAX_NF4_LINEAR_SGMV_LORA, LORAX_NF4_LINEAR_SGMV_ROTARY);
 }
 
 }  // namespace

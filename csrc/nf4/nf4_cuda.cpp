@@ -43,8 +43,12 @@ AbsmaxHold absmax_args(const at::Tensor& codes, const AbsmaxState& s) {
     h.absmax2 = s.absmax2->to(at::kFloat).contiguous();
     h.args.code2 = h.code2.data_ptr<float>();
     h.args.absmax2 = h.absmax2.data_ptr<float>();
-    h.args.offset = static_cast<float>(s.offset);
     h.args.blocksize2_log2 = log2_exact(s.blocksize2, "nf4 (CUDA): nested_blocksize");
+    h.args.offsets[0] = static_cast<float>(s.offset);
+    for (size_t j = 0; j < s.part_starts.size(); ++j) {  // make_absmax_state checked: at most kMaxAbsmaxParts
+      h.args.part_groups[j] = static_cast<uint32_t>(s.part_starts[j] / s.blocksize2);
+      h.args.offsets[j + 1] = static_cast<float>(s.part_offsets[j]);
+    }
   } else {
     CHECK_DTYPE(s.absmax, at::kFloat);  // [blocks]
   }
@@ -84,9 +88,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_absmax_cuda(const at::Tensor& absmax
 }
 
 at::Tensor dequantize_absmax_cuda(const at::Tensor& qabsmax, const at::Tensor& code2, const at::Tensor& absmax2,
-                                  double offset, int64_t blocksize2) {
+                                  double offset, int64_t blocksize2, LORAX_NF4_PARTS_PARAMS) {
   c10::cuda::CUDAGuard guard(qabsmax.device());
-  AbsmaxHold h = absmax_args(qabsmax, make_absmax_state(qabsmax, code2, absmax2, offset, blocksize2));
+  AbsmaxHold h =
+      absmax_args(qabsmax, make_absmax_state(qabsmax, code2, absmax2, offset, blocksize2, part_starts, part_offsets));
   at::Tensor out = at::empty({qabsmax.numel()}, qabsmax.options().dtype(at::kFloat));
   if (out.numel() > 0) {
     cuda::dequantize_absmax(h.args, out.numel(), out.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
@@ -110,9 +115,9 @@ at::Tensor dequantize_impl(const at::Tensor& codes, const AbsmaxHold& h, int64_t
 
 at::Tensor dequantize_cuda(const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
                            const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize,
-                           int64_t blocksize2, at::IntArrayRef shape, at::ScalarType dtype) {
+                           int64_t blocksize2, at::IntArrayRef shape, at::ScalarType dtype, LORAX_NF4_PARTS_PARAMS) {
   c10::cuda::CUDAGuard guard(codes.device());
-  AbsmaxHold h = absmax_args(codes, make_absmax_state(absmax, code2, absmax2, offset, blocksize2));
+  AbsmaxHold h = absmax_args(codes, LORAX_NF4_ABSMAX_STATE);
   return dequantize_impl(codes, h, blocksize, c10::multiply_integers(shape), dtype).reshape(shape);
 }
 
@@ -128,12 +133,12 @@ std::optional<at::Tensor> checked_bias(const at::Tensor& x, const std::optional<
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
                        const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2, double offset,
                        int64_t blocksize, int64_t blocksize2, int64_t out_features,
-                       const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias, LORAX_NF4_PARTS_PARAMS) {
   CHECK_FLOAT_INPUT(x);  // [..., in]
   CHECK_SAME_DEVICE(x, codes);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(-1), N = out_features, M = K > 0 ? x.numel() / K : 0;
-  AbsmaxHold h = absmax_args(codes, make_absmax_state(absmax, code2, absmax2, offset, blocksize2));
+  AbsmaxHold h = absmax_args(codes, LORAX_NF4_ABSMAX_STATE);
   const cuda::DType dt = lorax::kernel_dtype(x.scalar_type(), "nf4");
   if (!cuda::gemm_supported(M, N, K, dt)) {  // large M, fp32 or odd shapes: dequantize once, then cuBLAS
     at::Tensor w = dequantize_impl(codes, h, blocksize, N * K, x.scalar_type()).reshape({N, K});
@@ -168,15 +173,13 @@ bool gemv_serves(const at::Tensor& x, int64_t N, const LoraArgs& l) {
 // The fused path of nf4_linear_sgmv(_rotary) (gemv_serves): the LoRA shrink (the sgmv_shrink op: one kernel; none
 // when v is given), then the GEMV with the expand, bias and silu_mul or the rotary and cache write in its epilogue,
 // into y [rows, N / 2 with silu_mul, else N].
-void linear_sgmv_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
-                      const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2, double offset,
-                      int64_t blocksize, int64_t blocksize2, int64_t N, const std::optional<at::Tensor>& bias,
-                      const LoraArgs& l, bool silu_mul, const cuda::GemvRope* rope, const cuda::GemvShrink* shrink,
-                      at::Tensor& y) {
+void linear_sgmv_gemv(const at::Tensor& x, const at::Tensor& codes, const AbsmaxState& s, int64_t blocksize, int64_t N,
+                      const std::optional<at::Tensor>& bias, const LoraArgs& l, bool silu_mul,
+                      const cuda::GemvRope* rope, const cuda::GemvShrink* shrink, at::Tensor& y) {
   const int64_t K = x.size(-1), M = x.numel() / K;
   CHECK_SAME_DEVICE(x, codes);
   c10::cuda::CUDAGuard guard(x.device());
-  AbsmaxHold h = absmax_args(codes, make_absmax_state(absmax, code2, absmax2, offset, blocksize2));
+  AbsmaxHold h = absmax_args(codes, s);
   check_nf4_sizes("nf4_linear_sgmv", codes, h.absmax.numel(), blocksize, N * K);
   at::Tensor xc = aligned16(x);
   at::Tensor c = aligned16(codes);
@@ -219,14 +222,13 @@ void linear_sgmv_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Te
 at::Tensor linear_sgmv_cuda(LORAX_NF4_LINEAR_SGMV_PARAMS) {
   const LoraArgs l = LORAX_NF4_LINEAR_SGMV_LORA;
   check_linear_sgmv(x, out_features, l, silu_mul);
+  const AbsmaxState s = LORAX_NF4_ABSMAX_STATE;
   if (!gemv_serves(x, out_features, l))
-    return linear_sgmv_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,
-                                 l, silu_mul);
+    return linear_sgmv_composite(x, codes, s, blocksize, out_features, bias, l, silu_mul);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
   out_shape.push_back(silu_mul ? out_features / 2 : out_features);
   at::Tensor y = at::empty(out_shape, x.options());
-  linear_sgmv_gemv(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias, l, silu_mul,
-                   nullptr, nullptr, y);
+  linear_sgmv_gemv(x, codes, s, blocksize, out_features, bias, l, silu_mul, nullptr, nullptr, y);
   return y;
 }
 
@@ -237,12 +239,12 @@ std::tuple<at::Tensor, at::Tensor> linear_sgmv_silu_shrink_cuda(LORAX_NF4_LINEAR
   const LoraArgs l = LORAX_NF4_LINEAR_SGMV_LORA;
   check_linear_sgmv(x, out_features, l, true);
   check_silu_shrink(x, l, next_modules, counters);
+  const AbsmaxState s = LORAX_NF4_ABSMAX_STATE;
   const bool fused = gemv_serves(x, out_features, l) && counters && next_modules.size() == 1 && page_size >= 8 &&
                      l.page_table->dim() == 6 && l.page_table->size(4) <= cuda::kGemvShrinkMaxRank &&
                      reinterpret_cast<uintptr_t>(l.arena->data_ptr()) % 16 == 0;
   if (!fused)
-    return linear_sgmv_silu_shrink_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2,
-                                             out_features, bias, l, next_modules);
+    return linear_sgmv_silu_shrink_composite(x, codes, s, blocksize, out_features, bias, l, next_modules);
   const int64_t M = x.size(0), half = out_features / 2;
   const lora::PoolView next{*l.arena, *l.page_table, *l.ranks, l.layer, next_modules.vec(), l.page_size};
   lora::check_pool(next, {half}, 0, "nf4_linear_sgmv_silu_shrink");  // its A rows read the outputs
@@ -253,8 +255,7 @@ std::tuple<at::Tensor, at::Tensor> linear_sgmv_silu_shrink_cuda(LORAX_NF4_LINEAR
   at::Tensor partials = at::empty({int64_t{num_sms} * cuda::kGemvMaxCtasPerSm, M * R}, v_next.options());
   const cuda::GemvShrink shrink{lora::pool_args(next), v_next.data_ptr<float>(), partials.data_ptr<float>(),
                                 counters->data_ptr<int32_t>()};
-  linear_sgmv_gemv(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias, l, true,
-                   nullptr, &shrink, y);
+  linear_sgmv_gemv(x, codes, s, blocksize, out_features, bias, l, true, nullptr, &shrink, y);
   return {y, v_next};
 }
 
@@ -273,15 +274,14 @@ at::Tensor linear_sgmv_rotary_cuda(LORAX_NF4_LINEAR_SGMV_ROTARY_PARAMS) {
   const layers::RotaryShape shape =
       layers::check_rotary_kv_cache_write(q, k, values, cos, sin, positions, k_cache, v_cache, slot_mapping);
   const int64_t D = shape.head_dim;
+  const AbsmaxState s = LORAX_NF4_ABSMAX_STATE;
   if (!gemv_serves(x, out_features, l) || D < 16 || (D & (D - 1)) != 0)
-    return linear_sgmv_rotary_composite(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features,
-                                        bias, l, r);
+    return linear_sgmv_rotary_composite(x, codes, s, blocksize, out_features, bias, l, r);
   const at::Tensor pos = positions.contiguous(), slots = slot_mapping.contiguous();
   const cuda::GemvRope rope{cos.data_ptr(), sin.data_ptr(), pos.const_data_ptr<int64_t>(),
                             slots.const_data_ptr<int64_t>(), k_cache.data_ptr(), v_cache.data_ptr(),
                             static_cast<int>(shape.head_dim), static_cast<int>(q_heads), static_cast<int>(kv_heads)};
-  linear_sgmv_gemv(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias, l, false,
-                   &rope, nullptr, y);
+  linear_sgmv_gemv(x, codes, s, blocksize, out_features, bias, l, false, &rope, nullptr, y);
   return y;
 }
 

@@ -6,6 +6,7 @@
 
 #include "common/dtype.h"
 #include "lora/lora_cuda.h"
+#include "nf4/nf4_table.h"
 
 namespace lorax::nf4::cuda {
 
@@ -16,7 +17,9 @@ struct AbsmaxArgs {
   const void* absmax = nullptr;    // fp32 [blocks], or uint8 [blocks] when code2 is set
   const float* code2 = nullptr;    // [256] 8-bit code book of the double quantization, or null
   const float* absmax2 = nullptr;  // [ceil(blocks / blocksize2)]
-  float offset = 0.0f;
+  // Part j's offset; its nested blocks start at part_groups[j - 1] (unused parts: past every block).
+  float offsets[kMaxAbsmaxParts] = {};
+  uint32_t part_groups[kMaxAbsmaxParts - 1] = {0xFFFFFFFFu, 0xFFFFFFFFu};
   int blocksize2_log2 = 8;
 };
 

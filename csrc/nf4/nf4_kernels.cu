@@ -34,43 +34,80 @@ __device__ __forceinline__ float block_max(float v, float* scratch /* [32] */) {
   return v;
 }
 
-// The code book and, for double quantization, the 8-bit absmax code book, staged in shared memory.
+// The code book and, for double quantization, the 8-bit absmax code book and the parts' offsets, staged in shared
+// memory.
 struct Tables {
   float nf4[kNumCodes];
   float code2[256];
+  float offsets[kMaxAbsmaxParts];
 };
 
 __device__ __forceinline__ void load_tables(Tables& t, const AbsmaxArgs& a) {
   constexpr float kValues[kNumCodes] = LORAX_NF4_VALUES;
   for (int i = threadIdx.x; i < kNumCodes; i += blockDim.x) t.nf4[i] = kValues[i];
-  if (a.code2 != nullptr)
+  if (a.code2 != nullptr) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) t.code2[i] = a.code2[i];
+    if (threadIdx.x == 0) {  // constant indices: the arguments stay in the parameter bank, not a local copy
+#pragma unroll
+      for (int j = 0; j < kMaxAbsmaxParts; ++j) t.offsets[j] = a.offsets[j];
+    }
+  }
   __syncthreads();
 }
 
 // The absmax of block b as loaded (prefetchable), and its decoding once the load has landed.
 struct RawAbsmax {
-  uint32_t bits;  // fp32 bits, or the 8-bit code when double-quantized
+  uint32_t bits;  // fp32 bits, or the 8-bit code when double-quantized (| its part << 8 with parts)
   float scale2;   // nested absmax of its group (double quantization)
 };
 
-// dq: whether the absmax is double-quantized (a.code2 != nullptr), for kernels that know it at compile time.
-__device__ __forceinline__ RawAbsmax load_absmax(const AbsmaxArgs& a, int64_t b, bool dq) {
-  if (!dq) return {__float_as_uint(__ldg(static_cast<const float*>(a.absmax) + b)), 0.0f};
-  return {__ldg(static_cast<const uint8_t*>(a.absmax) + b), __ldg(a.absmax2 + (b >> a.blocksize2_log2))};
+// How a kernel reads the absmax: fp32, double-quantized with one offset, or double-quantized with the offset of the
+// part each block is in (AbsmaxArgs::part_groups: a fused projection). kParts serves all double-quantized weights;
+// kNested is kParts without the part's lookup, for the GEMV's hot loop.
+enum class AbsmaxKind { kFp32, kNested, kParts };
+
+__host__ __device__ __forceinline__ AbsmaxKind absmax_kind(const AbsmaxArgs& a) {
+  return a.code2 == nullptr ? AbsmaxKind::kFp32
+                            : (a.part_groups[0] == 0xFFFFFFFFu ? AbsmaxKind::kNested : AbsmaxKind::kParts);
 }
 
+// The part (of a fused projection) that nested block `group` is in: which of Tables::offsets it adds.
+__device__ __forceinline__ uint32_t absmax_part(const AbsmaxArgs& a, uint32_t group) {
+  static_assert(kMaxAbsmaxParts == 3, "one comparison a part start");
+  return static_cast<uint32_t>(group >= a.part_groups[0]) + static_cast<uint32_t>(group >= a.part_groups[1]);
+}
+
+template <AbsmaxKind kKind>
 __device__ __forceinline__ RawAbsmax load_absmax(const AbsmaxArgs& a, int64_t b) {
-  return load_absmax(a, b, a.code2 != nullptr);
+  if constexpr (kKind == AbsmaxKind::kFp32) {
+    return {__float_as_uint(__ldg(static_cast<const float*>(a.absmax) + b)), 0.0f};
+  } else if constexpr (kKind == AbsmaxKind::kNested) {
+    return {__ldg(static_cast<const uint8_t*>(a.absmax) + b), __ldg(a.absmax2 + (b >> a.blocksize2_log2))};
+  } else {
+    const uint32_t group = static_cast<uint32_t>(b >> a.blocksize2_log2);  // blocks < 2^31 (gemm_supported)
+    const uint32_t code = __ldg(static_cast<const uint8_t*>(a.absmax) + b);
+    return {code | absmax_part(a, group) << 8, __ldg(a.absmax2 + group)};
+  }
 }
 
-__device__ __forceinline__ float decode_absmax(const AbsmaxArgs& a, const Tables& t, RawAbsmax r, bool dq) {
-  if (!dq) return __uint_as_float(r.bits);
-  return __fadd_rn(__fmul_rn(t.code2[r.bits], r.scale2), a.offset);  // two roundings, as bitsandbytes
+template <AbsmaxKind kKind>
+__device__ __forceinline__ float decode_absmax(const AbsmaxArgs& a, const Tables& t, RawAbsmax r) {
+  if constexpr (kKind == AbsmaxKind::kFp32) {
+    return __uint_as_float(r.bits);
+  } else if constexpr (kKind == AbsmaxKind::kNested) {
+    return __fadd_rn(__fmul_rn(t.code2[r.bits], r.scale2), a.offsets[0]);  // two roundings, as bitsandbytes
+  } else {
+    return __fadd_rn(__fmul_rn(t.code2[r.bits & 0xFFu], r.scale2), t.offsets[r.bits >> 8]);
+  }
+}
+
+// For kernels that learn the kind at run time (kParts: any double-quantized weight).
+__device__ __forceinline__ RawAbsmax load_absmax(const AbsmaxArgs& a, int64_t b) {
+  return a.code2 == nullptr ? load_absmax<AbsmaxKind::kFp32>(a, b) : load_absmax<AbsmaxKind::kParts>(a, b);
 }
 
 __device__ __forceinline__ float decode_absmax(const AbsmaxArgs& a, const Tables& t, RawAbsmax r) {
-  return decode_absmax(a, t, r, a.code2 != nullptr);
+  return a.code2 == nullptr ? decode_absmax<AbsmaxKind::kFp32>(a, t, r) : decode_absmax<AbsmaxKind::kParts>(a, t, r);
 }
 
 __device__ __forceinline__ float read_absmax(const AbsmaxArgs& a, const Tables& t, int64_t b) {
@@ -552,12 +589,13 @@ __device__ __forceinline__ void shrink_finish(const GemvShrink& s, const GemvSha
   }
 }
 
-template <typename T, int MT, bool kLora, bool kDq, bool kStaged>
+template <typename T, int MT, bool kLora, AbsmaxKind kAbsmax, bool kStaged>
 __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     gemv_kernel(const T* __restrict__ x, int M, int K, const uint8_t* __restrict__ codes, AbsmaxArgs a, int bs_log2,
                 int N, const T* __restrict__ bias, GemvLora lora, bool silu_mul, GemvRope rope, GemvShrink shrink,
                 T* __restrict__ y) {
   static_assert(MT == 1 || MT == 2 || MT == 4 || MT == 8, "rows of x: 1, 2, 4 or 8 (fewer are padding)");
+  constexpr bool kDq = kAbsmax != AbsmaxKind::kFp32;  // double-quantized
   constexpr int kGroups = (MT + 1) / 2;  // mmas per A fragment: rows 2p, 2p + 1 of x in C columns 2t, 2t + 1
   __shared__ GemvShared<MT, kLora> sh;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, tq = lane % 4;
@@ -676,8 +714,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
     Stage st;
     st.q0 = __ldcs(reinterpret_cast<const uint4*>(codes + (e0 >> 1)));
     st.q1 = __ldcs(reinterpret_cast<const uint4*>(codes + (e1 >> 1)));
-    st.s0 = load_absmax(a, e0 >> bs_log2, kDq);
-    st.s1 = load_absmax(a, e1 >> bs_log2, kDq);
+    st.s0 = load_absmax<kAbsmax>(a, e0 >> bs_log2);
+    st.s1 = load_absmax<kAbsmax>(a, e1 >> bs_log2);
     ld_c += kStride;
     ld_e0 += 32 * kStride;
     ld_e1 += 32 * kStride;
@@ -706,7 +744,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
   // One step: this lane's chunk's dot products with rows g and g + 8 of the weight, for each row of x, scaled and
   // added to acc[p] = {(g, 2p), (g, 2p + 1), (g + 8, 2p), (g + 8, 2p + 1)} as (weight row, row of x).
   auto compute = [&](const Stage& st, int c, float (&acc)[kGroups][4]) {
-    const float s0 = decode_absmax(a, sh.t, st.s0, kDq), s1 = decode_absmax(a, sh.t, st.s1, kDq);
+    const float s0 = decode_absmax<kAbsmax>(a, sh.t, st.s0), s1 = decode_absmax<kAbsmax>(a, sh.t, st.s1);
     uint32_t frags[MT == 1 ? 1 : 8][4];  // with more rows of x, the step's 8 fragments serve each pair of them
     if constexpr (MT > 1) {
 #pragma unroll
@@ -745,7 +783,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
       return {words[(b - b0) * kGemvRows + r], 0.0f};
     } else {
       const uint32_t at = b - (b0 & ~3u), group = (b >> a.blocksize2_log2) - (b0 >> a.blocksize2_log2);
-      return {(words[(at / 4) * kGemvRows + r] >> (8 * (at % 4))) & 0xFFu,
+      const uint32_t code = (words[(at / 4) * kGemvRows + r] >> (8 * (at % 4))) & 0xFFu;
+      return {kAbsmax == AbsmaxKind::kParts ? code | absmax_part(a, b >> a.blocksize2_log2) << 8 : code,
               __uint_as_float(words[(sl.code_words + group) * kGemvRows + r])};
     }
   };
@@ -955,8 +994,15 @@ void launch_gemv(const T* x, int M, int K, const uint8_t* codes, const AbsmaxArg
     const int tiles = gemv_tiles(N, pairing(N, silu_mul, rope.head_dim));
     const int64_t grid = std::min<int64_t>(tiles, int64_t{num_sms} * kGemvCtasPerSm<MT>);
     const bool dq = a.code2 != nullptr, staged = g_gemv_staging.load(std::memory_order_relaxed);
-    auto kernel = dq ? (staged ? gemv_kernel<T, MT, kLora, true, true> : gemv_kernel<T, MT, kLora, true, false>)
-                     : (staged ? gemv_kernel<T, MT, kLora, false, true> : gemv_kernel<T, MT, kLora, false, false>);
+    auto instance = [&](auto kind) {
+      constexpr AbsmaxKind kKind = decltype(kind)::value;
+      return staged ? gemv_kernel<T, MT, kLora, kKind, true> : gemv_kernel<T, MT, kLora, kKind, false>;
+    };
+    using Kind = AbsmaxKind;
+    const Kind kind = absmax_kind(a);
+    auto kernel = kind == Kind::kFp32     ? instance(std::integral_constant<Kind, Kind::kFp32>{})
+                  : kind == Kind::kNested ? instance(std::integral_constant<Kind, Kind::kNested>{})
+                                          : instance(std::integral_constant<Kind, Kind::kParts>{});
     const size_t smem = staged ? kGemvStages<MT> * stage_bytes(stage_layout(bs_log2, a.blocksize2_log2, dq)) : 0;
     if (smem > 0) allow_dynamic_shared(reinterpret_cast<const void*>(kernel), smem);
     launch(kernel, static_cast<int>(grid), kGemvWarps * 32, smem, stream, x, M, K, codes, a, bs_log2, N, bias, lora,

@@ -25,18 +25,18 @@ void check_linear_sgmv(const at::Tensor& x, int64_t out_features, const LoraArgs
               l.modules.size(), " modules; got ", l.columns);
 }
 
-at::Tensor linear_sgmv_composite(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
-                                 const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2,
-                                 double offset, int64_t blocksize, int64_t blocksize2, int64_t out_features,
-                                 const std::optional<at::Tensor>& bias, const LoraArgs& l, bool silu_mul) {
+at::Tensor linear_sgmv_composite(const at::Tensor& x, const at::Tensor& codes, const AbsmaxState& s,
+                                 int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
+                                 const LoraArgs& l, bool silu_mul) {
   check_linear_sgmv(x, out_features, l, silu_mul);
   using Opt = const std::optional<at::Tensor>&;
   static auto linear = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("lorax_core::nf4_linear", "")
                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, Opt, Opt, double,
-                                             int64_t, int64_t, c10::SymInt, Opt)>();
-  at::Tensor y = linear.call(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2,
-                             c10::SymInt(out_features), bias);
+                                             int64_t, int64_t, c10::SymInt, Opt, at::IntArrayRef,
+                                             at::ArrayRef<double>)>();
+  at::Tensor y = linear.call(x, codes, s.absmax, s.code2, s.absmax2, s.offset, blocksize, s.blocksize2,
+                             c10::SymInt(out_features), bias, s.part_starts, s.part_offsets);
   if (l.v) {
     static auto expand = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lorax_core::sgmv_expand", "")
@@ -77,28 +77,28 @@ void check_silu_shrink(const at::Tensor& x, const LoraArgs& l, at::IntArrayRef n
 }
 
 // nf4_linear_sgmv through the dispatcher (the backend's kernel of it): what the composites below start with.
-static at::Tensor call_linear_sgmv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
-                                   const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2,
-                                   double offset, int64_t blocksize, int64_t blocksize2, int64_t out_features,
-                                   const std::optional<at::Tensor>& bias, const LoraArgs& l, bool silu_mul) {
+static at::Tensor call_linear_sgmv(const at::Tensor& x, const at::Tensor& codes, const AbsmaxState& s,
+                                   int64_t blocksize, int64_t out_features, const std::optional<at::Tensor>& bias,
+                                   const LoraArgs& l, bool silu_mul) {
   using Opt = const std::optional<at::Tensor>&;
   static auto linear_sgmv =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("lorax_core::nf4_linear_sgmv", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, Opt, Opt, double, int64_t,
                             int64_t, c10::SymInt, Opt, Opt, Opt, Opt, Opt, Opt, Opt, Opt, int64_t, at::IntArrayRef,
-                            at::IntArrayRef, int64_t, bool)>();
-  return linear_sgmv.call(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, c10::SymInt(out_features),
-                          bias, l.arena, l.page_table, l.ranks, l.scales, l.seg_starts, l.seg_slots, l.v, l.layer,
-                          l.modules, l.columns, l.page_size, silu_mul);
+                            at::IntArrayRef, int64_t, bool, at::IntArrayRef, at::ArrayRef<double>)>();
+  return linear_sgmv.call(x, codes, s.absmax, s.code2, s.absmax2, s.offset, blocksize, s.blocksize2,
+                          c10::SymInt(out_features), bias, l.arena, l.page_table, l.ranks, l.scales, l.seg_starts,
+                          l.seg_slots, l.v, l.layer, l.modules, l.columns, l.page_size, silu_mul, s.part_starts,
+                          s.part_offsets);
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_sgmv_silu_shrink_composite(
-    const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
-    const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize, int64_t blocksize2,
-    int64_t out_features, const std::optional<at::Tensor>& bias, const LoraArgs& l, at::IntArrayRef next_modules) {
-  at::Tensor h = call_linear_sgmv(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,
-                                  l, true);
+std::tuple<at::Tensor, at::Tensor> linear_sgmv_silu_shrink_composite(const at::Tensor& x, const at::Tensor& codes,
+                                                                     const AbsmaxState& s, int64_t blocksize,
+                                                                     int64_t out_features,
+                                                                     const std::optional<at::Tensor>& bias,
+                                                                     const LoraArgs& l, at::IntArrayRef next_modules) {
+  at::Tensor h = call_linear_sgmv(x, codes, s, blocksize, out_features, bias, l, true);
   static auto shrink = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("lorax_core::sgmv_shrink", "")
                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
@@ -119,14 +119,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_heads(const at::Tensor& y, in
   return {heads_of(0, q_heads), heads_of(q_heads, kv_heads), heads_of(q_heads + kv_heads, kv_heads)};
 }
 
-at::Tensor linear_sgmv_rotary_composite(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
-                                        const std::optional<at::Tensor>& code2,
-                                        const std::optional<at::Tensor>& absmax2, double offset, int64_t blocksize,
-                                        int64_t blocksize2, int64_t out_features,
+at::Tensor linear_sgmv_rotary_composite(const at::Tensor& x, const at::Tensor& codes, const AbsmaxState& s,
+                                        int64_t blocksize, int64_t out_features,
                                         const std::optional<at::Tensor>& bias, const LoraArgs& l, const RotaryArgs& r) {
   TORCH_CHECK(x.dim() == 2, "nf4_linear_sgmv_rotary: x must be [tokens, in], got ", x.sizes());
-  at::Tensor y = call_linear_sgmv(x, codes, absmax, code2, absmax2, offset, blocksize, blocksize2, out_features, bias,
-                                  l, false);
+  at::Tensor y = call_linear_sgmv(x, codes, s, blocksize, out_features, bias, l, false);
   auto [q, k, v] = qkv_heads(y, r.q_heads, r.kv_heads);
   static auto rotary = c10::Dispatcher::singleton()
                            .findSchemaOrThrow("lorax_core::rotary_kv_cache_write", "")

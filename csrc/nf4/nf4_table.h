@@ -17,6 +17,9 @@ namespace lorax::nf4 {
 
 constexpr int kNumCodes = 16;
 constexpr int kZeroCode = 7;  // the code of 0.0, used to pad an odd element count
+// The most parts with their own offset in one double-quantized absmax (AbsmaxState in nf4.h): a fused q | k | v
+// projection has three.
+constexpr int kMaxAbsmaxParts = 3;
 
 // bitsandbytes.functional.get_4bit_type("nf4"), as float32.
 #define LORAX_NF4_VALUES                                                                                       \

@@ -19,32 +19,36 @@ def _nf4_quantize_absmax(absmax, code, blocksize):
 
 
 @torch.library.register_fake("lorax_core::nf4_dequantize_absmax")
-def _nf4_dequantize_absmax(qabsmax, nested_code, nested_absmax, offset, nested_blocksize):
+def _nf4_dequantize_absmax(qabsmax, nested_code, nested_absmax, offset, nested_blocksize, part_starts=(),
+                           part_offsets=()):
     return qabsmax.new_empty((qabsmax.numel(),), dtype=torch.float32)
 
 
 @torch.library.register_fake("lorax_core::nf4_dequantize")
-def _nf4_dequantize(codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, shape, dtype):
+def _nf4_dequantize(codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, shape, dtype,
+                    part_starts=(), part_offsets=()):
     torch._check(codes.numel() * 2 >= math.prod(shape))
     return codes.new_empty(shape, dtype=dtype)
 
 
 @torch.library.register_fake("lorax_core::nf4_linear")
-def _nf4_linear(x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, out_features, bias):
+def _nf4_linear(x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, out_features, bias,
+                part_starts=(), part_offsets=()):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 @torch.library.register_fake("lorax_core::nf4_linear_sgmv")
 def _nf4_linear_sgmv(x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, out_features,
                      bias, arena, page_table, ranks, scales, seg_starts, seg_slots, v, layer, modules, columns,
-                     page_size, silu_mul):
+                     page_size, silu_mul, part_starts=(), part_offsets=()):
     return x.new_empty((*x.shape[:-1], out_features // 2 if silu_mul else out_features))
 
 
 @torch.library.register_fake("lorax_core::nf4_linear_sgmv_silu_shrink")
 def _nf4_linear_sgmv_silu_shrink(x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize,
                                  out_features, bias, arena, page_table, ranks, scales, seg_starts, seg_slots, v, layer,
-                                 modules, columns, page_size, next_modules, counters=None):
+                                 modules, columns, page_size, next_modules, counters=None, part_starts=(),
+                                 part_offsets=()):
     h = x.new_empty((x.shape[0], out_features // 2))
     return h, x.new_empty((x.shape[0], len(next_modules) * page_table.shape[4]), dtype=torch.float32)
 
@@ -53,7 +57,7 @@ def _nf4_linear_sgmv_silu_shrink(x, codes, absmax, nested_code, nested_absmax, o
 def _nf4_linear_sgmv_rotary(x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize,
                             out_features, bias, arena, page_table, ranks, scales, seg_starts, seg_slots, v, layer,
                             modules, columns, page_size, q_heads, kv_heads, cos, sin, positions, k_cache, v_cache,
-                            slot_mapping):
+                            slot_mapping, part_starts=(), part_offsets=()):
     return x.new_empty((x.shape[0], out_features))
 
 

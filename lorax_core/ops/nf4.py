@@ -16,16 +16,22 @@ def _state_args(w: NF4Weight):
     return (w.codes, w.absmax, w.nested_code, w.nested_absmax, w.offset, w.blocksize, w.nested_blocksize)
 
 
+def _parts(w: NF4Weight) -> dict:
+    """The weight's per-part offsets (a fused projection's double-quantized parts): every op's last two arguments."""
+    return {"part_starts": list(w.part_starts), "part_offsets": list(w.part_offsets)}
+
+
 def nf4_dequantize(w: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dequantize an NF4 weight.
 
     Semantics:
-        absmax[b] = nested_code[qabsmax[b]] * nested_absmax[b // nested_blocksize] + offset   (double quant)
+        absmax[b] = nested_code[qabsmax[b]] * nested_absmax[b // nested_blocksize] + offset   (double quant;
+                    offset: w.part_offsets[j] for blocks b >= w.part_starts[j], the last such j, else w.offset)
         out.flatten()[i] = NF4[code(i)] * absmax[i // blocksize]                      (fp32, then cast to dtype)
     Shapes: out has `w.shape`; dtype defaults to `w.dtype`.
     """
     dtype = dtype or w.dtype
-    return torch.ops.lorax_core.nf4_dequantize(*_state_args(w), list(w.shape), dtype)
+    return torch.ops.lorax_core.nf4_dequantize(*_state_args(w), list(w.shape), dtype, **_parts(w))
 
 
 def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -41,7 +47,7 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) 
     """
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"nf4_linear: x has {x.shape[-1]} features, the weight expects {w.shape[1]}")
-    return torch.ops.lorax_core.nf4_linear(x, *_state_args(w), w.shape[0], bias)
+    return torch.ops.lorax_core.nf4_linear(x, *_state_args(w), w.shape[0], bias, **_parts(w))
 
 
 def nf4_linear_sgmv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, pool: AdapterPool | None = None,
@@ -62,7 +68,7 @@ def nf4_linear_sgmv(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = N
     other, whose y is rounded after nf4_linear and again after the LoRA add.
     """
     return torch.ops.lorax_core.nf4_linear_sgmv(*_linear_sgmv_args("nf4_linear_sgmv", x, w, bias, pool, layer, modules,
-                                                                   seg_starts, seg_slots, v), silu_mul)
+                                                                   seg_starts, seg_slots, v), silu_mul, **_parts(w))
 
 
 def nf4_linear_sgmv_silu_shrink(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, pool: AdapterPool, layer: int,
@@ -83,7 +89,8 @@ def nf4_linear_sgmv_silu_shrink(x: torch.Tensor, w: NF4Weight, bias: torch.Tenso
     """
     names = [next_modules] if isinstance(next_modules, str) else list(next_modules)
     args = _linear_sgmv_args("nf4_linear_sgmv_silu_shrink", x, w, bias, pool, layer, modules, seg_starts, seg_slots, v)
-    return torch.ops.lorax_core.nf4_linear_sgmv_silu_shrink(*args, [pool.module_index(n) for n in names], counters)
+    return torch.ops.lorax_core.nf4_linear_sgmv_silu_shrink(*args, [pool.module_index(n) for n in names], counters,
+                                                            **_parts(w))
 
 
 def nf4_linear_sgmv_rotary(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None, pool: AdapterPool | None,
@@ -103,7 +110,7 @@ def nf4_linear_sgmv_rotary(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | N
     """
     args = _linear_sgmv_args("nf4_linear_sgmv_rotary", x, w, bias, pool, layer, modules, seg_starts, seg_slots, v)
     return torch.ops.lorax_core.nf4_linear_sgmv_rotary(*args, q_heads, kv_heads, cos, sin, positions, k_cache, v_cache,
-                                                       slot_mapping)
+                                                       slot_mapping, **_parts(w))
 
 
 def _linear_sgmv_args(op: str, x, w, bias, pool, layer, modules, seg_starts, seg_slots, v) -> tuple:
@@ -121,18 +128,19 @@ def _linear_sgmv_args(op: str, x, w, bias, pool, layer, modules, seg_starts, seg
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, out_features, bias = inputs
+    x, codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize, out_features, bias = inputs[:10]
     ctx.state = (codes, absmax, nested_code, nested_absmax, offset, blocksize, nested_blocksize)
+    ctx.parts = dict(zip(("part_starts", "part_offsets"), inputs[10:]))
     ctx.shape = [out_features, x.shape[-1]]
     ctx.x_dtype = x.dtype
     ctx.has_bias = bias is not None
 
 
 def _linear_backward(ctx, grad):
-    w = torch.ops.lorax_core.nf4_dequantize(*ctx.state, ctx.shape, grad.dtype)  # [out, in]
+    w = torch.ops.lorax_core.nf4_dequantize(*ctx.state, ctx.shape, grad.dtype, **ctx.parts)  # [out, in]
     grad_x = grad @ w
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return grad_x, None, None, None, None, None, None, None, None, grad_bias
+    return grad_x, None, None, None, None, None, None, None, None, grad_bias, None, None
 
 
 # The weight is frozen (QLoRA); gradients flow to x and the bias.

@@ -76,9 +76,15 @@ def nf4_quantize_absmax(absmax: torch.Tensor, code: torch.Tensor, blocksize: int
     return torch.where(zero_block, 0, q).to(torch.uint8), absmax2
 
 
-def nf4_dequantize_absmax(q: torch.Tensor, code: torch.Tensor, absmax2: torch.Tensor, offset: float, blocksize: int):
-    idx = torch.arange(q.numel(), device=q.device) // blocksize
-    return code[q.long()] * absmax2[idx] + torch.tensor(offset, dtype=torch.float32)
+def nf4_dequantize_absmax(q: torch.Tensor, code: torch.Tensor, absmax2: torch.Tensor, offset: float, blocksize: int,
+                          part_starts=(), part_offsets=()):
+    """absmax[b] = code[q[b]] * absmax2[b // blocksize] + the offset of b's part (fp32, two roundings): offset, or
+    part_offsets[j] from block part_starts[j] on."""
+    idx = torch.arange(q.numel(), device=q.device)
+    offsets = torch.full((q.numel(),), offset, dtype=torch.float32, device=q.device)
+    for start, part_offset in zip(part_starts, part_offsets, strict=True):
+        offsets[start:] = part_offset
+    return code[q.long()] * absmax2[idx // blocksize] + offsets
 
 
 def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape, dtype,
