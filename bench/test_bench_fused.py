@@ -50,7 +50,8 @@ def fused_setup():
 
     nf4 = {}
     for name, (modules, _) in PROJECTIONS.items():
-        parts = [projection(modules) for _ in range(copies_for(NF4Weight.cat(projection(modules)).nbytes))]
+        first = projection(modules)
+        parts = [first] + [projection(modules) for _ in range(copies_for(NF4Weight.cat(first).nbytes) - 1)]
         nf4[name] = [NF4Weight.cat(p) for p in parts]
         if len(modules) > 1:
             assert nf4[name][0].part_starts  # the shapes fill nested blocks: the parts keep their 8-bit absmax
