@@ -8,7 +8,8 @@ fusions off (add_rms_norm, nf4_linear, sgmv and silu_mul as separate kernels ins
 at batch 1 and the GEMV's epilogue: lorax_core.model.layers.FUSED_NF4) and at 8 with them on up to 8 rows
 (FUSED_NF4_MAX_ROWS, 4 by default), at 1, 2, 4 and 8 once more with the NF4 GEMV's loads staged in shared memory
 (set_nf4_gemv_staging), at 1 and 8 once more with the fused projections' absmax in fp32 (as before their parts
-kept their double quantization: lorax_core.model.loader.FUSED_NF4_DOUBLE_QUANT), and once more with async
+kept their double quantization: lorax_core.model.loader.FUSED_NF4_DOUBLE_QUANT), at 1 and 4 once more with o's
+LoRA shrink a kernel of its own (lorax_core.model.attention.SHRINK_O_IN_ATTENTION off), and once more with async
 scheduling off (each step waits for its tokens before the host schedules the next), to measure what each gives.
 Writes engine.md and engine.json under $OUT.
 Run on a GPU machine: `python3 bench/bench_engine.py` (bench/gpu.sh does). Wall-clock timings over many steps,
@@ -69,23 +70,26 @@ def timed(fn) -> float:
 
 def engine_rows(base: Path, adapters: dict, quantize: str | None, batches=BATCHES, prefill: bool = True,
                 pdl: bool = True, fused: bool = True, fused_rows: int | None = None,
-                staged: bool = False, fp32_absmax: bool = False) -> list[dict]:
+                staged: bool = False, fp32_absmax: bool = False, o_shrink_apart: bool = False) -> list[dict]:
     """fused_rows: the model's FUSED_NF4_MAX_ROWS for this engine (None: its default); staged: the NF4 GEMV's
-    shared-memory main loop (set_nf4_gemv_staging); fp32_absmax: the fused projections' absmax in fp32."""
+    shared-memory main loop (set_nf4_gemv_staging); fp32_absmax: the fused projections' absmax in fp32;
+    o_shrink_apart: o's LoRA shrink in a kernel of its own, not in decode attention's."""
     from lorax_core import LLM, SamplingParams
     from lorax_core._library import set_nf4_gemv_staging, set_programmatic_launch
-    from lorax_core.model import layers, loader
+    from lorax_core.model import attention, layers, loader
 
     was = set_programmatic_launch(pdl)  # read by every launch, and baked into the CUDA graphs LLM captures
     was_staged = set_nf4_gemv_staging(staged)  # the same
     default_rows = layers.FUSED_NF4_MAX_ROWS
     layers.FUSED_NF4 = fused  # both read as the graphs are captured
     layers.FUSED_NF4_MAX_ROWS = default_rows if fused_rows is None else fused_rows
+    attention.SHRINK_O_IN_ATTENTION = not o_shrink_apart  # the same
     impl = "lorax" if pdl else "lorax, PDL off"
     impl += "" if fused else ", NF4 fusions off"
     impl += "" if fused_rows is None else f", NF4 fusions up to {fused_rows} rows"
     impl += ", GEMV staged" if staged else ""
     impl += ", fused absmax fp32" if fp32_absmax else ""
+    impl += ", o's shrink apart" if o_shrink_apart else ""
     loader.FUSED_NF4_DOUBLE_QUANT = not fp32_absmax  # read as the model loads
     llm = LLM(base, dtype="bfloat16", quantize=quantize, device="cuda", max_num_seqs=max(BATCHES))
     loader.FUSED_NF4_DOUBLE_QUANT = True
@@ -122,6 +126,7 @@ def engine_rows(base: Path, adapters: dict, quantize: str | None, batches=BATCHE
     set_programmatic_launch(was)
     set_nf4_gemv_staging(was_staged)
     layers.FUSED_NF4, layers.FUSED_NF4_MAX_ROWS = True, default_rows
+    attention.SHRINK_O_IN_ATTENTION = True
     return rows
 
 
@@ -181,6 +186,8 @@ def main() -> int:
     rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 2, 4, 8), prefill=False, staged=True)
     # the fused projections' absmax as they had it before: fp32, not their parts' 8-bit codes
     rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 8), prefill=False, fp32_absmax=True)
+    # o's LoRA shrink as its own kernel, as before decode attention did it
+    rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 4), prefill=False, o_shrink_apart=True)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(work / "base", quantization_config=bnb, device_map="cuda")

@@ -96,6 +96,15 @@ TORCH_LIBRARY(lorax_core, m) {
   m.def(
       "paged_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
       "float scale, int sliding_window, Tensor(a!)? counters=None) -> Tensor");
+  // paged_attention_decode, then sgmv_shrink of its output [batch, heads * head_dim] for the projection that reads it
+  // (o_proj): (out, v), v for that projection's nf4_linear_sgmv. counters: attention's, then one per sequence
+  // (int32 zeros, at least batch * (kv_heads + 1); left zero). On CUDA with counters and one module, the attention
+  // kernel does the shrink too.
+  m.def(
+      "paged_attention_decode_sgmv_shrink(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+      "Tensor context_lens, float scale, int sliding_window, Tensor arena, Tensor page_table, Tensor ranks, "
+      "Tensor seg_starts, Tensor seg_adapters, int layer, int[] modules, int page_size, Tensor(a!)? counters=None) "
+      "-> (Tensor out, Tensor v)");
 
   // The small per-layer ops, fused (csrc/layers/layers.h has the math and its rounding): RMSNorm, RMSNorm after
   // the residual add (returns the normalized rows and the new residual), rotary embeddings of q and k in place

@@ -1,4 +1,5 @@
-"""Paged KV cache ops (kv_cache_write, paged_attention_decode): CPU op == reference, CUDA op == CPU op."""
+"""Paged KV cache ops (kv_cache_write, paged_attention_decode, and paged_attention_decode_sgmv_shrink: with
+o_proj's LoRA shrink of the output): CPU op == reference, CUDA op == CPU op."""
 import random
 
 import pytest
@@ -7,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import FLOAT_DTYPES, assert_close
-from lorax_core.ops import kv_cache_write, paged_attention_decode, reference
+from lorax_core.ops import kv_cache_write, paged_attention_decode, paged_attention_decode_sgmv_shrink, reference
 
 
 def random_cache(lengths, block_size, kv_heads, head_dim, dtype, device="cpu", seed=0):
@@ -191,3 +192,125 @@ def test_kv_cache_write_cuda_equals_cpu(dtype, strided):
     kv_cache_write(*gpu, k.cuda(), v.cuda(), slots.cuda())
     kv_cache_write(k_cache, v_cache, k, v, slots)
     assert torch.equal(gpu[0].cpu(), k_cache) and torch.equal(gpu[1].cpu(), v_cache)
+
+
+# ------------------------------- paged_attention_decode_sgmv_shrink: attention and o_proj's LoRA shrink of its output
+
+SHRINK_RANKS = [[8], [16], [1], [128], [4]]  # adapter 4 has no o_proj (rank 0 there: nothing to shrink)
+
+
+def attention_shrink_case(lengths, kv_heads, group, head_dim, dtype, row_slots, device="cpu", page_size=64, window=0,
+                          seed=0):
+    """Decode attention inputs, and a pool of adapters with o_proj reading heads * head_dim columns (ranks
+    SHRINK_RANKS; the last one only has q_proj), row b using slot row_slots[b] (-1: none) in segments of equal
+    neighbours: the op's keyword arguments."""
+    from lora_helpers import make_pool, random_adapter
+
+    gen = torch.Generator().manual_seed(seed)
+    width = kv_heads * group * head_dim
+    modules = {"q_proj": (width, 24), "o_proj": (width, 40)}
+    pages = sum(max(r) * (-(-n_in // page_size) - (-n_out // page_size))
+                for r in SHRINK_RANKS for n_in, n_out in modules.values())
+    pool = make_pool(modules, num_layers=2, budget_pages=2 * pages, page_size=page_size, max_slots=8, dtype=dtype,
+                     device=device)
+    for i, r in enumerate(SHRINK_RANKS):
+        only = ["q_proj"] if i == len(SHRINK_RANKS) - 1 else None
+        pool.load(f"a{i}", random_adapter(modules, r, num_layers=2, only=only, gen=gen), scale=1.0)
+        pool.wait(f"a{i}")
+    slots = [pool.slot(f"a{s}") if s >= 0 else -1 for s in row_slots]
+    starts, seg = [0], []
+    for b, s in enumerate(slots):  # one segment per run of equal slots
+        if seg and seg[-1] == s:
+            starts[-1] = b + 1
+        else:
+            seg.append(s)
+            starts.append(b + 1)
+    k, v, tables, lens = random_cache(lengths, 16, kv_heads, head_dim, dtype, device, seed)
+    q = (torch.randn(len(lengths), kv_heads * group, head_dim, generator=gen) * 2).to(dtype).to(device)
+    return {"q": q, "k_cache": k, "v_cache": v, "block_tables": tables, "context_lens": lens, "scale": head_dim**-0.5,
+            "sliding_window": window, "pool": pool, "layer": 1, "modules": "o_proj",
+            "seg_starts": torch.tensor(starts, dtype=torch.int32, device=device),
+            "seg_slots": torch.tensor(seg, dtype=torch.int32, device=device)}, slots
+
+
+def o_shrink(out, args):
+    """sgmv_shrink of the attention output for o_proj: what o's nf4_linear_sgmv would do first."""
+    pool = args["pool"]
+    return torch.ops.lorax_core.sgmv_shrink(out.flatten(1), pool.arena, pool.page_table, pool.ranks,
+                                            args["seg_starts"], args["seg_slots"], args["layer"],
+                                            [pool.module_index("o_proj")], pool.page_size)
+
+
+SHRINK_CASES = [  # lengths, kv heads, group, head_dim, each row's adapter (-1: none; 4 has no o_proj)
+    ([5, 300, 0, 17, 129], 2, 4, 128, [0, 1, 1, -1, 4]),
+    ([40], 1, 1, 64, [3]),
+    ([1, 200], 2, 3, 32, [2, 0]),
+    ([9, 70, 3], 2, 2, 80, [1, -1, 0]),  # head_dim 80: the general kernel, so the two ops
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", SHRINK_CASES, ids=str)
+def test_attention_sgmv_shrink_is_the_two_ops_and_the_reference(case, dtype):
+    """On the CPU: out is paged_attention_decode's and v the sgmv_shrink of out for o_proj, bit for bit; v is each
+    row's out @ A_o.T (zero past its rank, and for rows without an adapter or whose adapter leaves o alone)."""
+    lengths, kv_heads, group, head_dim, rows = case
+    args, slots = attention_shrink_case(lengths, kv_heads, group, head_dim, dtype, rows)
+    counters = torch.zeros(len(lengths) * (kv_heads + 1), dtype=torch.int32)
+    out, v = paged_attention_decode_sgmv_shrink(**args, counters=counters)
+    attention = {k: args[k] for k in ("q", "k_cache", "v_cache", "block_tables", "context_lens", "scale",
+                                      "sliding_window")}
+    assert torch.equal(out, paged_attention_decode(**attention))
+    assert torch.equal(v, o_shrink(out, args))
+    pool = args["pool"]
+    a_o = {pool.slot(f"a{i}"): pool.dense(f"a{i}", 1, "o_proj")[0] for i in range(len(SHRINK_RANKS) - 1)}
+    expected_out, expected_v = reference.paged_attention_decode_sgmv_shrink(
+        *attention.values(), slots, [a_o], pool.page_table.shape[4])
+    assert_close(out, expected_out)
+    assert_close(v, expected_v, torch.float32, scale=8)
+    assert torch.equal(v != 0, expected_v != 0)  # the zeros are exact
+
+
+def test_attention_sgmv_shrink_bad_inputs():
+    args, _ = attention_shrink_case([5, 9], 2, 2, 16, torch.float32, [0, 1])
+    with pytest.raises(RuntimeError, match=r"at least batch x \(kv_heads \+ 1\) = 6 of them"):
+        paged_attention_decode_sgmv_shrink(**args, counters=torch.zeros(5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="module 'down_proj' is not in this pool"):
+        paged_attention_decode_sgmv_shrink(**{**args, "modules": "down_proj"})
+    with pytest.raises(RuntimeError, match="activations are Half, the adapter pool holds Float"):
+        half = {k: args[k].half() for k in ("q", "k_cache", "v_cache")}
+        paged_attention_decode_sgmv_shrink(**{**args, **half})
+    out, v = paged_attention_decode_sgmv_shrink(**args)  # without counters: the same
+    counted = paged_attention_decode_sgmv_shrink(**args, counters=torch.zeros(6, dtype=torch.int32))
+    assert torch.equal(out, counted[0]) and torch.equal(v, counted[1])
+    pool = args["pool"]
+    torch.library.opcheck(torch.ops.lorax_core.paged_attention_decode_sgmv_shrink.default,
+                          (args["q"], args["k_cache"], args["v_cache"], args["block_tables"], args["context_lens"],
+                           0.25, 0, pool.arena, pool.page_table, pool.ranks, args["seg_starts"], args["seg_slots"], 1,
+                           [pool.module_index("o_proj")], pool.page_size, torch.zeros(6, dtype=torch.int32)))
+
+
+def check_device_attention_shrink(case, dtype, device, run=lambda f: f(), page_size=64, window=0):
+    """The device op with counters (the split kernel's CTAs shrink their output; the last of a row's kv heads sums)
+    against the same device's two ops: out bit for bit, v up to the fp32 sums' order; the counters left zero."""
+    lengths, kv_heads, group, head_dim, rows = case
+    args, _ = attention_shrink_case(lengths, kv_heads, group, head_dim, dtype, rows, device, page_size, window)
+    counters = torch.zeros(len(lengths) * (kv_heads + 1) + 3, dtype=torch.int32, device=device)
+    attention = {k: args[k] for k in ("q", "k_cache", "v_cache", "block_tables", "context_lens", "scale",
+                                      "sliding_window")}
+    for _ in range(2):  # the second call finds the counters it left
+        out, v = run(lambda: paged_attention_decode_sgmv_shrink(**args, counters=counters))
+        assert not counters.any()
+        assert torch.equal(out, run(lambda: paged_attention_decode(**attention, counters=counters)))
+        shrunk = run(lambda out=out: o_shrink(out, args))
+        torch.testing.assert_close(v, shrunk, rtol=1e-4, atol=1e-4)
+        assert torch.equal(v != 0, shrunk != 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", SHRINK_CASES, ids=str)
+def test_attention_sgmv_shrink_cuda(case, dtype):
+    check_device_attention_shrink(case, dtype, "cuda")
+    check_device_attention_shrink(case, dtype, "cuda", page_size=16 // torch.empty(0, dtype=dtype).element_size(),
+                                  window=33)

@@ -11,7 +11,8 @@ from lorax_core import _library
 OPS = ["nf4_quantize", "nf4_quantize_absmax", "nf4_dequantize_absmax", "nf4_dequantize", "nf4_linear",
        "sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand", "sgmv", "bgmv", "kv_cache_write",
        "paged_attention_decode", "rms_norm", "add_rms_norm", "rotary_embedding", "rotary_kv_cache_write",
-       "silu_mul", "nf4_linear_sgmv", "nf4_linear_sgmv_rotary", "nf4_linear_sgmv_silu_shrink", "add_rms_norm_sgmv_shrink"]
+       "silu_mul", "nf4_linear_sgmv", "nf4_linear_sgmv_rotary", "nf4_linear_sgmv_silu_shrink",
+       "add_rms_norm_sgmv_shrink", "paged_attention_decode_sgmv_shrink"]
 
 
 def test_ops_have_cpu_kernels():

@@ -26,8 +26,10 @@ from conftest import (FLOAT_DTYPES, HAS_CUDA, NF4_GEMV_MAX_ROWS, assert_close, a
 from cuda_emu import build
 from lora_helpers import POPULARITY, make_pool, random_adapter, token_slots
 from lorax_core.ops import bgmv, kv_cache_write, nf4_linear, nf4_linear_sgmv_silu_shrink, paged_attention_decode, sgmv
+from lorax_core.ops import paged_attention_decode_sgmv_shrink
 from lorax_core.quant import NF4Weight
-from test_attention_ops import random_cache
+from test_attention_ops import SHRINK_CASES as ATTENTION_SHRINK_CASES
+from test_attention_ops import attention_shrink_case, check_device_attention_shrink, random_cache
 from test_layer_ops import qkv_views, rotary_cache_inputs
 from test_nf4_sgmv import CASES as NF4_SGMV_CASES
 from test_nf4_sgmv import QKV as NF4_SGMV_MODULES
@@ -392,6 +394,32 @@ def test_decode_attention_random_shapes(emu, lengths, block_size, kv_heads, grou
     with emu():
         assert_close(paged_attention_decode(q, k, v, tables, lens, head_dim**-0.5, window), expected)
     _check_counters(emu, q, k, v, tables, lens, head_dim**-0.5, window)
+
+
+@emulated
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_SHRINK_CASES, ids=str)
+def test_decode_attention_sgmv_shrink(emu, dtype, case):
+    """Decode attention with o's LoRA shrink in the split kernel (the CTA that writes a (row, kv head)'s output
+    shrinks it, the last of the row's kv heads sums), against the emulated two ops: rows of one split and of several,
+    padding rows, rows without an adapter or whose adapter has no o_proj, mixed ranks; pages of 64 elements and of
+    16 bytes with a sliding window. head_dim 80 takes the general kernel and the two ops. The fused op runs no
+    sgmv_shrink."""
+    def run(f):
+        with emu():
+            return f()
+
+    check_device_attention_shrink(case, dtype, "cpu", run)
+    check_device_attention_shrink(case, dtype, "cpu", run, page_size=16 // torch.empty(0, dtype=dtype).element_size(),
+                                  window=33)
+    if case is ATTENTION_SHRINK_CASES[0]:
+        lengths, kv_heads, group, head_dim, rows = case
+        args, _ = attention_shrink_case(lengths, kv_heads, group, head_dim, dtype, rows)
+        counters = torch.zeros(len(lengths) * (kv_heads + 1), dtype=torch.int32)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run(lambda: paged_attention_decode_sgmv_shrink(**args, counters=counters))
+        names = {e.name for e in prof.events()}
+        assert "lorax_emu::paged_attention_decode_sgmv_shrink" in names and "lorax_emu::sgmv_shrink" not in names
 
 
 @emulated
@@ -763,9 +791,9 @@ def test_nf4_bf16_model_on_emulated_kernels(emu, tmp_path, rows):
                           adapter_loader_threads=0)
         for name, path in adapters.items():
             llms[dtype].load_adapter(name, path)
-    counters = torch.zeros(8 * llms["bfloat16"].model.config.num_kv_heads, dtype=torch.int32)  # as the runner sets
-    for layer in llms["bfloat16"].model.layers:  # them on a GPU: attention merges its splits, and gate | up's GEMV
-        layer.attn.counters = layer.mlp.counters = counters  # does down's LoRA shrink, in their last CTAs
+    counters = torch.zeros(8 * (llms["bfloat16"].model.config.num_kv_heads + 1), dtype=torch.int32)  # as the runner
+    for layer in llms["bfloat16"].model.layers:  # sets them on a GPU: attention merges its splits and does o's LoRA
+        layer.attn.counters = layer.mlp.counters = counters  # shrink, gate | up's GEMV down's, in their last CTAs
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in (9, 3, 14)[:len(rows)]]  # prompt rows: the GEMM
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)

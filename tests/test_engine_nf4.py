@@ -118,15 +118,46 @@ def decode_step_ops(llm, adapters) -> dict:
 
 def test_batch1_decode_step_runs_the_fused_ops(setup):
     """What a batch-1 NF4 decode step with an adapter dispatches (on CUDA each op one kernel, o's LoRA shrink
-    aside): per layer the norm with the q | k | v shrink, q | k | v with rotary and the KV cache write, attention, o,
-    the norm with the gate | up shrink, gate | up with SwiGLU and down's shrink, and down. A change that splits a
-    fusion apart shows here."""
+    aside: attention does it given counters, test_attention_does_os_shrink_given_counters): per layer the norm with
+    the q | k | v shrink, q | k | v with rotary and the KV cache write, attention, o, the norm with the gate | up
+    shrink, gate | up with SwiGLU and down's shrink, and down. A change that splits a fusion apart shows here."""
     llm, *_ = setup
     layers = llm.model.config.num_layers
     assert decode_step_ops(llm, ["r8_all"]) == {
         "rms_norm": 1, "add_rms_norm_sgmv_shrink": 2 * layers - 1, "nf4_linear_sgmv_rotary": layers,
         "paged_attention_decode": layers, "nf4_linear_sgmv": 2 * layers, "nf4_linear_sgmv_silu_shrink": layers,
         "add_rms_norm": 1}
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5])
+def test_attention_does_os_shrink_given_counters(setup, rows):
+    """With counters for it (the runner gives them on a GPU), decode attention also does o's LoRA shrink
+    (paged_attention_decode_sgmv_shrink) in steps whose o takes the fused NF4 ops (up to 4 rows): the same logits as
+    without, and with SHRINK_O_IN_ATTENTION off, the same ops as without counters."""
+    from lorax_core.model import attention as model_attention
+
+    llm, *_ = setup
+    layers, kv_heads = llm.model.config.num_layers, llm.model.config.num_kv_heads
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=2)
+    prompts = [[5, 6, 7 + i] for i in range(rows)]
+    expected = llm.generate(prompts, params, adapters=ROWS[:rows])
+    counters = torch.zeros(8 * (kv_heads + 1), dtype=torch.int32)
+    try:
+        for layer in llm.model.layers:
+            layer.attn.counters = counters
+        ops = decode_step_ops(llm, ROWS[:rows])
+        assert ops.get("paged_attention_decode_sgmv_shrink", 0) == (layers if rows <= 4 else 0)
+        assert ops.get("paged_attention_decode", 0) == (0 if rows <= 4 else layers)
+        got = llm.generate(prompts, params, adapters=ROWS[:rows])
+        assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+        assert [[t.logprob for t in o.logprobs] for o in got] == [[t.logprob for t in o.logprobs] for o in expected]
+        assert not counters.any()  # (the CPU leaves them alone)
+        model_attention.SHRINK_O_IN_ATTENTION = False
+        assert "paged_attention_decode_sgmv_shrink" not in decode_step_ops(llm, ROWS[:rows])
+    finally:
+        model_attention.SHRINK_O_IN_ATTENTION = True
+        for layer in llm.model.layers:
+            layer.attn.counters = None
 
 
 @pytest.mark.parametrize("rows", [4, 5])

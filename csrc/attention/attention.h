@@ -33,4 +33,17 @@ CacheShape check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
 // (sequence, kv head) in the split kernel's last CTA instead of a second kernel.
 void check_counters(const std::optional<at::Tensor>& counters, const at::Tensor& q, const CacheShape& c);
 
+// paged_attention_decode_sgmv_shrink: decode attention, then the LoRA shrink of its output for the projection that
+// reads it (o_proj), v = sgmv_shrink(out [batch, heads * head_dim], ...). Its counters are decode attention's and
+// then one per sequence: at least batch * (kv_heads + 1).
+#define LORAX_ATTENTION_SGMV_SHRINK_PARAMS                                                                           \
+  const at::Tensor &q, const at::Tensor &k_cache, const at::Tensor &v_cache, const at::Tensor &block_tables,      \
+      const at::Tensor &context_lens, double scale, int64_t window, const at::Tensor &arena,                       \
+      const at::Tensor &page_table, const at::Tensor &ranks, const at::Tensor &seg_starts,                         \
+      const at::Tensor &seg_adapters, int64_t layer, at::IntArrayRef modules, int64_t page_size,                   \
+      const std::optional<at::Tensor>&counters
+void check_shrink_counters(const std::optional<at::Tensor>& counters, const at::Tensor& q, const CacheShape& c);
+// The two ops through the dispatcher: the CPU's kernel, and CUDA's where its split kernel does not serve the call.
+std::tuple<at::Tensor, at::Tensor> paged_attention_decode_sgmv_shrink_composite(LORAX_ATTENTION_SGMV_SHRINK_PARAMS);
+
 }  // namespace lorax::attention

@@ -1,5 +1,8 @@
-// Input checks of the paged KV cache ops, shared by the CPU and CUDA kernels.
+// Input checks of the paged KV cache ops, shared by the CPU and CUDA kernels, and decode attention with the LoRA
+// shrink of its output as the two ops.
 #include "attention/attention.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include "common/checks.h"
 
@@ -68,6 +71,33 @@ void check_counters(const std::optional<at::Tensor>& counters, const at::Tensor&
               "paged_attention_decode: counters must be int32, contiguous, at least batch x kv_heads = ",
               q.size(0) * c.kv_heads, " of them, got ", counters->scalar_type(), " ", counters->sizes());
   CHECK_SAME_DEVICE(q, (*counters));
+}
+
+void check_shrink_counters(const std::optional<at::Tensor>& counters, const at::Tensor& q, const CacheShape& c) {
+  if (!counters) return;
+  TORCH_CHECK(counters->scalar_type() == at::kInt && counters->is_contiguous() &&
+                  counters->numel() >= q.size(0) * (c.kv_heads + 1),
+              "paged_attention_decode_sgmv_shrink: counters must be int32, contiguous, at least batch x (kv_heads + 1) "
+              "= ", q.size(0) * (c.kv_heads + 1), " of them, got ", counters->scalar_type(), " ", counters->sizes());
+  CHECK_SAME_DEVICE(q, (*counters));
+}
+
+std::tuple<at::Tensor, at::Tensor> paged_attention_decode_sgmv_shrink_composite(LORAX_ATTENTION_SGMV_SHRINK_PARAMS) {
+  check_shrink_counters(counters, q, check_paged_attention(q, k_cache, v_cache, block_tables, context_lens, window));
+  static auto attend = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("lorax_core::paged_attention_decode", "")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, const at::Tensor&, double, int64_t,
+                                             const std::optional<at::Tensor>&)>();
+  static auto shrink = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("lorax_core::sgmv_shrink", "")
+                           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                                             at::IntArrayRef, int64_t)>();
+  at::Tensor out = attend.call(q, k_cache, v_cache, block_tables, context_lens, scale, window, counters);
+  at::Tensor v = shrink.call(out.reshape({out.size(0), -1}), arena, page_table, ranks, seg_starts, seg_adapters, layer,
+                             modules, page_size);
+  return {out, v};
 }
 
 }  // namespace lorax::attention

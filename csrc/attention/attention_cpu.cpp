@@ -109,6 +109,7 @@ at::Tensor paged_attention_decode_cpu(const at::Tensor& q, const at::Tensor& k_c
 TORCH_LIBRARY_IMPL(lorax_core, CPU, m) {
   m.impl("kv_cache_write", &kv_cache_write_cpu);
   m.impl("paged_attention_decode", &paged_attention_decode_cpu);
+  m.impl("paged_attention_decode_sgmv_shrink", &paged_attention_decode_sgmv_shrink_composite);
 }
 
 }  // namespace lorax::attention

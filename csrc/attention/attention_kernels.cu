@@ -12,6 +12,9 @@
 // graph captured once stays right; the splits that a shorter context does not reach leave at once, and only the
 // ones that walked a chunk are merged (one alone writes the output itself). Head sizes that 16-byte loads do
 // not tile (or GQA groups over 8) take general_kernel: one CTA per (head, sequence), a warp per position.
+// With an OutputShrink, the CTA that writes a (sequence, kv head)'s output also multiplies it by its columns of the
+// sequence's adapter's A rows (o_proj's LoRA shrink), and the last of the sequence's kv heads sums their shares: the
+// shrink kernel that would start the o projection is gone.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -22,6 +25,7 @@
 #include "common/convert.cuh"
 #include "common/launch.cuh"
 #include "common/warp.cuh"
+#include "lora/lora_device.cuh"
 
 namespace lorax::attention::cuda {
 namespace {
@@ -160,11 +164,94 @@ __device__ __forceinline__ int64_t walked_splits(int64_t len, int64_t first, int
   return max(int64_t{1}, min(splits, (len + chunk - 1) / chunk - first / chunk));
 }
 
+// ---- OutputShrink: decode attention's output times the LoRA A rows of the projection that reads it ----
+
+struct ShrinkRow {
+  int adapter, rank;  // sequence b's pool slot (-1: none) and its rank at the projection (0: nothing to shrink)
+};
+
+__device__ __forceinline__ ShrinkRow shrink_row(const OutputShrink& s, int64_t b) {
+  const int a = lora::cuda::segment_adapter(s.seg_starts, s.seg_slots, s.segments, s.pool.slots, b);
+  if (a < 0) return {-1, 0};
+  return {a, min(s.pool.ranks[lora::cuda::layer_module(s.pool, a)], static_cast<int>(s.pool.max_rank_table))};
+}
+
+// Asks L2 for sequence b's A rows over columns [c0, c0 + width) (a kv head's query heads): which of the kv head's
+// splits will read them (the last to finish) is not known yet, so the first asks, as the splits start. (Inlined
+// here and below: as functions, they took a 136-byte stack frame for OutputShrink's copy, and no fewer registers.)
+template <typename T>
+__device__ __forceinline__ void prefetch_output_shrink(const OutputShrink& s, int64_t b, int64_t c0, int width) {
+  const ShrinkRow row = shrink_row(s, b);
+  const int step = min(128 / static_cast<int>(sizeof(T)), 1 << s.pool.page_log2);  // a line, inside one page
+  const int lines = (width + step - 1) / step;
+  const int64_t mask = (int64_t{1} << s.pool.page_log2) - 1;
+  const T* arena = static_cast<const T*>(s.pool.arena);
+  for (int i = threadIdx.x; i < row.rank * lines; i += blockDim.x) {
+    const int64_t c = c0 + int64_t{i % lines} * step;
+    const int64_t page = lora::cuda::row_pages(s.pool, row.adapter, 0, i / lines)[c >> s.pool.page_log2];
+    prefetch_l2(arena + (page << s.pool.page_log2) + (c & mask));
+  }
+}
+
+// For the CTA that wrote the output of (sequence b, kv head kvh): o[h * D + d] (shared memory) holds its `group`
+// heads' values as written (rounded to T), columns [c0, c0 + width) of out[b] flattened, c0 = kvh * width. Adds their
+// share of v[b] = out[b] @ A.T to s.shares; the last of the sequence's kv heads to get there sums the shares in kv
+// head order into v[b] (CUDA's threadFenceReduction pattern, as the splits merge). A warp per A row, 16 bytes a
+// lane (inside one page: pages of at least 16 bytes).
+template <typename T>
+__device__ __forceinline__ void output_shrink(const OutputShrink& s, const float* o, int64_t b, int64_t kvh,
+                                              int64_t kv_heads, int width) {
+  constexpr int VEC = 16 / sizeof(T);
+  const ShrinkRow row = shrink_row(s, b);
+  const int64_t R = s.pool.max_rank_table;
+  float* v = s.v + b * R;
+  if (row.rank == 0) {  // every kv head's CTA sees it: the first writes the zeros, and none counts in
+    if (kvh == 0)
+      for (int64_t j = threadIdx.x; j < R; j += blockDim.x) v[j] = 0.0f;
+    return;
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int64_t c0 = kvh * width, mask = (int64_t{1} << s.pool.page_log2) - 1;
+  const T* arena = static_cast<const T*>(s.pool.arena);
+  for (int j = warp; j < row.rank; j += warps) {
+    const int32_t* pages = lora::cuda::row_pages(s.pool, row.adapter, 0, j);
+    float sum = 0.0f;
+    for (int i = lane * VEC; i < width; i += 32 * VEC) {
+      const int64_t c = c0 + i;
+      const T* at = arena + (int64_t{pages[c >> s.pool.page_log2]} << s.pool.page_log2) + (c & mask);
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(at));
+      const T* a = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sum = fmaf(o[i + e], to_float(a[e]), sum);
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) s.shares[(b * kv_heads + kvh) * R + j] = sum;
+  }
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t* arrived = s.counters + b;
+    last = atomicAdd(arrived, 1) == kv_heads - 1;
+    if (last) *arrived = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int64_t j = threadIdx.x; j < R; j += blockDim.x) {
+    float sum = 0.0f;
+    if (j < row.rank)
+      for (int64_t k = 0; k < kv_heads; ++k) sum += __ldcg(s.shares + (b * kv_heads + k) * R + j);  // other CTAs'
+    v[j] = sum;
+  }
+}
+
 template <typename T, int TPP>
 __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q, T* __restrict__ out, Cache c,
                                                          const int32_t* __restrict__ tables, int64_t max_blocks,
                                                          const int32_t* __restrict__ lens, int group, float scale,
-                                                         int64_t window, Partials part, int32_t* counters) {
+                                                         int64_t window, Partials part, int32_t* counters,
+                                                         OutputShrink shrink) {
   pdl_prologue();
   constexpr int VEC = 16 / sizeof(T), D = TPP * VEC, PPP = kThreads / TPP, CHUNK = PPP * kPasses;
   __shared__ float q_s[kMaxGroup][D];
@@ -181,6 +268,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
   // and when one split walks them all it writes the output itself.
   const int64_t walked = walked_splits(len, first, CHUNK, splits);
   if (split >= walked) return;
+  if (shrink.v != nullptr && split == 0) prefetch_output_shrink<T>(shrink, b, kvh * group * D, group * D);
 
   for (int i = tid; i < kMaxGroup * D; i += kThreads) {
     const int h = i / D, d = i % D;
@@ -294,7 +382,9 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
     const int h = i / D, d = i % D;
     const int64_t bh = b * heads + h0 + h;
     if (walked == 1) {
-      out[bh * D + d] = from_float<T>(sum_s[h] > 0.0f ? acc_s[h][d] / sum_s[h] : 0.0f);
+      const T value = from_float<T>(sum_s[h] > 0.0f ? acc_s[h][d] / sum_s[h] : 0.0f);
+      out[bh * D + d] = value;
+      acc_s[h][d] = to_float(value);  // (this thread's element alone) for the shrink
     } else {
       part.acc[(bh * splits + split) * D + d] = acc_s[h][d];
       if (d == 0) {
@@ -303,27 +393,34 @@ __global__ void __launch_bounds__(kThreads) split_kernel(const T* __restrict__ q
       }
     }
   }
-  if (walked == 1 || counters == nullptr) return;  // (combine_kernel merges the splits)
-  // The last CTA of this (sequence, kv head) to finish merges its splits (CUDA's threadFenceReduction pattern): a
-  // CTA's partials are visible to the whole GPU before it counts itself in, and the last one puts the counter back
-  // to zero for the next call once every split has arrived.
-  __shared__ bool last;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) {
-    int32_t* arrived = counters + b * c.kv_heads + kvh;
-    last = atomicAdd(arrived, 1) == walked - 1;
-    if (last) *arrived = 0;
+  if (walked > 1) {
+    if (counters == nullptr) return;  // (combine_kernel merges the splits)
+    // The last CTA of this (sequence, kv head) to finish merges its splits (CUDA's threadFenceReduction pattern): a
+    // CTA's partials are visible to the whole GPU before it counts itself in, and the last one puts the counter back
+    // to zero for the next call once every split has arrived.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      int32_t* arrived = counters + b * c.kv_heads + kvh;
+      last = atomicAdd(arrived, 1) == walked - 1;
+      if (last) *arrived = 0;
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (tid < group) max_s[tid] = split_top(part, b * heads + h0 + tid, splits, walked);  // now each head's top
+    __syncthreads();
+    for (int i = tid; i < group * D; i += kThreads) {
+      const int h = i / D, d = i % D;
+      const T value = from_float<T>(merged(part, b * heads + h0 + h, splits, walked, D, d, max_s[h]));
+      out[(b * heads + h0 + h) * D + d] = value;
+      acc_s[h][d] = to_float(value);
+    }
   }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  if (tid < group) max_s[tid] = split_top(part, b * heads + h0 + tid, splits, walked);  // now each head's top
-  __syncthreads();
-  for (int i = tid; i < group * D; i += kThreads) {
-    const int h = i / D, d = i % D;
-    out[(b * heads + h0 + h) * D + d] =
-        from_float<T>(merged(part, b * heads + h0 + h, splits, walked, D, d, max_s[h]));
+  if (shrink.v != nullptr) {
+    __syncthreads();  // every thread's output values are in acc_s
+    output_shrink<T>(shrink, &acc_s[0][0], b, kvh, c.kv_heads, group * static_cast<int>(D));
   }
 }
 
@@ -355,7 +452,7 @@ int split_tpp(const Cache& c, int64_t heads, int64_t elem) {
 template <typename T>
 void launch_decode(const void* q, void* out, const Cache& c, const int32_t* tables, int64_t max_blocks,
                    const int32_t* lens, int64_t batch, int64_t heads, float scale, int64_t window, float* workspace,
-                   int64_t splits, int32_t* counters, cudaStream_t stream) {
+                   int64_t splits, int32_t* counters, const OutputShrink* shrink, cudaStream_t stream) {
   if (batch == 0 || heads == 0) return;
   const int tpp = split_tpp(c, heads, sizeof(T));
   if (tpp == 0) {
@@ -370,7 +467,7 @@ void launch_decode(const void* q, void* out, const Cache& c, const int32_t* tabl
   const int group = static_cast<int>(heads / c.kv_heads);
   auto run = [&](auto kernel) {
     launch(kernel, grid, kThreads, 0, stream, static_cast<const T*>(q), static_cast<T*>(out), c, tables, max_blocks,
-           lens, group, scale, window, part, counters);
+           lens, group, scale, window, part, counters, shrink != nullptr ? *shrink : OutputShrink{});
   };
   if (tpp == 8) run(split_kernel<T, 8>);
   if (tpp == 16) run(split_kernel<T, 16>);
@@ -403,11 +500,16 @@ int64_t decode_splits(const Cache& c, int64_t batch, int64_t heads, int64_t max_
 
 void paged_attention_decode(const void* q, void* out, const Cache& c, const int32_t* block_tables, int64_t max_blocks,
                             const int32_t* context_lens, int64_t batch, int64_t heads, float scale, int64_t window,
-                            float* workspace, int64_t splits, int32_t* counters, DType dtype, cudaStream_t stream) {
+                            float* workspace, int64_t splits, int32_t* counters, const OutputShrink* shrink,
+                            DType dtype, cudaStream_t stream) {
   with_dtype(dtype, [&](auto t) {
     launch_decode<decltype(t)>(q, out, c, block_tables, max_blocks, context_lens, batch, heads, scale, window,
-                               workspace, splits, counters, stream);
+                               workspace, splits, counters, shrink, stream);
   });
+}
+
+bool output_shrink_serves(const Cache& c, int64_t heads, DType dtype) {
+  return split_tpp(c, heads, dtype == DType::kFloat ? 4 : 2) != 0;
 }
 
 }  // namespace lorax::attention::cuda

@@ -20,4 +20,17 @@ __device__ __forceinline__ const int32_t* row_pages(const Pool& p, int64_t adapt
   return p.page_table + ((layer_module(p, adapter) * 2 + ab) * p.max_rank_table + row) * p.chunks;
 }
 
+// The pool slot of the segment holding row `row`, or -1 (none, or a slot outside the pool's `slots`): as the LoRA
+// kernels clamp segments, row m is in segment k when starts[k] <= m < starts[k + 1].
+__device__ __forceinline__ int segment_adapter(const int32_t* starts, const int32_t* adapters, int64_t segments,
+                                               int64_t slots, int64_t row) {
+  for (int64_t k = 0; k < segments; ++k) {
+    if (starts[k] <= row && starts[k + 1] > row) {
+      const int a = adapters[k];
+      return a >= 0 && a < slots ? a : -1;
+    }
+  }
+  return -1;
+}
+
 }  // namespace lorax::lora::cuda

@@ -431,16 +431,9 @@ struct GemvShared {
   int shrink_adapter[MT], shrink_rank[MT];
 };
 
-// The pool slot of the segment holding row m of x, or -1 (none, or a slot outside the pool): as the LoRA kernels
-// clamp segments, row m is in segment k when starts[k] <= m < starts[k + 1].
+// The pool slot of the segment holding row m of x, or -1 (none, or a slot outside the pool).
 __device__ __forceinline__ int row_adapter(const GemvLora& l, int m) {
-  for (int64_t k = 0; k < l.segments; ++k) {
-    if (l.seg_starts[k] <= m && l.seg_starts[k + 1] > m) {
-      const int a = l.seg_slots[k];
-      return a >= 0 && a < l.pool.slots ? a : -1;
-    }
-  }
-  return -1;
+  return lora::cuda::segment_adapter(l.seg_starts, l.seg_slots, l.segments, l.pool.slots, m);
 }
 
 // The scaled LoRA delta of output column n for row m of x over the adapter's rank rows first, first + stride, ...

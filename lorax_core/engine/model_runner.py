@@ -27,11 +27,12 @@ class ModelRunner:
         self.device, self.dtype = p.device, p.dtype
         shape = (c.num_layers, 2, num_blocks, block_size, c.num_kv_heads, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        # decode attention's split counters (up to max_num_seqs decode rows a step), one set for every layer and also
-        # the MLP's (the gate | up GEMV's CTAs count on the first): each call leaves them zero
+        # decode attention's split counters and o's shrink's (one per row) for up to max_num_seqs decode rows a step,
+        # one set for every layer and also the MLP's (the gate | up GEMV's CTAs count on the first): each call leaves
+        # them zero
         counters = None
         if self.device.type == "cuda" and max_num_seqs:
-            counters = torch.zeros(max_num_seqs * c.num_kv_heads, dtype=torch.int32, device=self.device)
+            counters = torch.zeros(max_num_seqs * (c.num_kv_heads + 1), dtype=torch.int32, device=self.device)
         for i, layer in enumerate(model.layers):
             layer.attn.k_cache, layer.attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
             layer.attn.counters = layer.mlp.counters = counters

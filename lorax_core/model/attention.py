@@ -9,7 +9,13 @@ from torch import nn
 from lorax_core.model.context import ForwardContext
 from lorax_core.model.config import ModelConfig
 from lorax_core.model.layers import Projection, RotaryEmbedding
-from lorax_core.ops import paged_attention_decode
+from lorax_core.ops import paged_attention_decode, paged_attention_decode_sgmv_shrink
+
+# In a decode step with adapters whose o projection takes the fused NF4 ops (Projection.fused_nf4) and with counters
+# for it, decode attention also does o's LoRA shrink (paged_attention_decode_sgmv_shrink): on CUDA the kernel that
+# would start o's projection is gone. Read when a step runs, so CUDA graphs keep what they captured; off, o's
+# nf4_linear_sgmv shrinks first (bench_engine.py's "o's shrink apart" rows).
+SHRINK_O_IN_ATTENTION = True
 
 
 class Attention(nn.Module):
@@ -23,7 +29,7 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.k_cache = self.v_cache = torch.empty(0)  # [blocks, block_size, kv_heads, head_dim], set by the runner
         # int32 zeros shared by the layers (set by the runner on a GPU): decode attention merges its splits in the
-        # split kernel's last CTA, not in a second kernel (paged_attention_decode)
+        # split kernel's last CTA, not in a second kernel (paged_attention_decode), and sums o's shrink there
         self.counters: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext, shrunk: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,20 +44,31 @@ class Attention(nn.Module):
             v = v.view(-1, self.kv_heads, self.head_dim)
             self.rotary(q, k, v, ctx.positions, self.k_cache, self.v_cache, ctx.slot_mapping)
         p = ctx.num_prefill_tokens
+        o_shrunk = None  # out's LoRA shrink for o, when attention did it
         if p == 0:
-            out = self._decode(q, ctx)
+            out, o_shrunk = self._decode(q, ctx, shrink_o=True)
         elif p == q.shape[0]:
             out = self._prefill(q, k, v, ctx)
         else:
-            out = torch.cat([self._prefill(q[:p], k[:p], v[:p], ctx), self._decode(q[p:], ctx)])
-        return self.o(out.reshape(-1, self.heads * self.head_dim), ctx)[0]
+            out = torch.cat([self._prefill(q[:p], k[:p], v[:p], ctx), self._decode(q[p:], ctx)[0]])
+        return self.o(out.reshape(-1, self.heads * self.head_dim), ctx, o_shrunk)[0]
 
-    def _decode(self, q: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        counters = self.counters
-        if counters is not None and counters.numel() < q.shape[0] * self.kv_heads:
+    def _decode(self, q: torch.Tensor, ctx: ForwardContext,
+                shrink_o: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(out, its LoRA shrink for o or None); shrink_o: q holds every row of the step, so o may take the shrink
+        from here (SHRINK_O_IN_ATTENTION)."""
+        rows, counters = q.shape[0], self.counters
+        if counters is not None and counters.numel() < rows * self.kv_heads:
             counters = None  # a batch larger than the runner planned for: the two-kernel merge
+        lora = ctx.lora
+        if (shrink_o and SHRINK_O_IN_ATTENTION and lora is not None and self.o.fused_nf4(rows) and counters is not None
+                and counters.numel() >= rows * (self.kv_heads + 1)):
+            return paged_attention_decode_sgmv_shrink(q, self.k_cache, self.v_cache, ctx.block_tables,
+                                                      ctx.context_lens, self.scale, self.window, lora.pool,
+                                                      self.o.layer, self.o.module_names, lora.seg_starts,
+                                                      lora.seg_slots, counters)
         return paged_attention_decode(q, self.k_cache, self.v_cache, ctx.block_tables, ctx.context_lens, self.scale,
-                                      self.window, counters)
+                                      self.window, counters), None
 
     def _prefill(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
         """Causal attention of each prompt chunk over its sequence so far: the chunk itself when it starts the

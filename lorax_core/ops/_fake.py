@@ -109,6 +109,13 @@ def _paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, sca
     return torch.empty_like(q)
 
 
+@torch.library.register_fake("lorax_core::paged_attention_decode_sgmv_shrink")
+def _paged_attention_decode_sgmv_shrink(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, arena,
+                                        page_table, ranks, seg_starts, seg_adapters, layer, modules, page_size,
+                                        counters=None):
+    return torch.empty_like(q), q.new_empty((q.shape[0], len(modules) * page_table.shape[4]), dtype=torch.float32)
+
+
 @torch.library.register_fake("lorax_core::rms_norm")
 def _rms_norm(x, weight, eps):
     return x.new_empty(x.shape)

@@ -148,13 +148,19 @@ def add_rms_norm_sgmv_shrink(x: torch.Tensor, residual: torch.Tensor, weight: to
     """add_rms_norm, then v[t, i * max_rank : i * max_rank + r] = out[t] @ A_i.T for row t's adapter a = slots[t]
     (-1: none; a_weights[i][a] = A_i [r, in] of module i, absent: rank 0), fp32; v's other columns zero."""
     out, s = add_rms_norm(x, residual, weight, eps)
+    return out, s, lora_shrink(out, slots, a_weights, max_rank)
+
+
+def lora_shrink(x: torch.Tensor, slots: list[int], a_weights: list[dict[int, torch.Tensor]], max_rank: int):
+    """v[t, i * max_rank : i * max_rank + r] = x[t] @ A_i.T for row t's adapter a = slots[t] (-1: none;
+    a_weights[i][a] = A_i [r, in] of module i, absent: rank 0), fp32; v's other columns zero."""
     v = torch.zeros(x.shape[0], len(a_weights) * max_rank)
     for t, a in enumerate(slots):
         for i, per_slot in enumerate(a_weights):
             if a >= 0 and a in per_slot:
                 a_w = per_slot[a].float()
-                v[t, i * max_rank:i * max_rank + a_w.shape[0]] = out[t].float() @ a_w.T
-    return out, s, v
+                v[t, i * max_rank:i * max_rank + a_w.shape[0]] = x[t].float() @ a_w.T
+    return v
 
 
 def kv_cache_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -183,6 +189,15 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         probs = torch.softmax(torch.einsum("hd,lhd->hl", q[b].float() * scale, keys), dim=-1)
         out[b] = torch.einsum("hl,lhd->hd", probs, values).to(q.dtype)
     return out
+
+
+def paged_attention_decode_sgmv_shrink(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                       block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                       sliding_window: int, slots: list[int], a_weights: list[dict[int, torch.Tensor]],
+                                       max_rank: int):
+    """paged_attention_decode, then lora_shrink of its output flattened to [B, heads * head_dim]."""
+    out = paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window)
+    return out, lora_shrink(out.flatten(1), slots, a_weights, max_rank)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
