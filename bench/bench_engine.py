@@ -11,9 +11,10 @@ at batch 1 and the GEMV's epilogue: lorax_core.model.layers.FUSED_NF4) and at 8 
 kept their double quantization: lorax_core.model.loader.FUSED_NF4_DOUBLE_QUANT), at 1 and 4 once more with o's
 LoRA shrink a kernel of its own (lorax_core.model.attention.SHRINK_O_IN_ATTENTION off), and once more with async
 scheduling off (each step waits for its tokens before the host schedules the next), to measure what each gives.
-Writes engine.md and engine.json under $OUT.
-Run on a GPU machine: `python3 bench/bench_engine.py` (bench/gpu.sh does). Wall-clock timings over many steps,
-after a warm-up, with torch.cuda.synchronize around each timed region.
+Writes engine.md and engine.json under $OUT, again as each engine finishes (and prints its rows), so a run cut
+short keeps what it measured. `--only nf4,nf4-staged` times some of the engines (ENGINES; hf: the baseline).
+Run on a GPU machine: `python3 bench/bench_engine.py` (bench/gpu.sh does; ENGINE_ARGS passes arguments).
+Wall-clock timings over many steps, after a warm-up, with torch.cuda.synchronize around each timed region.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import device_header  # noqa: E402
+from bench_adapters import device_header  # noqa: E402  (bench/conftest.py's, loaded by path)
 
 BATCHES, PROMPT, DECODE_STEPS, NUM_ADAPTERS, RANK = (1, 8, 32, 64), 128, 32, 8, 16
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -165,7 +166,41 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+# The engines timed, by name (`--only` picks some): (quantize, engine_rows' keyword arguments). "hf" is the baseline,
+# transformers + PEFT in bf16 and with bitsandbytes 4-bit.
+ENGINES = {
+    "bf16": (None, {}),
+    "nf4": ("nf4", {"batches": (1, 2, 4) + BATCHES[1:]}),
+    "nf4-pdl-off": ("nf4", {"batches": (1, 8), "prefill": False, "pdl": False}),
+    # where the fused NF4 ops stop paying (lorax_core.model.layers.FUSED_NF4_MAX_ROWS): off, and up to 8 rows
+    "nf4-fusions-off": ("nf4", {"batches": (1, 2, 4, 8), "prefill": False, "fused": False}),
+    "nf4-fused-8-rows": ("nf4", {"batches": (8,), "prefill": False, "fused_rows": 8}),
+    # the GEMV's other main loop: its loads staged in shared memory instead of registers
+    "nf4-staged": ("nf4", {"batches": (1, 2, 4, 8), "prefill": False, "staged": True}),
+    # the fused projections' absmax as they had it before: fp32, not their parts' 8-bit codes
+    "nf4-fp32-absmax": ("nf4", {"batches": (1, 8), "prefill": False, "fp32_absmax": True}),
+    # o's LoRA shrink as its own kernel, as before decode attention did it
+    "nf4-o-shrink-apart": ("nf4", {"batches": (1, 4), "prefill": False, "o_shrink_apart": True}),
+}
+
+
+def parse_args(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated engines to time, of: hf, " + ", ".join(ENGINES)
+                        + " (default: all). The device tool allows 10 minutes a call: split the list over calls")
+    args = parser.parse_args(argv)
+    known = ["hf", *ENGINES]
+    args.only = [n for n in args.only.split(",") if n] or known
+    unknown = [n for n in args.only if n not in known]
+    if unknown:
+        parser.error(f"unknown engines {unknown}; known: {', '.join(known)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -173,37 +208,36 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lorax-bench-"))
     peft, adapters = build(work)
-    rows = hf_rows(peft, list(adapters), "bf16")
+    header, rows = device_header(), []
+
+    def add(new: list[dict]) -> None:  # each engine's rows are written (and printed) as it finishes
+        rows.extend(new)
+        text = f"{header}\n\nMistral-7B shapes, random weights, {NUM_ADAPTERS} rank-{RANK} adapters on all " \
+               f"projections, random per request, prompts of {PROMPT} tokens, {DECODE_STEPS} timed decode steps\n\n" \
+               f"{table(rows)}\n"
+        (out / "engine.md").write_text(text)
+        (out / "engine.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+        print(table(new), flush=True)
+
+    if "hf" in args.only:
+        add(hf_rows(peft, list(adapters), "bf16"))
     del peft
     torch.cuda.empty_cache()
-    rows += engine_rows(work / "base", adapters, None)
-    rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 2, 4) + BATCHES[1:])
-    rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 8), prefill=False, pdl=False)
-    # where the fused NF4 ops stop paying (lorax_core.model.layers.FUSED_NF4_MAX_ROWS): off, and up to 8 rows
-    rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 2, 4, 8), prefill=False, fused=False)
-    rows += engine_rows(work / "base", adapters, "nf4", batches=(8,), prefill=False, fused_rows=8)
-    # the GEMV's other main loop: its loads staged in shared memory instead of registers
-    rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 2, 4, 8), prefill=False, staged=True)
-    # the fused projections' absmax as they had it before: fp32, not their parts' 8-bit codes
-    rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 8), prefill=False, fp32_absmax=True)
-    # o's LoRA shrink as its own kernel, as before decode attention did it
-    rows += engine_rows(work / "base", adapters, "nf4", batches=(1, 4), prefill=False, o_shrink_apart=True)
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
-    base = AutoModelForCausalLM.from_pretrained(work / "base", quantization_config=bnb, device_map="cuda")
-    names = list(adapters)
-    hf = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        hf.load_adapter(adapters[name], adapter_name=name)
-    rows += hf_rows(hf.eval(), names, "nf4")
-    header = device_header()
-    text = f"{header}\n\nMistral-7B shapes, random weights, {NUM_ADAPTERS} rank-{RANK} adapters on all projections, " \
-           f"random per request, prompts of {PROMPT} tokens, {DECODE_STEPS} timed decode steps\n\n{table(rows)}\n"
-    (out / "engine.md").write_text(text)
-    (out / "engine.json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))
-    print(text)
+    for name, (quantize, kwargs) in ENGINES.items():
+        if name in args.only:
+            add(engine_rows(work / "base", adapters, quantize, **kwargs))
+    if "hf" in args.only:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        base = AutoModelForCausalLM.from_pretrained(work / "base", quantization_config=bnb, device_map="cuda")
+        names = list(adapters)
+        hf = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            hf.load_adapter(adapters[name], adapter_name=name)
+        add(hf_rows(hf.eval(), names, "nf4"))
+    print((out / "engine.md").read_text())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

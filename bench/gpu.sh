@@ -3,7 +3,8 @@
 # PHASES (default: all, in this order):
 #   tests     the whole test suite, CUDA tests included (TESTS_ARGS, e.g. "-m cuda", narrows it)
 #   kernels   the kernel microbenchmarks (pytest-benchmark; BENCH_ARGS)
-#   engine    bench_engine.py: decode ms/step and prefill vs transformers + PEFT
+#   engine    bench_engine.py: decode ms/step and prefill vs transformers + PEFT (ENGINE_ARGS, e.g.
+#             "--only nf4,nf4-staged,nf4-o-shrink-apart", narrows it)
 #   host      bench_host.py: host time per step outside the model
 #   profile   profile_step.py: where a batch-1 decode step's time goes (PROFILE_SETUPS)
 #   serving   bench_serving.py: the LoRAX load test vs transformers + PEFT (SERVING_ARGS)
@@ -75,7 +76,8 @@ if want kernels SKIP_KERNEL_BENCH; then
 fi
 if want engine SKIP_ENGINE_BENCH; then
   phase engine
-  python3 bench/bench_engine.py 2>&1 | tail -30 | tee "$RES/engine.log" || status=1
+  # each engine's rows go to the log as it finishes: a call cut short at the device's limit keeps them
+  python3 bench/bench_engine.py ${ENGINE_ARGS:-} 2>&1 | tee "$RES/engine.log" | grep --line-buffered "^|" || status=1
   pack
 fi
 if want host SKIP_HOST_BENCH; then  # host time per step outside the model: detokenizing, the step's inputs, sampling
