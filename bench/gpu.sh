@@ -24,7 +24,9 @@
 #   PHASES=kernels bash bench/gpu.sh                             (2 min on 2026-11-24; more since: the NF4 staged
 #                                                                 columns, the decode attention table)
 #   PHASES=tests,engine,profile TESTS_ARGS="-m cuda" PROFILE_SETUPS=nf4-nopdl,nf4 bash bench/gpu.sh
-#                                                                (6 min on 2026-11-24: a change's whole check)
+#                                                                (6 min on 2026-11-24: a change's whole check;
+#                                                                 the engine phase has more engines since: narrow
+#                                                                 it with ENGINE_ARGS="--only nf4,...")
 #   PHASES=serving SERVING_ARGS="--clients 1,32 --adapters 1,32 --cell-seconds 6" bash bench/gpu.sh   (4 min)
 # Missing wheels (bitsandbytes) travel in .whl/ (see bench/RESULTS.md for how to fetch them).
 set -uo pipefail
