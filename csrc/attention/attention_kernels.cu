@@ -172,8 +172,7 @@ struct ShrinkRow {
 
 __device__ __forceinline__ ShrinkRow shrink_row(const OutputShrink& s, int64_t b) {
   const int a = lora::cuda::segment_adapter(s.seg_starts, s.seg_slots, s.segments, s.pool.slots, b);
-  if (a < 0) return {-1, 0};
-  return {a, min(s.pool.ranks[lora::cuda::layer_module(s.pool, a)], static_cast<int>(s.pool.max_rank_table))};
+  return {a, min(lora::cuda::adapter_rank(s.pool, a), static_cast<int>(s.pool.max_rank_table))};
 }
 
 // Asks L2 for sequence b's A rows over columns [c0, c0 + width) (a kv head's query heads): which of the kv head's

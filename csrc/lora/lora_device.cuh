@@ -14,6 +14,11 @@ __device__ __forceinline__ int64_t layer_module(const Pool& p, int64_t adapter) 
   return (adapter * p.layers + p.layer) * p.modules + p.module;
 }
 
+// The adapter's rank at (p.layer, p.module); 0 for none (adapter < 0).
+__device__ __forceinline__ int adapter_rank(const Pool& p, int adapter) {
+  return adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
+}
+
 // The pages of row `row` of the adapter's A (ab = 0) or B^T (ab = 1) at (p.layer, p.module): chunk c of the row is
 // page row_pages(...)[c].
 __device__ __forceinline__ const int32_t* row_pages(const Pool& p, int64_t adapter, int ab, int64_t row) {

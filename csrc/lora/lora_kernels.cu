@@ -165,11 +165,6 @@ __device__ TileAdapter tile_adapter(const TokenGroups& g, const Pool& p, int wan
   return {tile, tile.n > 0 ? group_adapter(g, p, tile.group) : -1};
 }
 
-// The adapter's rank at (p.layer, p.module); 0 for none.
-__device__ __forceinline__ int adapter_rank(const Pool& p, int adapter) {
-  return adapter < 0 ? 0 : p.ranks[layer_module(p, adapter)];
-}
-
 // Asks L2 for elements [first, last) of rows [rows.x, rows.y) of the adapter's A (ab = 0) or B^T (ab = 1), a line
 // (or a page, if smaller) at a time, spread over the CTA's `threads` threads.
 template <typename T>

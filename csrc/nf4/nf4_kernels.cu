@@ -814,9 +814,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvCtasPerSm<MT>)
       const int adapter = row_adapter(lora, threadIdx.x);
       sh.shrink_adapter[threadIdx.x] = adapter;
       sh.shrink_rank[threadIdx.x] =
-          adapter >= 0 ? min(shrink.pool.ranks[lora::cuda::layer_module(shrink.pool, adapter)],
-                             static_cast<int>(shrink.pool.max_rank_table))
-                       : 0;
+          min(lora::cuda::adapter_rank(shrink.pool, adapter), static_cast<int>(shrink.pool.max_rank_table));
     }
   }
   for (int r = 0; r < my_tiles; ++r) {
